@@ -1,0 +1,1 @@
+"""flexround_jax: post-training quantization for JAX/Flax with learned rounding."""

@@ -1,0 +1,1 @@
+"""Data sources: real data sets that install from package registries and load offline."""

@@ -1,0 +1,1 @@
+"""Evaluation metrics on real data (accuracy, word similarity, perplexity)."""
