@@ -1,0 +1,86 @@
+"""QTensor: a quantized kernel as deployed, integer codes plus grid (scale, zero point)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexround_jax import _layout
+from flexround_jax.spec import QuantSpec
+
+
+def code_dtype(spec: QuantSpec):
+  """Smallest integer dtype that holds the codes: int8 (symmetric) or uint8 (asymmetric), as bits <= 8."""
+  return np.int8 if spec.symmetric else np.uint8
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+  """Integer codes of one kernel and the grid that maps them back: ``W_hat = scale * (codes - zero_point)``.
+
+  Attributes:
+    codes: kernel-shaped int8 (symmetric, [-2**(b-1), 2**(b-1)-1]) or uint8 (asymmetric, [0, 2**b-1]).
+    scale: s1, float32 of grid shape (``()``, ``(1,...,1,out)`` or ``(1,...,1,in/group,out)``).
+    zero_point: int32 of grid shape; 0 for symmetric grids.
+    spec: the QuantSpec the codes were made with (static).
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+  zero_point: jax.Array
+  spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.codes.shape)
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """Float kernel; bit-for-bit the training forward (``fake_quant``) of the method that made it."""
+    q = jnp.asarray(self.codes).astype(jnp.float32) - _layout.expand(jnp.asarray(self.zero_point),
+                                                                     self.spec).astype(jnp.float32)
+    return (_layout.expand(jnp.asarray(self.scale), self.spec) * q).astype(dtype)
+
+  def pack(self) -> PackedQTensor:
+    """Codes packed into a little-endian bit stream: b bits per code, e.g. two 4-bit codes per byte."""
+    codes = np.asarray(self.codes)
+    bits = self.spec.bits
+    unsigned = codes.astype(np.int16).ravel() & (2 ** bits - 1)
+    bit_planes = (unsigned[:, None] >> np.arange(bits)) & 1
+    data = np.packbits(bit_planes.astype(np.uint8).ravel(), bitorder='little')
+    return PackedQTensor(data=data, shape=tuple(codes.shape), scale=np.asarray(self.scale),
+                         zero_point=np.asarray(self.zero_point), spec=self.spec)
+
+  @classmethod
+  def unpack(cls, packed: PackedQTensor) -> QTensor:
+    """Inverse of ``pack``: exactly the original codes."""
+    bits = packed.spec.bits
+    n = int(np.prod(packed.shape))
+    expected = (n * bits + 7) // 8
+    if packed.data.dtype != np.uint8 or packed.data.size != expected:
+      raise ValueError(f'packed data must be {expected} uint8 bytes for shape {packed.shape} at {bits} bits, '
+                       f'got {packed.data.size} of {packed.data.dtype}')
+    bit_planes = np.unpackbits(packed.data, count=n * bits, bitorder='little').reshape(n, bits)
+    unsigned = (bit_planes.astype(np.int16) << np.arange(bits)).sum(axis=1)
+    if packed.spec.symmetric:
+      unsigned = np.where(unsigned >= 2 ** (bits - 1), unsigned - 2 ** bits, unsigned)
+    codes = unsigned.astype(code_dtype(packed.spec)).reshape(packed.shape)
+    return cls(codes=codes, scale=packed.scale, zero_point=packed.zero_point, spec=packed.spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedQTensor:
+  """Bit-packed codes (host numpy) plus the grid; ``QTensor.unpack`` restores the QTensor."""
+
+  data: np.ndarray          # uint8, ceil(size * bits / 8) bytes
+  shape: tuple[int, ...]
+  scale: np.ndarray
+  zero_point: np.ndarray
+  spec: QuantSpec
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.data.nbytes + self.scale.nbytes + self.zero_point.nbytes)

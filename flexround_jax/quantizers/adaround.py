@@ -1,0 +1,75 @@
+"""AdaRound (Nagel et al., ICML 2020) as in BRECQ/QDrop: learn up-or-down rounding on a fixed grid.
+
+  soft:  W_tilde = s * clamp(floor(W / s) + h(V), -zp, 2^b - 1 - zp),  h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
+  hard:  W_hat   = s * clamp(floor(W / s) + [V >= 0], -zp, 2^b - 1 - zp)
+
+zeta = 1.1, gamma = -0.1. V starts where h(V) = frac(W / s), so the soft kernel starts at W itself (not at RTN).
+The step s is fixed (from the grid search); only ``v`` is trained, with ``regularizer`` pushing h(V) to {0, 1}.
+
+State: ``v`` (kernel shape), ``scale`` (grid shape), ``zero_point`` (int32, grid shape).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flexround_jax import _layout
+from flexround_jax.qtensor import QTensor, code_dtype
+from flexround_jax.quantizers import _base
+from flexround_jax.spec import QuantSpec
+
+ZETA, GAMMA = 1.1, -0.1
+TRAINABLE: tuple[str, ...] = ('v',)
+
+
+def state_shapes(kernel_shape, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
+  grid = _layout.grid_shape(tuple(kernel_shape), spec)
+  return {'v': tuple(kernel_shape), 'scale': grid, 'zero_point': grid}
+
+
+def rectified_sigmoid(v):
+  """h(V) in [0, 1]."""
+  return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def init(kernel, spec: QuantSpec) -> dict:
+  _base.check_kernel(kernel, spec, values=True)
+  log_scale, zero_point = _base.init_grid(kernel, spec)
+  scale = _base.step_size(log_scale)
+  x = _base.divide(kernel.astype(jnp.float32), _layout.expand(scale, spec))
+  frac = x - jnp.floor(x)
+  v = -jnp.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
+  return {'v': v, 'scale': scale, 'zero_point': zero_point}
+
+
+def _floor(kernel, state, spec: QuantSpec):
+  scale = _layout.expand(state['scale'], spec)
+  return scale, jnp.floor(_base.divide(kernel, scale))
+
+
+def fake_quant(kernel, state, spec: QuantSpec, hard: bool = False):
+  """Soft (``hard=False``, differentiable w.r.t. ``v``) or hard rounding."""
+  _base.check_kernel(kernel, spec)
+  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  scale, floor = _floor(kernel, state, spec)
+  up = (state['v'] >= 0).astype(floor.dtype) if hard else rectified_sigmoid(state['v'])
+  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  return (scale * _base.clip_inclusive(floor + up, lo, hi)).astype(kernel.dtype)
+
+
+def regularizer(state, beta):
+  """sum(1 - |2 h(V) - 1|^beta): zero when every h(V) is 0 or 1."""
+  return jnp.sum(1.0 - jnp.abs(2.0 * rectified_sigmoid(state['v']) - 1.0) ** beta)
+
+
+def finalize(kernel, state, spec: QuantSpec) -> QTensor:
+  """Hard rounding floor(W / s) + [V >= 0]; codes equal ``fake_quant(..., hard=True)`` exactly."""
+  _base.check_kernel(kernel, spec, values=True)
+  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  _, floor = _floor(kernel, state, spec)
+  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  q = jnp.clip(floor + (state['v'] >= 0).astype(floor.dtype), lo, hi)
+  codes = (q + _layout.expand(state['zero_point'], spec)).astype(code_dtype(spec))
+  return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
+                 zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

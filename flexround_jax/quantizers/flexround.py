@@ -1,0 +1,83 @@
+"""FlexRound (Lee et al., ICML 2023): learnable rounding by element-wise division.
+
+  W_hat = s1 * clamp(round_ste(W / (s1 * S2 * s3 [* s4])), -zp, 2^b - 1 - zp)
+
+with every factor positive and learned in log space. s1 (grid size) is both divisor and the only multiplier;
+S2 (one per weight), s3 (per output channel) and s4 (per input channel, convolutions only) are divisors that are
+discarded after training, so the deployed model is plain uniform integer codes with step s1 and zero point zp.
+Because the weight is divided by S, d loss / d log S2 = -s1 * W / S * d loss / d W_hat is proportional to W
+(the paper's reciprocal rule): large weights can move further, beyond the nearest grid points.
+
+State (Flax layouts: Dense kernel (in, out); Conv kernel (kh, kw, in_per_group, out)):
+  log_s1      grid shape: () per tensor, (1, ..., 1, out) per channel, (1, ..., 1, in/group, out) per group
+  log_s2      kernel shape, zeros at init
+  log_s3      (1, ..., 1, out), zeros at init
+  log_s4      (1, ..., 1, in_per_group, 1), conv kernels (rank > 2) only, zeros at init
+  zero_point  int32, grid shape, fixed (never trained)
+At init FlexRound is round-to-nearest on the initial grid, bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from flexround_jax import _layout
+from flexround_jax.qtensor import QTensor, code_dtype
+from flexround_jax.quantizers import _base
+from flexround_jax.spec import QuantSpec
+
+TRAINABLE: tuple[str, ...] = ('log_s1', 'log_s2', 'log_s3', 'log_s4')
+
+
+def state_shapes(kernel_shape, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
+  kernel_shape = tuple(kernel_shape)
+  rank = len(kernel_shape)
+  grid = _layout.grid_shape(kernel_shape, spec)
+  shapes = {'log_s1': grid, 'log_s2': kernel_shape, 'log_s3': (1,) * (rank - 1) + kernel_shape[-1:],
+            'zero_point': grid}
+  if rank > 2:  # convolution: per-input-channel divisor s4
+    shapes['log_s4'] = (1,) * (rank - 2) + (kernel_shape[-2], 1)
+  return shapes
+
+
+def init(kernel, spec: QuantSpec) -> dict:
+  _base.check_kernel(kernel, spec, values=True)
+  log_s1, zero_point = _base.init_grid(kernel, spec)
+  state = {'log_s1': log_s1, 'zero_point': zero_point}
+  for key, shape in state_shapes(kernel.shape, spec).items():
+    if key not in state:
+      state[key] = jnp.zeros(shape, jnp.float32)
+  return state
+
+
+def _codes(kernel, state, spec: QuantSpec, round_fn):
+  """s1 (broadcastable) and q = clamp(round(W / (s1 * S2 * s3 [* s4]))).
+
+  The divisor is formed as s1 * exp(log_s2 + log_s3 [+ log_s4]), the same value as exp(log_s1 + ...) up to
+  rounding, so that at init (exp(0) = 1) it is exactly RTN's step.
+  """
+  s1 = _layout.expand(_base.step_size(state['log_s1']), spec)
+  log_rest = state['log_s2'] + state['log_s3']
+  if 'log_s4' in state:
+    log_rest = log_rest + state['log_s4']
+  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  x = _base.divide(kernel, s1 * jnp.exp(log_rest))
+  return s1, _base.clip_inclusive(round_fn(x), lo, hi)
+
+
+def fake_quant(kernel, state, spec: QuantSpec):
+  """Training forward = deployed forward. Differentiable w.r.t. the ``log_*`` entries of ``state``."""
+  _base.check_kernel(kernel, spec)
+  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  s1, q = _codes(kernel, state, spec, _base.round_ste)
+  return (s1 * q).astype(kernel.dtype)
+
+
+def finalize(kernel, state, spec: QuantSpec) -> QTensor:
+  """Integer codes with the learned s1 and the fixed zero point; S2, s3, s4 are dropped."""
+  _base.check_kernel(kernel, spec, values=True)
+  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  _, q = _codes(kernel, state, spec, jnp.round)
+  codes = (q + _layout.expand(state['zero_point'], spec)).astype(code_dtype(spec))
+  return QTensor(codes=codes, scale=_base.step_size(jnp.asarray(state['log_s1'], jnp.float32)),
+                 zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

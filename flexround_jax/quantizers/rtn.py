@@ -1,0 +1,50 @@
+"""Round-to-nearest (RTN) on a fixed grid: W_hat = s * clamp(round(W / s), -zp, 2^b - 1 - zp).
+
+State: ``scale`` (s, grid shape) and ``zero_point`` (int32, grid shape). Nothing is trainable.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from flexround_jax import _layout
+from flexround_jax.qtensor import QTensor, code_dtype
+from flexround_jax.quantizers import _base
+from flexround_jax.spec import QuantSpec
+
+TRAINABLE: tuple[str, ...] = ()
+
+
+def state_shapes(kernel_shape, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
+  grid = _layout.grid_shape(tuple(kernel_shape), spec)
+  return {'scale': grid, 'zero_point': grid}
+
+
+def init(kernel, spec: QuantSpec) -> dict:
+  """Grid from ``spec.grid_init``; ``scale`` is FlexRound's initial s1, bit for bit."""
+  _base.check_kernel(kernel, spec, values=True)
+  log_scale, zero_point = _base.init_grid(kernel, spec)
+  return {'scale': _base.step_size(log_scale), 'zero_point': zero_point}
+
+
+def _codes(kernel, state, spec: QuantSpec, round_fn):
+  scale = _layout.expand(state['scale'], spec)
+  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  return scale, _base.clip_inclusive(round_fn(_base.divide(kernel, scale)), lo, hi)
+
+
+def fake_quant(kernel, state, spec: QuantSpec):
+  """Quantize-dequantize; straight-through gradient to the kernel."""
+  _base.check_kernel(kernel, spec)
+  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  scale, q = _codes(kernel, state, spec, _base.round_ste)
+  return (scale * q).astype(kernel.dtype)
+
+
+def finalize(kernel, state, spec: QuantSpec) -> QTensor:
+  _base.check_kernel(kernel, spec, values=True)
+  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  _, q = _codes(kernel, state, spec, jnp.round)
+  codes = (q + _layout.expand(state['zero_point'], spec)).astype(code_dtype(spec))
+  return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
+                 zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+from hypothesis import settings
+
+settings.register_profile('ci', deadline=None, max_examples=25, derandomize=True)
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+  """Tests never touch the network: any socket connect to a non-loopback address fails loudly."""
+  import socket
+  real_connect = socket.socket.connect
+
+  def guarded(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and not (host.startswith('127.') or host in ('localhost', '::1') or host.startswith('/')):
+      raise RuntimeError(f'test tried to reach the network: {address}')
+    return real_connect(self, address)
+
+  monkeypatch.setattr(socket.socket, 'connect', guarded)
