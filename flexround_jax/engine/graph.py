@@ -1,0 +1,269 @@
+"""What the engine sees of a model: the calls of its submodules, its kernels, and the units it reconstructs.
+
+Works on any Flax model through its pure ``apply_fn(params, batch)``, with no model-specific code:
+  * Linen: ``flax.linen.intercept_methods`` reports every submodule ``__call__`` with its path, inputs and output;
+    a block is re-applied alone as ``module.clone(parent=None).apply({'params': p, ...}, *args)``.
+  * NNX: ``nnx.merge`` is wrapped while the model is traced, so the merged module graph gives every submodule's
+    path; their classes' ``__call__`` report the same events; a block is re-applied with ``nnx.merge``.
+
+Paths are '/'-joined module names ('encoder/layer_0/query'); user regexes match them with ``re.fullmatch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import threading
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+
+Params = Any
+_local = threading.local()
+
+
+@dataclasses.dataclass
+class Call:
+  """One submodule call seen while tracing the model."""
+
+  path: str
+  cls_name: str
+  index: int                          # order in which calls started
+  args: tuple
+  kwargs: dict
+  output: Any = None
+  apply: Callable | None = None       # (params_subtree, *args, **kwargs) -> output, for the module alone
+  signature: Any = None               # hashable: equal for interchangeable modules (jit cache key)
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+class _StopForward(Exception):
+
+  def __init__(self, call: Call):
+    super().__init__(call.path)
+    self.call = call
+
+
+def path_str(path) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+# ---------------------------------------------------------------------------------------------- interception ----
+
+def _module_info(module) -> dict:
+  info = {}
+  for attr in ('features', 'out_features', 'axis', 'feature_group_count', 'kernel_size', 'in_features'):
+    if hasattr(module, attr):
+      value = getattr(module, attr)
+      if isinstance(value, (int, tuple, list)) or value is None:
+        info[attr] = value
+  return info
+
+
+class _Recorder:
+  """Collects calls; optionally stops the forward pass at the first call of ``stop_at``."""
+
+  def __init__(self, keep_values: bool, stop_at: str | None = None, want_apply: bool = True):
+    self.calls: list[Call] = []
+    self.keep_values = keep_values
+    self.stop_at = stop_at
+    self.want_apply = want_apply
+
+  def before(self, path, module_cls_name, args, kwargs, make_apply, info) -> Call:
+    call = Call(path=path, cls_name=module_cls_name, index=len(self.calls),
+                args=args if self.keep_values or self.stop_at else None,
+                kwargs=kwargs if self.keep_values or self.stop_at else None, info=info)
+    if self.want_apply:
+      call.apply, call.signature = make_apply()
+    self.calls.append(call)
+    if self.stop_at is not None and path == self.stop_at:
+      raise _StopForward(call)
+    return call
+
+  def after(self, call: Call, output):
+    if self.keep_values:
+      call.output = output
+
+
+def _linen_interceptor(recorder: _Recorder):
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name != '__call__':
+      return next_fun(*args, **kwargs)
+    module = context.module
+
+    def make_apply():
+      unbound = module.clone(parent=None, name=None)
+      others = {k: v for k, v in module.variables.items() if k != 'params'}
+      others = jax.tree.map(lambda a: a, others)
+
+      def apply(params, *a, **kw):
+        return unbound.apply({'params': params, **others}, *a, **kw)
+      # Equal (by fields) linen modules with equal non-param variables share one compiled step (those variables
+      # are constants of the compiled function).
+      return apply, ('linen', unbound, _digest(others))
+
+    call = recorder.before(path_str(module.path), type(module).__name__, args, kwargs, make_apply,
+                           _module_info(module))
+    out = next_fun(*args, **kwargs)
+    recorder.after(call, out)
+    return out
+
+  return interceptor
+
+
+@contextlib.contextmanager
+def _nnx_interception(recorder: _Recorder):
+  """Wraps nnx.merge so that, inside apply_fn, every merged submodule reports its calls."""
+  real_merge = nnx.merge
+  patched: dict[type, Any] = {}
+  paths: dict[int, str] = {}
+
+  def merge(*a, **kw):
+    root = real_merge(*a, **kw)
+    for path, node in nnx.iter_graph(root):
+      if isinstance(node, nnx.Module):
+        paths[id(node)] = path_str(path)
+        cls = type(node)
+        if cls not in patched and '__call__' in vars(cls):
+          patched[cls] = vars(cls)['__call__']
+          cls.__call__ = _nnx_call_wrapper(patched[cls], recorder, paths)
+    return root
+
+  nnx.merge = merge
+  try:
+    yield
+  finally:
+    nnx.merge = real_merge
+    for cls, fn in patched.items():
+      cls.__call__ = fn
+
+
+def _nnx_call_wrapper(fn, recorder: _Recorder, paths: dict[int, str]):
+
+  def wrapped(self, *args, **kwargs):
+    path = paths.get(id(self))
+    if path is None:
+      return fn(self, *args, **kwargs)
+
+    def make_apply():
+      graphdef, params, rest = nnx.split(self, nnx.Param, ...)
+      treedef = jax.tree.structure(nnx.to_pure_dict(params))
+
+      def apply(p, *a, **kw):
+        state = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(p))
+        return nnx.merge(graphdef, state, rest)(*a, **kw)
+      return apply, ('nnx', graphdef, str(treedef), _digest(rest))
+
+    call = recorder.before(path, type(self).__name__, args, kwargs, make_apply, _module_info(self))
+    out = fn(self, *args, **kwargs)
+    recorder.after(call, out)
+    return out
+
+  return wrapped
+
+
+def _digest(tree) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha1()
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    arr = np.asarray(leaf)
+    h.update(jax.tree_util.keystr(kp).encode() + str(arr.shape).encode() + str(arr.dtype).encode() + arr.tobytes())
+  return h.hexdigest()
+
+
+@contextlib.contextmanager
+def intercept(recorder: _Recorder):
+  with nn.intercept_methods(_linen_interceptor(recorder)), _nnx_interception(recorder):
+    yield
+
+
+def trace_calls(apply_fn, params, batch) -> tuple[list[Call], Any]:
+  """Runs the model once (eagerly) and returns every submodule call with values, and the model output."""
+  recorder = _Recorder(keep_values=True)
+  with intercept(recorder):
+    out = apply_fn(params, batch)
+  return recorder.calls, out
+
+
+def inputs_of(apply_fn, params, batch, path: str):
+  """(args, kwargs) of the first call of module ``path`` when the model runs on ``batch``; stops right there."""
+  recorder = _Recorder(keep_values=False, stop_at=path, want_apply=False)
+  try:
+    with intercept(recorder):
+      apply_fn(params, batch)
+  except _StopForward as stop:
+    return stop.call.args, stop.call.kwargs
+  raise ValueError(f'module {path!r} was not called by apply_fn on this batch')
+
+
+# --------------------------------------------------------------------------------------------------- kernels ----
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """A quantizable weight: a 'kernel' param (rank >= 2) that feeds a dot_general or a convolution."""
+
+  param_path: tuple               # keys of the leaf in the params tree (str, or int for nnx lists)
+  module: str                     # '/'-joined module path
+  shape: tuple[int, ...]
+  view_shape: tuple[int, ...]     # what the quantizer sees: Dense (in, out) or Conv (..., in_per_group, out)
+  is_conv: bool
+
+
+def _view_shape(shape, cls_name: str, info: dict) -> tuple[tuple[int, ...], bool]:
+  if 'Conv' in cls_name:
+    return tuple(shape), True
+  if len(shape) == 2:
+    return tuple(shape), False
+  features = info.get('features', info.get('out_features'))
+  n_out = len(features) if isinstance(features, (tuple, list)) else 1
+  n_in = len(shape) - n_out
+  return (math.prod(shape[:n_in]), math.prod(shape[n_in:])), False
+
+
+def find_kernels(params, calls: list[Call], exclude: str | None) -> list[Kernel]:
+  by_path = {}
+  for c in calls:
+    by_path.setdefault(c.path, c)
+  kernels = []
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = tuple(_raw_key(k) for k in key_path)
+    if names[-1] != 'kernel' or np.ndim(leaf) < 2:
+      continue
+    module = path_str(names[:-1])
+    if exclude and re.fullmatch(exclude, module):
+      continue
+    call = by_path.get(module)
+    if call is None:
+      raise ValueError(f'kernel {path_str(names)} belongs to module {module!r}, which apply_fn never called; '
+                       f'exclude it with QuantConfig.exclude')
+    view, is_conv = _view_shape(np.shape(leaf), call.cls_name, call.info)
+    kernels.append(Kernel(names, module, tuple(np.shape(leaf)), view, is_conv))
+  return kernels
+
+
+def _raw_key(key):
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return key
+
+
+def get_subtree(tree, path: tuple[str, ...]):
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def set_leaf(tree, path: tuple[str, ...], value):
+  """Copy of nested dict ``tree`` with the leaf at ``path`` replaced (only the spine is copied)."""
+  if not path:
+    return value
+  new = dict(tree)
+  new[path[0]] = set_leaf(tree[path[0]], path[1:], value)
+  return new
