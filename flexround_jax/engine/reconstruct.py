@@ -56,8 +56,8 @@ class QuantizeResult:
     params: same tree (and type) as the input params, every quantized kernel replaced by its dequantized value.
     qtensors: {'/'-joined kernel path: QTensor} for every quantized kernel (Dense-like kernels of rank > 2, e.g.
       DenseGeneral, are quantized as their 2-D (in, out) view; ``dequantize_params`` reshapes them back).
-    report: per unit: name, kind, kernels, bits, loss_rtn (loss at the RTN start), loss_final, iters, seconds,
-      fell_back_to_rtn.
+    report: per unit: name, kind, kernels, bits, loss_rtn (loss at the RTN start), loss_final (of the kept
+      kernels), loss_trained (after training, before any fall-back), iters, seconds, fell_back_to_rtn.
     plan: the units, kernels and sizes, as printed by ``dry_run``.
   """
 
@@ -419,15 +419,15 @@ class _Engine:
       states = self._train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
       qts = [self.method.finalize(v, st, s) for v, st, s in zip(views, states, unit.specs)]
     loss_final = self._eval_loss(unit, fp_unit, qts, x_q, y_fp) if iters > 0 else loss_rtn
-    fell_back = False
+    loss_trained, fell_back = loss_final, False
     if iters > 0 and cfg.fallback_to_rtn and not loss_final <= loss_rtn:
       warnings.warn(f'unit {unit.name}: {cfg.method} ended at loss {loss_final:.6g}, worse than its RTN start '
                     f'{loss_rtn:.6g}; keeping RTN for this unit')
-      qts, fell_back = rtn_qts, True
+      qts, loss_final, fell_back = rtn_qts, loss_rtn, True
     names = [graph.path_str(k.param_path) for k in unit.kernels]
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
            'bits': sorted({s.bits for s in unit.specs}), 'loss_rtn': loss_rtn, 'loss_final': loss_final,
-           'iters': iters, 'fell_back_to_rtn': fell_back}
+           'loss_trained': loss_trained, 'iters': iters, 'fell_back_to_rtn': fell_back}
     return dict(zip(names, qts)), rep
 
   def _eval_loss(self, unit: _Unit, fp_unit, qts, x: data_lib.ActivationStore, y: data_lib.ActivationStore):

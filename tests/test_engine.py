@@ -1,0 +1,169 @@
+"""End-to-end reconstruction on tiny linen and nnx models, and the engine's errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexround_jax as fr
+from flexround_jax.engine import reconstruct
+
+import tiny_models
+
+MODELS = {
+    'mlp': (tiny_models.mlp, r'block_\d+'),
+    'cnn': (tiny_models.cnn, r'ResBlock_\d+'),
+    'transformer': (tiny_models.transformer, r'layer_\d+'),
+    'nnx_mlp': (tiny_models.nnx_mlp, r'block_\d+'),
+}
+
+
+def _run(name, method, bits=3, iters=150, **kw):
+  make, blocks = MODELS[name]
+  params, apply_fn, calib = make()
+  kw.setdefault('lr', 5e-3 if method == 'flexround' else 1e-2)
+  config = fr.QuantConfig(method=method, weight=fr.QuantSpec(bits=bits, granularity='per_channel', grid_init='mse'),
+                          blocks=blocks, iters=iters, batch_size=16, progress=False, **kw)
+  return params, apply_fn, calib, fr.quantize(params, apply_fn, calib, config)
+
+
+@pytest.mark.parametrize('name', list(MODELS))
+@pytest.mark.parametrize('method', ['flexround', 'adaround'])
+def test_reconstruction_beats_rtn_and_params_match_qtensors(name, method):
+  params, apply_fn, calib, result = _run(name, method)
+  blocks = [r for r in result.report if r['kind'] == 'block']
+  assert len(blocks) == 2
+  for r in result.report:
+    assert r['loss_final'] <= r['loss_rtn'], r
+  assert sum(r['loss_final'] for r in blocks) < 0.9 * sum(r['loss_rtn'] for r in blocks)
+  # The quantized params are exactly the model rebuilt from the integer codes.
+  rebuilt = fr.dequantize_params(params, result.qtensors)
+  np.testing.assert_array_equal(apply_fn(result.params, calib), apply_fn(rebuilt, calib))
+  n_kernels = sum(1 for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0] if 'kernel' in jax.tree_util.keystr(kp))
+  assert len(result.qtensors) == n_kernels
+  for qt in result.qtensors.values():
+    assert qt.spec.bits == 3
+
+
+def test_rtn_method_equals_plain_rtn_per_kernel():
+  params, apply_fn, calib, result = _run('mlp', 'rtn', iters=0)
+  spec = fr.QuantSpec(bits=3, granularity='per_channel', grid_init='mse')
+  kernel = params['block_0']['Dense_0']['kernel']
+  expected = fr.quantizers.rtn.fake_quant(kernel, fr.quantizers.rtn.init(kernel, spec), spec)
+  np.testing.assert_array_equal(result.params['block_0']['Dense_0']['kernel'], expected)
+  assert all(r['loss_final'] == r['loss_rtn'] for r in result.report)
+
+
+def test_identical_blocks_compile_the_train_step_once():
+  reconstruct.TRACE_COUNTS['train_step'] = 0
+  _run('transformer', 'flexround', iters=5)
+  # embedding is not a kernel; two identical layers -> one compilation
+  assert reconstruct.TRACE_COUNTS['train_step'] == 1
+
+
+def test_layer_bits_and_exclude_rules():
+  params, apply_fn, calib, result = _run('cnn', 'flexround', iters=3, layer_bits={r'Conv_0': 8, r'Dense_0': 8},
+                                         exclude=r'ResBlock_1/Conv_2')
+  bits = {name: qt.spec.bits for name, qt in result.qtensors.items()}
+  assert bits['Conv_0/kernel'] == 8 and bits['Dense_0/kernel'] == 8 and bits['ResBlock_0/Conv_0/kernel'] == 3
+  assert 'ResBlock_1/Conv_2/kernel' not in bits
+  np.testing.assert_array_equal(result.params['ResBlock_1']['Conv_2']['kernel'], params['ResBlock_1']['Conv_2']['kernel'])
+
+
+def test_depthwise_and_dense_general_kernels_are_found_with_the_right_views():
+  params, apply_fn, calib, result = _run('transformer', 'rtn', iters=0)
+  assert result.qtensors['layer_0/query/kernel'].shape == (16, 16)     # (in, heads, head_dim) -> (in, heads*head_dim)
+  assert result.qtensors['layer_0/out/kernel'].shape == (16, 16)       # (heads, head_dim, out) -> (heads*head_dim, out)
+  _, _, _, cnn_result = _run('cnn', 'rtn', iters=0)
+  assert cnn_result.qtensors['ResBlock_1/Conv_1/kernel'].shape == (3, 3, 1, 8)
+
+
+def test_drop_prob_and_separate_s1_rate_run():
+  _, _, _, result = _run('mlp', 'flexround', iters=40, drop_prob=0.5, lr_s1=1e-3)
+  assert all(np.isfinite(r['loss_final']) for r in result.report)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(capsys):
+  make, blocks = MODELS['cnn']
+  params, apply_fn, calib = make()
+  result = fr.quantize(params, apply_fn, calib, fr.QuantConfig(blocks=blocks, dry_run=True))
+  out = capsys.readouterr().out
+  assert 'ResBlock_0' in out and 'peak activation cache' in out
+  assert result.qtensors == {} and [p['unit'] for p in result.plan] == ['Conv_0', 'ResBlock_0', 'ResBlock_1',
+                                                                         'Dense_0']
+  assert result.plan[2]['inputs_from'] == 'previous unit'
+
+
+def test_fallback_to_rtn_when_training_makes_a_block_worse():
+  with pytest.warns(UserWarning, match='keeping RTN'):
+    _, _, _, result = _run('mlp', 'flexround', iters=30, lr=5.0)
+  bad = [r for r in result.report if r['fell_back_to_rtn']]
+  assert bad and all(r['loss_final'] <= r['loss_rtn'] or r['fell_back_to_rtn'] for r in result.report)
+
+
+def test_spill_to_disk_gives_the_same_result(tmp_path):
+  _, _, _, in_ram = _run('mlp', 'flexround', iters=20)
+  _, _, _, on_disk = _run('mlp', 'flexround', iters=20, spill_dir=str(tmp_path))
+  for name, qt in in_ram.qtensors.items():
+    np.testing.assert_array_equal(qt.codes, on_disk.qtensors[name].codes)
+
+
+def test_jsonl_log_is_written(tmp_path):
+  _run('mlp', 'flexround', iters=20, log_dir=str(tmp_path))
+  lines = (tmp_path / 'quantize_log.jsonl').read_text().splitlines()
+  assert any('"unit_end"' in l for l in lines)
+
+
+@pytest.mark.parametrize('blocks, match', [(r'nothing_\d+', 'matches no module'), (r'block_0|block_0/Dense_0',
+                                                                                     'overlapping')])
+def test_bad_block_regex(blocks, match):
+  params, apply_fn, calib = tiny_models.mlp()
+  with pytest.raises(ValueError, match=match):
+    fr.quantize(params, apply_fn, calib, fr.QuantConfig(blocks=blocks, iters=1))
+
+
+def test_bad_inputs_fail_before_work():
+  params, apply_fn, calib = tiny_models.mlp()
+  cfg = fr.QuantConfig(blocks=r'block_\d+', iters=1, progress=False)
+  bad = jax.tree.map(lambda a: a, params)
+  bad['block_0']['Dense_0']['kernel'] = bad['block_0']['Dense_0']['kernel'].at[0, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match='NaN'):
+    fr.quantize(bad, apply_fn, calib, cfg)
+  with pytest.raises(ValueError, match='empty'):
+    fr.quantize(params, apply_fn, calib[:0], cfg)
+  with pytest.raises(ValueError, match='apply_fn'):
+    fr.quantize(params, apply_fn, calib[:, :5], cfg)          # mis-shaped samples
+  with pytest.raises(ValueError, match='NaN'):
+    fr.quantize(params, apply_fn, calib.at[3, 3].set(jnp.inf), cfg)
+
+  def broken(p, b):
+    raise RuntimeError('boom')
+  with pytest.raises(ValueError, match='boom'):
+    fr.quantize(params, broken, calib, cfg)
+  with pytest.raises(ValueError, match='method'):
+    fr.QuantConfig(method='gptq')
+  with pytest.raises(ValueError, match='drop_prob'):
+    fr.QuantConfig(drop_prob=1.5)
+  with pytest.raises(ValueError, match='bits'):
+    fr.QuantConfig(layer_bits={'x': 12})
+  with pytest.raises(ValueError, match='batch_size'):
+    fr.quantize(params, apply_fn, calib[:8], cfg)
+
+
+def test_calibration_data_forms_agree():
+  params, apply_fn, calib, base = _run('transformer', 'rtn', iters=0)
+  batches = [jax.tree.map(lambda a: a[i:i + 32], calib) for i in range(0, 96, 32)]
+  cfg = base.config
+  from_batches = fr.quantize(params, apply_fn, batches, cfg)
+  examples = [jax.tree.map(lambda a: np.asarray(a[i]), calib) for i in range(96)]
+
+  class Source:   # the tfds data-source protocol: len() and indexing, examples are dicts
+    def __len__(self):
+      return len(examples)
+
+    def __getitem__(self, i):
+      return examples[i]
+  from_source = fr.quantize(params, apply_fn, Source(), cfg)
+  for name, qt in base.qtensors.items():
+    np.testing.assert_array_equal(qt.codes, from_batches.qtensors[name].codes)
+    np.testing.assert_array_equal(qt.codes, from_source.qtensors[name].codes)
