@@ -42,6 +42,9 @@ class QuantConfig:
     fallback_to_rtn: a block that ends worse than its RTN start keeps RTN (with a warning).
     progress: tqdm progress bars.
     eval_batch_size: samples per forward when caching activations and measuring block losses.
+    sample_shards: minibatches are stratified: each step draws batch_size / sample_shards samples from each of
+      sample_shards equal, contiguous parts of the calibration set (None: one part per process, so each process
+      samples from the shard it holds). A one-process run with sample_shards=P reproduces a P-process run.
   """
 
   method: str = 'flexround'
@@ -66,6 +69,7 @@ class QuantConfig:
   fallback_to_rtn: bool = True
   progress: bool = True
   eval_batch_size: int = 64
+  sample_shards: int | None = None
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -96,6 +100,10 @@ class QuantConfig:
       raise ValueError(f'QuantConfig.adaround_warmup must be in [0, 1), got {self.adaround_warmup!r}')
     if len(tuple(self.adaround_beta)) != 2:
       raise ValueError(f'QuantConfig.adaround_beta must be (start, end), got {self.adaround_beta!r}')
+    if self.sample_shards is not None and (not isinstance(self.sample_shards, int) or self.sample_shards < 1 or
+                                           self.batch_size % self.sample_shards):
+      raise ValueError(f'QuantConfig.sample_shards must be a positive integer dividing batch_size '
+                       f'({self.batch_size}), got {self.sample_shards!r}')
     if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices < 1):
       raise ValueError(f'QuantConfig.num_devices must be a positive integer or None, got {self.num_devices!r}')
 

@@ -453,7 +453,7 @@ class _Engine:
     trainable, frozen, unit_params = jax.device_put((trainable, frozen, fp_unit), repl)
     opt_state = jax.device_put(opt.init(trainable), repl)
     step = _train_step_fn(unit.static_key, unit, opt_key, float(cfg.drop_prob))
-    sampler = _Sampler(self.n, cfg.batch_size, cfg.seed, unit.index)
+    sampler = _Sampler(self.n, cfg, unit.index)
     key = jax.random.fold_in(jax.random.key(cfg.seed), unit.index)
     warm = int(cfg.adaround_warmup * iters)
     beta0, beta1 = cfg.adaround_beta
@@ -499,18 +499,31 @@ class _Engine:
 
 
 class _Sampler:
-  """Seeded minibatch indices into this process's calibration shard (batch_size / process_count per process)."""
+  """Seeded, stratified minibatch indices into this process's calibration samples.
 
-  def __init__(self, n_local: int, batch_size: int, seed: int, unit_index: int):
+  The global calibration set is split into ``shards`` equal contiguous parts (each process holds
+  shards / process_count of them); every step draws batch_size / shards samples from each part, with a generator
+  seeded by (seed, unit, part), so the global minibatch does not depend on how the parts are spread over processes.
+  """
+
+  def __init__(self, n_local: int, config: QuantConfig, unit_index: int):
     procs = jax.process_count()
-    if batch_size % procs:
-      raise ValueError(f'QuantConfig.batch_size={batch_size} must be divisible by the {procs} processes')
-    self.n, self.b = n_local, batch_size // procs
-    self.rng = np.random.default_rng([seed, unit_index, jax.process_index()])
-    self.replace = self.b > n_local
+    shards = config.sample_shards or procs
+    if shards % procs or config.batch_size % shards:
+      raise ValueError(f'QuantConfig.sample_shards={shards} must be a multiple of the {procs} processes and divide '
+                       f'batch_size={config.batch_size}')
+    local = shards // procs
+    if n_local % local:
+      raise ValueError(f'the {n_local} calibration samples of this process do not split into {local} equal parts '
+                       f'(QuantConfig.sample_shards={shards})')
+    self.part, self.b = n_local // local, config.batch_size // shards
+    first = jax.process_index() * local
+    self.rngs = [np.random.default_rng([config.seed, unit_index, first + j]) for j in range(local)]
+    self.replace = self.b > self.part
 
   def __call__(self, step):
-    return np.sort(self.rng.choice(self.n, self.b, replace=self.replace))
+    return np.concatenate([j * self.part + np.sort(rng.choice(self.part, self.b, replace=self.replace))
+                           for j, rng in enumerate(self.rngs)])
 
 
 def _meshes(config: QuantConfig):
