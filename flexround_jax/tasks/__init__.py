@@ -1,0 +1,37 @@
+"""Tasks: a model, its calibration data and its evaluation, ready for the runner.
+
+A task is a function ``make(args: ConfigDict) -> Task``. The registry maps the names used in ``configs/*.py``
+(``config.task``) to those functions; each task module imports its heavy dependencies only when made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable
+
+
+@dataclasses.dataclass
+class Task:
+  """params: the float params to quantize; apply_fn(params, batch); calib: calibration data for ``quantize``;
+  evaluate(params) -> {metric: value}; blocks: default block regex; notes: text for reports."""
+
+  name: str
+  params: Any
+  apply_fn: Callable
+  calib: Any
+  evaluate: Callable[[Any], dict]
+  blocks: str | None = None
+  notes: str = ''
+
+
+REGISTRY = {
+    'toy_mlp': 'flexround_jax.tasks.toy:make',
+}
+
+
+def make(name: str, args) -> Task:
+  if name not in REGISTRY:
+    raise ValueError(f'unknown task {name!r}; known tasks: {sorted(REGISTRY)}')
+  module, fn = REGISTRY[name].split(':')
+  return getattr(importlib.import_module(module), fn)(args)
