@@ -1,0 +1,151 @@
+"""Speed of the engine's compiled reconstruction step on this machine.
+
+For a standard ResNet basic block (64 channels, 32x32, batch 32) and a 512-wide transformer layer (8 heads,
+sequence 128, batch 8), measures the jitted FlexRound training step (fake-quantize every kernel, forward,
+backward, Adam) with the calibration batch on 1 device and sharded over N devices (N = CPU cores, simulated
+CPU devices), and compares the achieved GFLOP/s (XLA's own flop count of the step) with a same-process
+float32 matmul peak. Writes benchmarks/results/engine_<host>.json.
+
+  python benchmarks/bench_engine.py [--devices N] [--repeats 20]
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+parser = argparse.ArgumentParser()
+parser.add_argument('--devices', type=int, default=os.cpu_count())
+parser.add_argument('--repeats', type=int, default=20)
+args = parser.parse_args()
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import flexround_jax as fr  # noqa: E402
+from flexround_jax.engine import data as data_lib  # noqa: E402
+from flexround_jax.engine import reconstruct  # noqa: E402
+
+
+class BasicBlock(nn.Module):
+  features: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.relu(nn.Conv(self.features, (3, 3), use_bias=False)(x))
+    y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+    return nn.relu(x + y)
+
+
+class TransformerLayer(nn.Module):
+  width: int = 512
+  heads: int = 8
+
+  @nn.compact
+  def __call__(self, x):
+    b, t, d = x.shape
+    h = nn.LayerNorm()(x)
+    qkv = [nn.Dense(d, name=n)(h).reshape(b, t, self.heads, d // self.heads) for n in ('query', 'key', 'value')]
+    att = jax.nn.dot_product_attention(*qkv, is_causal=True).reshape(b, t, d)
+    x = x + nn.Dense(d, name='out')(att)
+    return x + nn.Dense(d, name='fc2')(nn.gelu(nn.Dense(4 * d, name='fc1')(nn.LayerNorm()(x))))
+
+
+class Wrap(nn.Module):
+  block: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    return self.block(x)   # a module attribute becomes the child named 'block'
+
+
+def median_time(fn, repeats):
+  fn()  # compile / warm
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def matmul_peak(repeats):
+  a = jax.random.normal(jax.random.key(0), (2048, 2048))
+  f = jax.jit(lambda x: x @ x)
+  t = median_time(lambda: f(a), repeats)
+  return 2 * 2048 ** 3 / t / 1e9
+
+
+def bench_block(name, block, x, n_devices, repeats):
+  model = Wrap(block)
+  params = model.init(jax.random.key(1), x[:1])['params']
+  apply_fn = lambda p, b: model.apply({'params': p}, b)
+  cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(4), blocks='block', iters=1000,
+                       batch_size=x.shape[0], num_devices=n_devices, progress=False)
+  units = reconstruct._plan_units(apply_fn, params, np.asarray(x), cfg)
+  unit = units[0]
+  fp_unit = params['block']
+  views = [jnp.asarray(fp_unit[k.param_path[1]]['kernel']).reshape(k.view_shape) for k in unit.kernels]
+  states = [fr.quantizers.flexround.init(v, s) for v, s in zip(views, unit.specs)]
+  trainable = [{k: v for k, v in st.items() if k.startswith('log_')} for st in states]
+  frozen = [{k: v for k, v in st.items() if not k.startswith('log_')} for st in states]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_devices]), ('data',))
+  repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  opt_key = ('flexround', 3e-3, None, 1000)
+  opt = reconstruct._optimizer(*opt_key)
+  step = reconstruct._train_step_fn(unit.static_key, unit, opt_key, 0.0)
+  trainable, frozen, fp_unit = jax.device_put((trainable, frozen, fp_unit), repl)
+  opt_state = jax.device_put(opt.init(trainable), repl)
+  y = apply_fn(params, x)
+  xb, yb = [jax.device_put(x, shard)], [jax.device_put(y, shard)]
+  extra = (jax.device_put(np.zeros((), np.float32), repl), jax.random.key(0), jnp.float32(0), jnp.float32(0))
+  state = {'t': trainable, 'o': opt_state}
+
+  def call():
+    t, o, loss = step(state['t'], state['o'], frozen, fp_unit, xb, yb, *extra)
+    state['t'], state['o'] = t, o
+    return loss
+
+  lowered = step.lower(trainable, opt_state, frozen, fp_unit, xb, yb, *extra)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  flops = float(cost.get('flops', 0.0)) * (n_devices if n_devices > 1 else 1)
+  t = median_time(call, repeats)
+  return {'block': name, 'devices': n_devices, 'step_ms': round(t * 1e3, 2),
+          'gflop_per_step': round(flops / 1e9, 3), 'gflops': round(flops / t / 1e9, 1)}
+
+
+def main():
+  repeats = args.repeats
+  peak = matmul_peak(repeats)
+  cases = [('resnet_basic_block_64x32x32_b32', BasicBlock(), jax.random.normal(jax.random.key(2), (32, 32, 32, 64))),
+           ('transformer_512_seq128_b8', TransformerLayer(), jax.random.normal(jax.random.key(3), (8, 128, 512)))]
+  rows = []
+  for name, block, x in cases:
+    for n in sorted({1, args.devices}):
+      row = bench_block(name, block, x, n, repeats)
+      row['fraction_of_matmul_peak'] = round(row['gflops'] / peak, 3)
+      rows.append(row)
+      print(json.dumps(row))
+  for name, _, _ in cases:
+    one = next(r for r in rows if r['block'] == name and r['devices'] == 1)
+    many = next(r for r in rows if r['block'] == name and r['devices'] == args.devices)
+    print(f'{name}: {args.devices} devices vs 1: {one["step_ms"] / many["step_ms"]:.2f}x faster')
+  out = {'machine': {'processor': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
+                     'jax': jax.__version__, 'backend': jax.default_backend()},
+         'matmul_2048_f32_gflops': round(peak, 1), 'rows': rows}
+  os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
+  path = os.path.join(os.path.dirname(__file__), 'results', f'engine_{jax.default_backend()}.json')
+  with open(path, 'w') as f:
+    json.dump(out, f, indent=2)
+  print(f'matmul peak {peak:.1f} GFLOP/s; wrote {path}')
+
+
+if __name__ == '__main__':
+  sys.exit(main())
