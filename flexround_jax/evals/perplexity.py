@@ -1,0 +1,100 @@
+"""Perplexity of a causal language model on the held-out Wikipedia articles, with one fixed protocol.
+
+Protocol (``evaluation_windows``): the 25 evaluation articles ``wiki.evaluation_articles()`` are joined with
+``"\\n\\n"``, tokenized once without special tokens, and cut into non-overlapping 512-token windows, dropping the
+remainder (359 windows with the SmolLM2 tokenizer). Each window is scored alone: tokens 1..511 are predicted from
+the preceding tokens of the same window, and perplexity = exp(mean NLL over all predicted tokens).
+Calibration sequences (``calibration_tokens``) come the same way from ``wiki.calibration_articles()`` only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexround_jax.data import wiki
+
+SEQ_LEN = 512
+ARTICLE_SEPARATOR = '\n\n'
+
+
+def token_windows(token_ids, seq_len: int = SEQ_LEN) -> np.ndarray:
+  """Token ids (N,) -> (N // seq_len, seq_len) int32 non-overlapping windows; the remainder is dropped."""
+  ids = np.asarray(token_ids, np.int32)
+  n = len(ids) // seq_len
+  return ids[:n * seq_len].reshape(n, seq_len)
+
+
+def _tokenize_articles(texts, tokenizer) -> np.ndarray:
+  if tokenizer is None:
+    from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+    tokenizer = llama.load_smollm2_tokenizer()
+  return np.asarray(tokenizer.encode(ARTICLE_SEPARATOR.join(texts), add_special_tokens=False).ids, np.int32)
+
+
+def evaluation_windows(tokenizer=None, seq_len: int = SEQ_LEN) -> np.ndarray:
+  """(359, 512) int32 windows of the evaluation articles; ``tokenizer`` defaults to SmolLM2's (a ``tokenizers``
+  Tokenizer, or anything with ``encode(text, add_special_tokens=False).ids``)."""
+  return token_windows(_tokenize_articles(wiki.evaluation_articles(), tokenizer), seq_len)
+
+
+def calibration_tokens(n_seqs: int = 128, seq_len: int = SEQ_LEN, tokenizer=None) -> np.ndarray:
+  """(n_seqs, seq_len) int32: the first ``n_seqs`` non-overlapping windows of the calibration articles joined with
+  ``"\\n\\n"`` and tokenized once without special tokens (same recipe as ``evaluation_windows``)."""
+  windows = token_windows(_tokenize_articles(wiki.calibration_articles(), tokenizer), seq_len)
+  if n_seqs > len(windows):
+    raise ValueError(f'calibration_tokens: n_seqs={n_seqs} exceeds the {len(windows)} windows of length {seq_len}')
+  return windows[:n_seqs]
+
+
+def window_nll(logits, tokens):
+  """Summed NLL of tokens[:, 1:] given logits[:, :-1]; logits (B, T, V), tokens (B, T) -> (B,) float32."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  target = tokens[:, 1:]
+  picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+  return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_nll(apply_fn):
+  return jax.jit(lambda params, tokens: window_nll(apply_fn(params, tokens), tokens))
+
+
+def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int | None = None,
+               progress: bool = True) -> dict:
+  """exp(mean NLL) over every window's tokens 1..T-1, each window scored alone.
+
+  Args:
+    apply_fn: ``(params, tokens (B, T) int32) -> logits (B, T, vocab)``, causal.
+    params: passed to ``apply_fn`` unchanged.
+    windows: (N, T) int token windows, e.g. ``evaluation_windows()``.
+    batch_size: windows per jitted call; the last batch is zero-padded so one shape is compiled.
+    max_windows: score only the first ``max_windows`` windows.
+    progress: show a tqdm bar.
+
+  Returns:
+    dict with ``ppl``, ``nll`` (mean per token), ``n_windows`` and ``n_tokens`` (predicted tokens).
+  """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  windows = np.asarray(windows, np.int32)
+  if windows.ndim != 2 or windows.shape[1] < 2:
+    raise ValueError(f'perplexity: windows must be (N, T) with T >= 2, got shape {windows.shape}')
+  if max_windows is not None:
+    windows = windows[:max_windows]
+  n, t = windows.shape
+  nll_fn = _jitted_nll(apply_fn)
+  total = 0.0
+  for start in tqdm(range(0, n, batch_size), desc='perplexity', unit='batch', disable=not progress):
+    batch = windows[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - real, t), np.int32)])
+    total += float(np.sum(np.asarray(nll_fn(params, batch), np.float64)[:real]))
+  n_tokens = n * (t - 1)
+  mean_nll = total / n_tokens
+  return {'ppl': math.exp(mean_nll), 'nll': mean_nll, 'n_windows': n, 'n_tokens': n_tokens}
