@@ -71,19 +71,22 @@ def interleave(per_article: Sequence[Sequence[str]]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _prose_stream(which: str, min_words: int) -> tuple[str, ...]:
-  arts = wiki.calibration_articles() if which == 'calibration' else wiki.evaluation_articles()
+def prose_sentences(split: str, min_words: int = MIN_WORDS) -> tuple[str, ...]:
+  """All interleaved prose sentences of the 'calibration' or 'evaluation' articles."""
+  if split not in ('calibration', 'evaluation'):
+    raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
+  arts = wiki.calibration_articles() if split == 'calibration' else wiki.evaluation_articles()
   return tuple(interleave([[s for s in split_sentences(a) if is_prose(s, min_words)] for a in arts]))
 
 
 def calibration_sentences(n: int = N_CALIBRATION, min_words: int = MIN_WORDS) -> list[str]:
   """The first n interleaved prose sentences of the 80 calibration articles."""
-  return _take(_prose_stream('calibration', min_words), n, 'calibration')
+  return _take(prose_sentences('calibration', min_words), n, 'calibration')
 
 
 def evaluation_sentences(n: int = N_EVALUATION, min_words: int = MIN_WORDS) -> list[str]:
   """The first n interleaved prose sentences of the 25 evaluation articles (disjoint from calibration)."""
-  return _take(_prose_stream('evaluation', min_words), n, 'evaluation')
+  return _take(prose_sentences('evaluation', min_words), n, 'evaluation')
 
 
 def _take(stream, n, which):
