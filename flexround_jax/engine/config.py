@@ -42,6 +42,7 @@ class QuantConfig:
     fallback_to_rtn: a block that ends worse than its RTN start keeps RTN (with a warning).
     progress: tqdm progress bars.
     eval_batch_size: samples per forward when caching activations and measuring block losses.
+    keep_states: keep every kernel's trained quantizer state in ``QuantizeResult.states`` (for plots: S2, s3, s4).
     sample_shards: minibatches are stratified: each step draws batch_size / sample_shards samples from each of
       sample_shards equal, contiguous parts of the calibration set (None: one part per process, so each process
       samples from the shard it holds). A one-process run with sample_shards=P reproduces a P-process run.
@@ -70,6 +71,7 @@ class QuantConfig:
   progress: bool = True
   eval_batch_size: int = 64
   sample_shards: int | None = None
+  keep_states: bool = False
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -120,7 +122,8 @@ class QuantConfig:
 
   def fingerprint_fields(self) -> dict:
     """The fields that change results (not where files go or how progress is shown)."""
-    skip = {'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 'spill_dir', 'num_devices', 'eval_batch_size'}
+    skip = {'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 'spill_dir', 'num_devices', 'eval_batch_size',
+            'keep_states'}
     out = {}
     for f in dataclasses.fields(self):
       if f.name not in skip:

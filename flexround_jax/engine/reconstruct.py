@@ -57,8 +57,11 @@ class QuantizeResult:
     qtensors: {'/'-joined kernel path: QTensor} for every quantized kernel (Dense-like kernels of rank > 2, e.g.
       DenseGeneral, are quantized as their 2-D (in, out) view; ``dequantize_params`` reshapes them back).
     report: per unit: name, kind, kernels, bits, loss_rtn (loss at the RTN start), loss_final (of the kept
-      kernels), loss_trained (after training, before any fall-back), iters, seconds, fell_back_to_rtn.
+      kernels), loss_trained (after training, before any fall-back), iters, seconds, fell_back_to_rtn,
+      loss_curve ([step, mean training loss] pairs).
     plan: the units, kernels and sizes, as printed by ``dry_run``.
+    states: with ``QuantConfig.keep_states``, the trained quantizer state of every kernel (FlexRound: log_s1..4),
+      keyed like ``qtensors`` (units restored from a checkpoint have none).
   """
 
   params: Any
@@ -66,6 +69,7 @@ class QuantizeResult:
   report: list[dict]
   plan: list[dict]
   config: QuantConfig
+  states: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -154,7 +158,8 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
     raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
   engine = _Engine(model_fn, tree, calib, units, config)
   tree_q, qtensors, report = engine.run()
-  return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config)
+  return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config,
+                        states=engine.states)
 
 
 def dequantize_params(params, qtensors: dict[str, QTensor]):
@@ -312,6 +317,7 @@ class _Engine:
     if log_dir:
       os.makedirs(log_dir, exist_ok=True)
       self.log_file = os.path.join(os.path.abspath(log_dir), 'quantize_log.jsonl')
+    self.states: dict[str, dict] = {}
     self.ckpt = None
     if config.checkpoint_dir:
       from flexround_jax.engine import checkpoint  # pylint: disable=g-import-not-at-top
@@ -413,10 +419,10 @@ class _Engine:
     rtn_qts = [quantizers.rtn.finalize(v, st, s) for v, st, s in zip(views, rtn_states, unit.specs)]
     loss_rtn = self._eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp)
     iters = cfg.iters if cfg.method != 'rtn' else 0
-    qts = rtn_qts
+    qts, curve, states = rtn_qts, [], rtn_states
     if iters > 0:
       states = [self.method.init(v, s) for v, s in zip(views, unit.specs)]
-      states = self._train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
+      states, curve = self._train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
       qts = [self.method.finalize(v, st, s) for v, st, s in zip(views, states, unit.specs)]
     loss_final = self._eval_loss(unit, fp_unit, qts, x_q, y_fp) if iters > 0 else loss_rtn
     loss_trained, fell_back = loss_final, False
@@ -427,7 +433,9 @@ class _Engine:
     names = [graph.path_str(k.param_path) for k in unit.kernels]
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
            'bits': sorted({s.bits for s in unit.specs}), 'loss_rtn': loss_rtn, 'loss_final': loss_final,
-           'loss_trained': loss_trained, 'iters': iters, 'fell_back_to_rtn': fell_back}
+           'loss_trained': loss_trained, 'iters': iters, 'fell_back_to_rtn': fell_back, 'loss_curve': curve}
+    if cfg.keep_states:
+      self.states.update({n: jax.device_get(st) for n, st in zip(names, states)})
     return dict(zip(names, qts)), rep
 
   def _eval_loss(self, unit: _Unit, fp_unit, qts, x: data_lib.ActivationStore, y: data_lib.ActivationStore):
@@ -459,7 +467,7 @@ class _Engine:
     beta0, beta1 = cfg.adaround_beta
     bar = _progress(iters, unit, cfg)
     every = max(1, min(50, iters // 20))
-    recent = []
+    recent, curve = [], []
     for i in range(iters):
       idx = sampler(i)
       x_batch = [a[idx] for a in x_q.arrays]
@@ -475,6 +483,7 @@ class _Engine:
       if (i + 1) % every == 0 or i + 1 == iters:
         value = float(np.mean([float(l) for l in recent]))
         recent = []
+        curve.append([i + 1, value])
         if bar is not None:
           bar.set_postfix(loss=f'{value:.4g}')
           bar.update(every if (i + 1) % every == 0 else (i + 1) % every)
@@ -483,7 +492,7 @@ class _Engine:
     if bar is not None:
       bar.close()
     trainable, frozen = jax.device_get((trainable, frozen))
-    return [{**f, **t} for t, f in zip(trainable, frozen)]
+    return [{**f, **t} for t, f in zip(trainable, frozen)], curve
 
   def _put_global(self, tree, with_fp):
     x_batch, y_batch, x0_fp = tree
