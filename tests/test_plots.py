@@ -1,0 +1,37 @@
+"""Every figure renders to a PNG from a real (tiny) QuantizeResult or results rows."""
+
+import numpy as np
+
+import flexround_jax as fr
+from flexround_jax import plots
+
+import tiny_models
+
+
+def _png(path):
+  data = open(path, 'rb').read()
+  assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 2000
+
+
+def test_figures_render(tmp_path):
+  params, apply_fn, calib = tiny_models.cnn()
+  spec = fr.QuantSpec(bits=3, granularity='per_tensor')
+  cfg = fr.QuantConfig(method='flexround', weight=spec, blocks=r'ResBlock_\d+', iters=60, batch_size=16, lr=1e-2,
+                       progress=False, keep_states=True)
+  result = fr.quantize(params, apply_fn, calib, cfg)
+  rtn = fr.quantize(params, apply_fn, calib, fr.QuantConfig(method='rtn', weight=spec, blocks=r'ResBlock_\d+',
+                                                            progress=False))
+  plots.block_losses(result, str(tmp_path / 'losses.png'))
+  plots.loss_curves(result, str(tmp_path / 'curves.png'))
+  plots.flexround_scales(result.states, str(tmp_path / 'scales.png'))
+  moves = plots.rounding_moves(params, result.qtensors, rtn.qtensors)
+  assert set(moves) == set(result.qtensors)
+  assert all(0 <= m['beyond_nearest'] <= 1 and 0 <= m['changed_vs_rtn'] <= 1 for m in moves.values())
+  assert any(m['changed_vs_rtn'] > 0 for m in moves.values())
+  assert all(m['beyond_nearest'] == 0 for m in plots.rounding_moves(params, rtn.qtensors).values())
+  plots.plot_rounding_moves(moves, str(tmp_path / 'moves.png'))
+  rows = [{'method': m, 'bits': b, 'seed': s, 'quantized': {'top1': 90 - 10 / b + s + (m == 'flexround')}}
+          for m in ('rtn', 'flexround') for b in (2, 3, 4) for s in (0, 1)]
+  plots.metric_vs_bits(rows, 'quantized.top1', str(tmp_path / 'bits.png'))
+  for name in ('losses', 'curves', 'scales', 'moves', 'bits'):
+    _png(tmp_path / f'{name}.png')
