@@ -29,17 +29,25 @@ def token_windows(token_ids, seq_len: int = SEQ_LEN) -> np.ndarray:
   return ids[:n * seq_len].reshape(n, seq_len)
 
 
-def _tokenize_articles(texts, tokenizer) -> np.ndarray:
-  if tokenizer is None:
-    from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
-    tokenizer = llama.load_smollm2_tokenizer()
-  return np.asarray(tokenizer.encode(ARTICLE_SEPARATOR.join(texts), add_special_tokens=False).ids, np.int32)
+@functools.lru_cache(maxsize=1)
+def _default_tokenizer():
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  return llama.load_smollm2_tokenizer()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenize_articles(texts: tuple[str, ...], tokenizer) -> np.ndarray:
+  """Articles joined with "\\n\\n", tokenized once without special tokens -> (N,) int32 (read-only, cached)."""
+  tokenizer = tokenizer or _default_tokenizer()
+  ids = np.asarray(tokenizer.encode(ARTICLE_SEPARATOR.join(texts), add_special_tokens=False).ids, np.int32)
+  ids.setflags(write=False)
+  return ids
 
 
 def evaluation_windows(tokenizer=None, seq_len: int = SEQ_LEN) -> np.ndarray:
   """(359, 512) int32 windows of the evaluation articles; ``tokenizer`` defaults to SmolLM2's (a ``tokenizers``
   Tokenizer, or anything with ``encode(text, add_special_tokens=False).ids``)."""
-  return token_windows(_tokenize_articles(wiki.evaluation_articles(), tokenizer), seq_len)
+  return token_windows(_tokenize_articles(wiki.evaluation_articles(), tokenizer), seq_len).copy()
 
 
 def calibration_tokens(n_seqs: int = 128, seq_len: int = SEQ_LEN, tokenizer=None) -> np.ndarray:
@@ -48,7 +56,7 @@ def calibration_tokens(n_seqs: int = 128, seq_len: int = SEQ_LEN, tokenizer=None
   windows = token_windows(_tokenize_articles(wiki.calibration_articles(), tokenizer), seq_len)
   if n_seqs > len(windows):
     raise ValueError(f'calibration_tokens: n_seqs={n_seqs} exceeds the {len(windows)} windows of length {seq_len}')
-  return windows[:n_seqs]
+  return windows[:n_seqs].copy()
 
 
 def window_nll(logits, tokens):
