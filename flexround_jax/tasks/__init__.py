@@ -27,6 +27,7 @@ class Task:
 
 REGISTRY = {
     'toy_mlp': 'flexround_jax.tasks.toy:make',
+    'minilm': 'flexround_jax.tasks.minilm:make',
 }
 
 
