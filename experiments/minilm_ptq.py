@@ -1,0 +1,69 @@
+"""MiniLM-L6 weight-only PTQ table: RTN / AdaRound / FlexRound x W8 / W4 / W3 x per-channel / per-tensor.
+
+Each setting runs ``flexround_jax.run`` on configs/minilm.py with overrides and writes
+experiments/results/minilm_<granularity>_w<bits>_<method>.json (metrics, per-layer report, wall time, commit).
+Settings whose JSON exists are skipped, so the sweep resumes; a setting interrupted mid-way resumes from its
+per-layer checkpoint in the workdir. Order: most informative first.
+
+  python experiments/minilm_ptq.py [--only per_channel_w4] [--iters N] [--workdir work/minilm_ptq]
+"""
+
+import flexround_jax  # noqa: F401  (CPU devices before jax)
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+
+from flexround_jax import run as runner
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETTINGS = [('per_channel', 4), ('per_channel', 3), ('per_tensor', 4), ('per_channel', 8), ('per_tensor', 3),
+            ('per_tensor', 8)]
+METHODS = ('rtn', 'flexround', 'adaround')
+
+
+def load_config():
+  spec = importlib.util.spec_from_file_location('minilm_config', os.path.join(HERE, '..', 'configs', 'minilm.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--only', default=None, help='e.g. per_channel_w4')
+  parser.add_argument('--iters', type=int, default=None)
+  parser.add_argument('--workdir', default=os.path.join('work', 'minilm_ptq'))
+  args = parser.parse_args()
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  os.makedirs(os.path.join(HERE, 'results'), exist_ok=True)
+  for granularity, bits in SETTINGS:
+    tag = f'{granularity}_w{bits}'
+    if args.only and args.only != tag:
+      continue
+    for method in METHODS:
+      out = os.path.join(HERE, 'results', f'minilm_{tag}_{method}.json')
+      if os.path.exists(out):
+        print(f'skip {out} (exists)')
+        continue
+      config = load_config()
+      config.quant.method, config.quant.granularity, config.quant.bits = method, granularity, bits
+      if args.iters is not None:
+        config.quant.iters = args.iters
+      config.eval_fp = not os.path.exists(os.path.join(HERE, 'results', 'minilm_fp.json'))
+      workdir = os.path.join(args.workdir, f'{tag}_{method}')
+      print(f'== {tag} {method} -> {workdir}', flush=True)
+      results = runner.run(config, workdir)
+      results['model'] = 'all-MiniLM-L6-v2'
+      with open(out, 'w') as f:
+        json.dump(results, f, indent=2, default=float)
+      shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+      print(json.dumps({'setting': tag, 'method': method, **results['quantized'],
+                        'quantize_wall_s': results['quantize_wall_s']}), flush=True)
+
+
+if __name__ == '__main__':
+  main()
