@@ -28,6 +28,7 @@ class Task:
 REGISTRY = {
     'toy_mlp': 'flexround_jax.tasks.toy:make',
     'minilm': 'flexround_jax.tasks.minilm:make',
+    'smollm2': 'flexround_jax.tasks.smollm2:make',
 }
 
 
