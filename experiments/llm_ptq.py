@@ -1,0 +1,113 @@
+"""SmolLM2-135M PTQ: RTN / AdaRound / FlexRound at W4 and W3, per-channel (official) and per-group 128.
+
+Writes experiments/results/llm_<granularity>_w<bits>_<method>.json (perplexity on the fixed protocol, per-layer
+report, wall time, peak RSS, export size). Existing JSONs are skipped; an interrupted setting resumes from its
+per-layer checkpoint in the workdir. Also exports each quantized model as packed safetensors, reloads it and
+checks that its perplexity equals the fake-quant perplexity exactly.
+
+  python experiments/llm_ptq.py [--only per_channel_w4] [--iters N] [--max-windows N]
+"""
+
+import flexround_jax  # noqa: F401  (CPU devices before jax)
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import threading
+import time
+
+import psutil
+
+from flexround_jax import export, run as runner, tasks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
+METHODS = ('rtn', 'flexround', 'adaround')
+LR = {4: 3e-3, 3: 2.5e-3}            # the official Llama-2-7B FlexRound learning rates
+
+
+class PeakRSS:
+  """Samples this process's resident memory every 0.2 s."""
+
+  def __init__(self):
+    self.peak, self._stop = 0, threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+
+  def _run(self):
+    proc = psutil.Process()
+    while not self._stop.is_set():
+      self.peak = max(self.peak, proc.memory_info().rss)
+      time.sleep(0.2)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+
+
+def load_config():
+  spec = importlib.util.spec_from_file_location('llm_config', os.path.join(HERE, '..', 'configs', 'smollm2.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--only', default=None)
+  parser.add_argument('--iters', type=int, default=None)
+  parser.add_argument('--max-windows', type=int, default=None)
+  parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
+  args = parser.parse_args()
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  for granularity, bits, group in SETTINGS:
+    tag = f'{granularity}{group or ""}_w{bits}'
+    if args.only and args.only != tag:
+      continue
+    for method in METHODS:
+      out = os.path.join(HERE, 'results', f'llm_{tag}_{method}.json')
+      if os.path.exists(out):
+        print(f'skip {out} (exists)')
+        continue
+      config = load_config()
+      q = config.quant
+      q.method, q.granularity, q.bits, q.group_size = method, granularity, bits, group
+      q.lr = LR[bits] if method == 'flexround' else 1e-3
+      if args.iters is not None:
+        q.iters = args.iters
+      if args.max_windows is not None:
+        config.task_args.max_windows = args.max_windows
+      workdir = os.path.abspath(os.path.join(args.workdir, f'{tag}_{method}'))
+      print(f'== {tag} {method} -> {workdir}', flush=True)
+      with PeakRSS() as rss:
+        results = runner.run(config, workdir)
+      # Export as packed safetensors; for FlexRound also reload it and check the perplexity is exactly the same.
+      params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
+      path = os.path.join(workdir, 'model.safetensors')
+      sizes = export.save_safetensors(path, params_q, qtensors)
+      results.update({
+          'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
+          'peak_rss_mb': round(rss.peak / 2**20, 1), 'export_bytes': sizes['file_bytes'],
+          'float32_bytes': sizes['float32_bytes'],
+      })
+      if method == 'flexround':
+        reloaded, _ = export.load_safetensors(path)
+        ppl_reloaded = tasks.make(config.task, config.task_args).evaluate(reloaded)['ppl']
+        results.update({'ppl_reloaded_export': ppl_reloaded,
+                        'export_exact': ppl_reloaded == results['quantized']['ppl']})
+      with open(out, 'w') as f:
+        json.dump(results, f, indent=2, default=float)
+      shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+      print(json.dumps({'setting': tag, 'method': method, 'ppl': results['quantized']['ppl'],
+                        'quantize_wall_s': results['quantize_wall_s'], 'peak_rss_mb': results['peak_rss_mb']}),
+            flush=True)
+
+
+if __name__ == '__main__':
+  main()
