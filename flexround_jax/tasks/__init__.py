@@ -29,6 +29,7 @@ REGISTRY = {
     'toy_mlp': 'flexround_jax.tasks.toy:make',
     'minilm': 'flexround_jax.tasks.minilm:make',
     'smollm2': 'flexround_jax.tasks.smollm2:make',
+    'image': 'flexround_jax.tasks.image:make',
 }
 
 

@@ -1,0 +1,117 @@
+"""Fashion-MNIST PTQ table (the paper's weight-only ImageNet table, shape reproduced on real data):
+{ResNet, MobileNetV2} x {per-tensor, per-channel} x {W4, W3, W2} x {RTN, AdaRound, FlexRound}, 3 seeds for the
+learned methods. One JSON per run: experiments/results/image_<model>_<granularity>_w<bits>_<method>_s<seed>.json.
+Existing JSONs are skipped (the sweep resumes). FlexRound's learning rate per (model, granularity, bits) is read
+from experiments/results/image_lr.json, written by ``--mode lr`` (chosen on the validation split, never test).
+
+  python experiments/image_ptq.py --mode lr       # FlexRound lr sweep on the validation split
+  python experiments/image_ptq.py                 # the table (test split)
+  python experiments/image_ptq.py --mode iters    # accuracy vs iterations, ResNet per-tensor W3
+"""
+
+import flexround_jax  # noqa: F401  (CPU devices before jax)
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+
+from flexround_jax import run as runner
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, 'results')
+MODELS = ('resnet', 'mobilenetv2')
+GRANULARITIES = ('per_tensor', 'per_channel')
+BITS = (4, 3, 2)
+SEEDS = (0, 1, 2)
+LR_GRID = (1e-3, 3e-3, 1e-2)
+ADAROUND_LAMBDA = {'resnet': 0.01, 'mobilenetv2': 0.1}
+
+
+def load_config():
+  spec = importlib.util.spec_from_file_location('image_config', os.path.join(HERE, '..', 'configs', 'image.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters=None, eval_split='test'):
+  if os.path.exists(out):
+    print(f'skip {out} (exists)')
+    return json.load(open(out))
+  config = load_config()
+  config.task_args.model, config.task_args.eval_split = model, eval_split
+  q = config.quant
+  q.granularity, q.bits, q.method, q.seed = granularity, bits, method, seed
+  q.adaround_lambda = ADAROUND_LAMBDA[model]
+  if lr is not None:
+    q.lr = lr
+  if iters is not None:
+    q.iters = iters
+  print(f'== {os.path.basename(out)}', flush=True)
+  results = runner.run(config, workdir)
+  results.update({'model': model, 'lr': lr})
+  with open(out, 'w') as f:
+    json.dump(results, f, indent=2, default=float)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+  print(json.dumps({'run': os.path.basename(out), 'top1': results['quantized']['top1'],
+                    'fp_top1': results['fp'].get('top1'), 'wall_s': results['quantize_wall_s']}), flush=True)
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--mode', default='table', choices=['table', 'lr', 'iters'])
+  parser.add_argument('--models', default=','.join(MODELS))
+  parser.add_argument('--workdir', default=os.path.join('work', 'image_ptq'))
+  args = parser.parse_args()
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  os.makedirs(RESULTS, exist_ok=True)
+  models = args.models.split(',')
+  lr_path = os.path.join(RESULTS, 'image_lr.json')
+
+  if args.mode == 'lr':
+    chosen = json.load(open(lr_path)) if os.path.exists(lr_path) else {}
+    for model in models:
+      for granularity in GRANULARITIES:
+        for bits in BITS:
+          key = f'{model}_{granularity}_w{bits}'
+          scores = {}
+          for lr in LR_GRID:
+            tag = f'{key}_flexround_lr{lr:g}'
+            r = run_one(os.path.join(RESULTS, 'lr', f'image_{tag}.json'), os.path.join(args.workdir, 'lr', tag),
+                        model, granularity, bits, 'flexround', 0, lr=lr, eval_split='validation')
+            scores[f'{lr:g}'] = r['quantized']['top1']
+          chosen[key] = {'lr': float(max(scores, key=scores.get)), 'validation_top1': scores}
+          with open(lr_path, 'w') as f:
+            json.dump(chosen, f, indent=2)
+    return
+
+  if args.mode == 'iters':
+    for iters in (250, 500, 1000, 2000, 4000):
+      for method in ('flexround', 'adaround'):
+        tag = f'resnet_per_tensor_w3_{method}_it{iters}'
+        lr = json.load(open(lr_path)).get('resnet_per_tensor_w3', {}).get('lr') if method == 'flexround' else None
+        run_one(os.path.join(RESULTS, 'iters', f'image_{tag}.json'), os.path.join(args.workdir, 'iters', tag),
+                'resnet', 'per_tensor', 3, method, 0, lr=lr, iters=iters)
+    return
+
+  lrs = json.load(open(lr_path)) if os.path.exists(lr_path) else {}
+  for bits in BITS:
+    for granularity in GRANULARITIES:
+      for model in models:
+        key = f'{model}_{granularity}_w{bits}'
+        for method in ('rtn', 'flexround', 'adaround'):
+          for seed in (SEEDS if method != 'rtn' else (0,)):
+            lr = lrs.get(key, {}).get('lr') if method == 'flexround' else None
+            if method == 'flexround' and lr is None:
+              print(f'no validated FlexRound lr for {key}: run --mode lr first; using the default')
+            tag = f'{key}_{method}_s{seed}'
+            run_one(os.path.join(RESULTS, f'image_{tag}.json'), os.path.join(args.workdir, tag), model,
+                    granularity, bits, method, seed, lr=lr)
+
+
+if __name__ == '__main__':
+  main()
