@@ -49,6 +49,7 @@ def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters
     q.lr = lr
   if iters is not None:
     q.iters = iters
+  os.makedirs(os.path.dirname(out), exist_ok=True)
   print(f'== {os.path.basename(out)}', flush=True)
   results = runner.run(config, workdir)
   results.update({'model': model, 'lr': lr})

@@ -1,0 +1,97 @@
+"""README result tables (and plots) generated from the committed JSON in experiments/results.
+
+  python experiments/make_tables.py            # print the tables
+  python experiments/make_tables.py --readme   # also rewrite the blocks between <!-- results:NAME --> markers
+Only settings with a JSON appear; missing ones are listed as not run yet.
+"""
+
+import argparse
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, 'results')
+README = os.path.join(HERE, '..', 'README.md')
+METHODS = ('rtn', 'adaround', 'flexround')
+
+
+def _load(pattern):
+  return [json.load(open(p)) | {'_file': os.path.basename(p)} for p in sorted(glob.glob(os.path.join(RESULTS, pattern)))]
+
+
+def minilm_table() -> str:
+  fp = json.load(open(os.path.join(RESULTS, 'minilm_fp.json')))
+  rows = _load('minilm_per_*.json')
+  lines = ['| setting | method | SimLex-999 | WordSim-353 | cosine to FP | quantize wall (s) |',
+           '|---|---|---|---|---|---|',
+           f"| float | – | {fp['simlex999_spearman']:.3f} | {fp['wordsim353_spearman']:.3f} | 1.000 | – |"]
+  key = lambda r: (r['granularity'], -r['bits'], METHODS.index(r['method']))
+  for r in sorted(rows, key=key):
+    q = r['quantized']
+    lines.append(f"| W{r['bits']} {r['granularity'].replace('_', '-')} | {r['method']} | {q['simlex999']:.3f} | "
+                 f"{q['wordsim353']:.3f} | {q['mean_cosine']:.4f} | {r['quantize_wall_s']:.0f} |")
+  return '\n'.join(lines)
+
+
+def llm_table() -> str:
+  fp = json.load(open(os.path.join(RESULTS, 'llm_fp.json')))
+  rows = _load('llm_per_*.json')
+  lines = ['| setting | method | perplexity | quantize wall (s) | peak RSS (MB) | export (MB) |', '|---|---|---|---|---|---|',
+           f"| float (Q4_1-dequantized) | – | {fp['ppl']:.2f} | – | {fp.get('peak_rss_mb', float('nan')):.0f} | "
+           f"{4 * 134515008 / 2**20:.0f} (f32) |"]
+  for r in sorted(rows, key=lambda r: (r['granularity'], -r['bits'], METHODS.index(r['method']))):
+    setting = f"W{r['bits']} " + ('per-channel' if r['granularity'] == 'per_channel' else f"g{r['group_size']}")
+    lines.append(f"| {setting} | {r['method']} | {r['quantized']['ppl']:.2f} | {r['quantize_wall_s']:.0f} | "
+                 f"{r.get('peak_rss_mb', float('nan')):.0f} | {r.get('export_bytes', 0) / 2**20:.0f} |")
+  return '\n'.join(lines)
+
+
+def image_table() -> str:
+  rows = _load('image_*_s*.json')
+  fp = {}
+  for r in rows:
+    fp.setdefault(r['model'], r['fp'].get('top1'))
+  groups = {}
+  for r in rows:
+    groups.setdefault((r['model'], r['granularity'], r['bits'], r['method']), []).append(r['quantized']['top1'])
+  lines = ['| model | weights | FP | RTN | AdaRound | FlexRound |', '|---|---|---|---|---|---|']
+  for model in ('resnet', 'mobilenetv2'):
+    for gran in ('per_tensor', 'per_channel'):
+      for bits in (4, 3, 2):
+        cells = []
+        for m in METHODS:
+          v = groups.get((model, gran, bits, m))
+          cells.append('–' if not v else (f'{v[0]:.2f}' if len(v) == 1 else f'{np.mean(v):.2f} ± {np.std(v):.2f} '
+                                                                         f'(n={len(v)})'))
+        if any(c != '–' for c in cells):
+          lines.append(f"| {model} | W{bits} {gran.replace('_', '-')} | {fp.get(model, float('nan')):.2f} | "
+                       + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+TABLES = {'minilm': minilm_table, 'llm': llm_table, 'image': image_table}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--readme', action='store_true')
+  args = parser.parse_args()
+  text = open(README).read()
+  for name, fn in TABLES.items():
+    try:
+      table = fn()
+    except FileNotFoundError as e:
+      table = f'(not run yet: {os.path.basename(e.filename)} missing)'
+    print(f'## {name}\n{table}\n')
+    pattern = re.compile(rf'(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)', re.S)
+    text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+  if args.readme:
+    open(README, 'w').write(text)
+
+
+if __name__ == '__main__':
+  main()
