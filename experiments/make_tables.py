@@ -87,8 +87,8 @@ def main():
     except FileNotFoundError as e:
       table = f'(not run yet: {os.path.basename(e.filename)} missing)'
     print(f'## {name}\n{table}\n')
-    pattern = re.compile(rf'(<!-- results:{name} -->\n).*?(\n<!-- /results:{name} -->)', re.S)
-    text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    pattern = re.compile(rf'(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)', re.S)
+    text = pattern.sub(lambda m: m.group(1) + table + '\n' + m.group(2), text)
   if args.readme:
     open(README, 'w').write(text)
 
