@@ -154,7 +154,7 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
   if config.dry_run:
     _print_plan(plan, n, config)
     return QuantizeResult(params=params, qtensors={}, report=[], plan=plan, config=config)
-  if config.method != 'rtn' and config.batch_size * 1 > n * jax.process_count():
+  if config.method != 'rtn' and config.batch_size > n * jax.process_count():
     raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
   engine = _Engine(model_fn, tree, calib, units, config)
   tree_q, qtensors, report = engine.run()
@@ -546,8 +546,6 @@ def _meshes(config: QuantConfig):
   if jax.process_count() == 1:
     mesh = jax.sharding.Mesh(np.array(local), ('data',))
     return mesh, mesh
-  chosen = [d for d in devices if d.id in {x.id for p in range(jax.process_count())
-                                            for x in [d] if x.process_index == p}]
   by_proc = {}
   for d in devices:
     by_proc.setdefault(d.process_index, []).append(d)
