@@ -12,7 +12,6 @@ from experiments/results/image_lr.json, written by ``--mode lr`` (chosen on the 
 import flexround_jax  # noqa: F401  (CPU devices before jax)
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -30,10 +29,7 @@ ADAROUND_LAMBDA = {'resnet': 0.01, 'mobilenetv2': 0.1}
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location('image_config', os.path.join(HERE, '..', 'configs', 'image.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return runner.load_config_file(os.path.join(HERE, '..', 'configs', 'image.py'))
 
 
 def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters=None, eval_split='test'):

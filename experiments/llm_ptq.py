@@ -11,7 +11,6 @@ checks that its perplexity equals the fake-quant perplexity exactly.
 import flexround_jax  # noqa: F401  (CPU devices before jax)
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -51,10 +50,7 @@ class PeakRSS:
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location('llm_config', os.path.join(HERE, '..', 'configs', 'smollm2.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return runner.load_config_file(os.path.join(HERE, '..', 'configs', 'smollm2.py'))
 
 
 def main():

@@ -11,7 +11,6 @@ per-layer checkpoint in the workdir. Order: most informative first.
 import flexround_jax  # noqa: F401  (CPU devices before jax)
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -25,10 +24,7 @@ METHODS = ('rtn', 'flexround', 'adaround')
 
 
 def load_config():
-  spec = importlib.util.spec_from_file_location('minilm_config', os.path.join(HERE, '..', 'configs', 'minilm.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return runner.load_config_file(os.path.join(HERE, '..', 'configs', 'minilm.py'))
 
 
 def main():

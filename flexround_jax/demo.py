@@ -13,7 +13,6 @@ from __future__ import annotations
 import flexround_jax  # noqa: F401  (one CPU device per core, before jax starts)
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -28,11 +27,7 @@ DEMO_BUDGET = {'minilm': {'iters': 250, 'n_calib': 256}, 'toy_mlp': {}}
 
 def _load_config(task: str):
   here = os.path.dirname(os.path.abspath(__file__))
-  path = os.path.join(here, '..', 'configs', CONFIGS[task])
-  spec = importlib.util.spec_from_file_location('demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return runner.load_config_file(os.path.join(here, '..', 'configs', CONFIGS[task]))
 
 
 def main(argv=None):

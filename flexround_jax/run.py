@@ -41,6 +41,15 @@ def quant_config(q, workdir: str | None) -> QuantConfig:
       eval_batch_size=q.get('eval_batch_size', 64))
 
 
+def load_config_file(path: str):
+  """``get_config()`` of an ml_collections config file (for scripts that loop over settings)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('flexround_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def git_commit() -> str:
   try:
     here = os.path.dirname(os.path.abspath(__file__))
