@@ -2,6 +2,7 @@
 
   python experiments/make_tables.py            # print the tables
   python experiments/make_tables.py --readme   # also rewrite the blocks between <!-- results:NAME --> markers
+                                               # and write experiments/results/<name>_vs_bits.png
 Only settings with a JSON appear; missing ones are listed as not run yet.
 """
 
@@ -74,6 +75,24 @@ def image_table() -> str:
 
 
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'image': image_table}
+# (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
+PLOTS = {'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
+         'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),
+         'image': ('image_*_s*.json', 'quantized.top1', 'model+granularity+method', False)}
+
+
+def make_plots() -> list[str]:
+  """Metric vs bits, one line per setting and method (mean ± std over seeds); returns the PNGs written."""
+  from flexround_jax import plots  # pylint: disable=g-import-not-at-top
+  written = []
+  for name, (pattern, metric, group, lower) in PLOTS.items():
+    rows = _load(pattern)
+    if rows:
+      path = os.path.join(RESULTS, f'{name}_vs_bits.png')
+      plots.metric_vs_bits(rows, metric, path, title=f'{name}: {metric} vs weight bits', group=group,
+                           higher_is_better=not lower)
+      written.append(path)
+  return written
 
 
 def main():
@@ -91,6 +110,8 @@ def main():
     text = pattern.sub(lambda m: m.group(1) + table + '\n' + m.group(2), text)
   if args.readme:
     open(README, 'w').write(text)
+    for path in make_plots():
+      print(f'wrote {os.path.relpath(path)}')
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
 Reads an ml_collections config file (``get_config()``), makes the task it names, evaluates the float model,
 quantizes it, evaluates the result, and writes to the workdir:
   config.json, results.json (metrics, per-block report, wall time, commit), quantize_log.jsonl,
+  block_losses.png and loss_curves.png (learned methods),
   quantized/ (Orbax: the dequantized params and every QTensor's codes, scale and zero point),
   checkpoints/ (per-block progress; a rerun with the same workdir resumes).
 """
@@ -77,8 +78,13 @@ def run(config, workdir: str) -> dict:
   result = quantize(task.params, task.apply_fn, task.calib, qcfg)
   quant_s = time.time() - t1
   metrics = task.evaluate(result.params)
-  from flexround_jax import export  # pylint: disable=g-import-not-at-top
+  from flexround_jax import export, plots  # pylint: disable=g-import-not-at-top
   export.save_orbax(os.path.join(workdir, 'quantized'), result)
+  if qcfg.method != 'rtn':
+    title = f'{task.name} W{qcfg.weight.bits} {qcfg.weight.granularity} {qcfg.method}'
+    plots.block_losses(result, os.path.join(workdir, 'block_losses.png'), title=title)
+    plots.loss_curves(result, os.path.join(workdir, 'loss_curves.png'), title=title)
+    plots.plt.close('all')
   results = {
       'task': task.name, 'method': qcfg.method, 'bits': qcfg.weight.bits, 'granularity': qcfg.weight.granularity,
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,

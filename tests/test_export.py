@@ -85,18 +85,13 @@ def test_plain_safetensors_is_not_taken_for_an_export(tmp_path):
 
 def test_runner_writes_results_and_a_loadable_model(tmp_path):
   from flexround_jax import run
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('cfg', os.path.join(os.path.dirname(__file__), '..', 'configs',
-                                                                    'toy_mlp.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = run.load_config_file(os.path.join(os.path.dirname(__file__), '..', 'configs', 'toy_mlp.py'))
   config.quant.iters = 30
   config.task_args.n_calib = 128
   results = run.run(config, str(tmp_path))
   assert results['quantized']['output_mse'] > 0 and results['fp']['output_mse'] == 0
   assert len(results['report']) == 5
-  for name in ('results.json', 'config.json', 'quantize_log.jsonl'):
+  for name in ('results.json', 'config.json', 'quantize_log.jsonl', 'block_losses.png', 'loss_curves.png'):
     assert (tmp_path / name).exists()
   params, qtensors = export.load_orbax(str(tmp_path / 'quantized'))
   assert len(qtensors) == 8
