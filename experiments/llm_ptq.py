@@ -7,6 +7,7 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
 16 windows).
 
   python experiments/llm_ptq.py [--only per_channel_w4] [--methods rtn,flexround] [--iters N] [--max-windows N]
+  python experiments/llm_ptq.py --curve    # perplexity vs iterations -> experiments/results/llm_iters/
 """
 
 import flexround_jax  # noqa: F401  (CPU devices before jax)
@@ -29,6 +30,7 @@ SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4,
 METHODS = ('rtn', 'flexround', 'adaround')
 LR = {4: 3e-3, 3: 2.5e-3}            # the official Llama-2-7B FlexRound learning rates
 EXACT_CHECK_WINDOWS = 16
+CURVE_ITERS = (50, 100, 500)
 
 
 class PeakRSS:
@@ -53,6 +55,10 @@ class PeakRSS:
     self._thread.join()
 
 
+def _tag(granularity, bits, group):
+  return f'{granularity}{group or ""}_w{bits}'
+
+
 def load_config():
   return runner.load_config_file(os.path.join(HERE, '..', 'configs', 'smollm2.py'))
 
@@ -62,59 +68,68 @@ def main():
   parser.add_argument('--only', default=None, help='one setting, e.g. per_channel_w4 or per_group128_w3')
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated subset of ' + ','.join(METHODS))
   parser.add_argument('--iters', type=int, default=None)
+  parser.add_argument('--curve', action='store_true', help=f'W4 per-channel FlexRound at iters {CURVE_ITERS}')
   parser.add_argument('--max-windows', type=int, default=None)
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
   args = parser.parse_args()
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
-  for granularity, bits, group in SETTINGS:
-    tag = f'{granularity}{group or ""}_w{bits}'
-    if args.only and args.only != tag:
+  if args.curve:   # perplexity vs iterations: W4 per-channel FlexRound (the table's own run is the 250 point)
+    runs = [('per_channel', 4, None, 'flexround', n, os.path.join('llm_iters', f'llm_per_channel_w4_flexround_it{n}'))
+            for n in CURVE_ITERS]
+  else:
+    runs = [(g, b, gs, m, args.iters, f'llm_{_tag(g, b, gs)}_{m}') for g, b, gs in SETTINGS
+            for m in args.methods.split(',') if not args.only or args.only == _tag(g, b, gs)]
+    unknown = set(args.methods.split(',')) - set(METHODS)
+    if unknown or not runs:
+      parser.error(f'nothing to run: --only {args.only!r} / --methods {args.methods!r} (settings: '
+                   f'{[_tag(*setting) for setting in SETTINGS]}, methods: {METHODS})')
+  for granularity, bits, group, method, iters, name in runs:
+    tag = _tag(granularity, bits, group)
+    out = os.path.join(HERE, 'results', name + '.json')
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.exists(out):
+      print(f'skip {out} (exists)')
       continue
-    for method in args.methods.split(','):
-      out = os.path.join(HERE, 'results', f'llm_{tag}_{method}.json')
-      if os.path.exists(out):
-        print(f'skip {out} (exists)')
-        continue
-      config = load_config()
-      q = config.quant
-      q.method, q.granularity, q.bits, q.group_size = method, granularity, bits, group
-      q.lr = LR[bits] if method == 'flexround' else 1e-3
-      if args.iters is not None:
-        q.iters = args.iters
-      if args.max_windows is not None:
-        config.task_args.max_windows = args.max_windows
-      workdir = os.path.abspath(os.path.join(args.workdir, f'{tag}_{method}'))
-      print(f'== {tag} {method} -> {workdir}', flush=True)
-      with PeakRSS() as rss:
-        results = runner.run(config, workdir)
-      # Export as packed safetensors; for FlexRound also reload it and check the perplexity is exactly the same.
-      params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
-      path = os.path.join(workdir, 'model.safetensors')
-      sizes = export.save_safetensors(path, params_q, qtensors)
-      results.update({
-          'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
-          'peak_rss_mb': round(rss.peak / 2**20, 1), 'export_bytes': sizes['file_bytes'],
-          'float32_bytes': sizes['float32_bytes'],
-      })
-      if method == 'flexround':
-        # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
-        # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
-        # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
-        reloaded, _ = export.load_safetensors(path)
-        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
-        config.task_args.max_windows = EXACT_CHECK_WINDOWS
-        prefix = tasks.make(config.task, config.task_args).evaluate
-        ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
-        results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
-                        'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
-                        'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
-      with open(out, 'w') as f:
-        json.dump(results, f, indent=2, default=float)
-      shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
-      print(json.dumps({'setting': tag, 'method': method, 'ppl': results['quantized']['ppl'],
-                        'quantize_wall_s': results['quantize_wall_s'], 'peak_rss_mb': results['peak_rss_mb']}),
-            flush=True)
+    config = load_config()
+    q = config.quant
+    q.method, q.granularity, q.bits, q.group_size = method, granularity, bits, group
+    q.lr = LR[bits] if method == 'flexround' else 1e-3
+    if iters is not None:
+      q.iters = iters
+    if args.max_windows is not None:
+      config.task_args.max_windows = args.max_windows
+    workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
+    print(f'== {tag} {method} -> {workdir}', flush=True)
+    with PeakRSS() as rss:
+      results = runner.run(config, workdir)
+    # Export as packed safetensors; for FlexRound also reload it and check the perplexity is exactly the same.
+    params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
+    path = os.path.join(workdir, 'model.safetensors')
+    sizes = export.save_safetensors(path, params_q, qtensors)
+    results.update({
+        'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
+        'peak_rss_mb': round(rss.peak / 2**20, 1), 'export_bytes': sizes['file_bytes'],
+        'float32_bytes': sizes['float32_bytes'],
+    })
+    if method == 'flexround':
+      # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
+      # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
+      # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
+      reloaded, _ = export.load_safetensors(path)
+      same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
+      config.task_args.max_windows = EXACT_CHECK_WINDOWS
+      prefix = tasks.make(config.task, config.task_args).evaluate
+      ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
+      results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
+                      'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
+                      'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
+    with open(out, 'w') as f:
+      json.dump(results, f, indent=2, default=float)
+    shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
+    print(json.dumps({'setting': tag, 'method': method, 'ppl': results['quantized']['ppl'],
+                      'quantize_wall_s': results['quantize_wall_s'], 'peak_rss_mb': results['peak_rss_mb']}),
+          flush=True)
 
 
 if __name__ == '__main__':
