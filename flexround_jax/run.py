@@ -39,7 +39,7 @@ def quant_config(q, workdir: str | None) -> QuantConfig:
       lr_s1=q.get('lr_s1'), drop_prob=q.get('drop_prob', 0.0), layer_bits=dict(q.get('layer_bits', {}) or {}),
       exclude=q.get('exclude'), adaround_lambda=q.get('adaround_lambda', 0.01), seed=q.get('seed', 0),
       checkpoint_dir=os.path.join(workdir, 'checkpoints') if workdir else None, log_dir=workdir,
-      eval_batch_size=q.get('eval_batch_size', 64))
+      eval_batch_size=q.get('eval_batch_size', 64), num_devices=q.get('num_devices'))
 
 
 def load_config_file(path: str):
