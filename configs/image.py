@@ -21,7 +21,8 @@ def get_config():
       'method': 'flexround', 'bits': 4, 'granularity': 'per_tensor', 'group_size': config_dict.placeholder(int),
       'symmetric': False, 'grid_init': 'mse', 'blocks': config_dict.placeholder(str), 'iters': 2000,
       'batch_size': 32, 'lr': config_dict.placeholder(float), 'lr_s1': config_dict.placeholder(float),
-      'drop_prob': 0.0, 'layer_bits': {'stem': 8, 'head': 8}, 'exclude': config_dict.placeholder(str), 'num_devices': config_dict.placeholder(int), 'seed': 0,
+      'drop_prob': 0.0, 'layer_bits': {'stem': 8, 'head': 8}, 'exclude': config_dict.placeholder(str), 'seed': 0,
       'adaround_lambda': 0.01, 'eval_batch_size': 128,
+      'num_devices': config_dict.placeholder(int),   # None: all devices
   })
   return config

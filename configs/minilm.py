@@ -17,6 +17,7 @@ def get_config():
       'method': 'flexround', 'bits': 4, 'granularity': 'per_channel', 'group_size': config_dict.placeholder(int),
       'symmetric': False, 'grid_init': 'mse', 'blocks': r'encoder/layer_\d+', 'iters': 500, 'batch_size': 16,
       'lr': config_dict.placeholder(float), 'lr_s1': config_dict.placeholder(float), 'drop_prob': 0.0,
-      'layer_bits': {}, 'exclude': config_dict.placeholder(str), 'num_devices': config_dict.placeholder(int), 'seed': 0, 'eval_batch_size': 64,
+      'layer_bits': {}, 'exclude': config_dict.placeholder(str), 'seed': 0, 'eval_batch_size': 64,
+      'num_devices': config_dict.placeholder(int),   # None: all devices
   })
   return config

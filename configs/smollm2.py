@@ -19,6 +19,7 @@ def get_config():
       'method': 'flexround', 'bits': 4, 'granularity': 'per_channel', 'group_size': config_dict.placeholder(int),
       'symmetric': False, 'grid_init': 'minmax', 'blocks': r'layers_\d+', 'iters': 250, 'batch_size': 2,
       'lr': 3e-3, 'lr_s1': config_dict.placeholder(float), 'drop_prob': 0.0, 'layer_bits': {},
-      'exclude': config_dict.placeholder(str), 'num_devices': config_dict.placeholder(int), 'seed': 0, 'eval_batch_size': 8,
+      'exclude': config_dict.placeholder(str), 'seed': 0, 'eval_batch_size': 8,
+      'num_devices': config_dict.placeholder(int),   # None: all devices
   })
   return config

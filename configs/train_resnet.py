@@ -6,9 +6,11 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.model = 'resnet'
-  config.model_args = ml_collections.ConfigDict({'stage_sizes': (1, 1, 1), 'widths': (16, 32, 64), 'stem_width': 16})
+  # 32/64/128 wide, one BasicBlock per stage: the 16/32/64 version reached 91.4 % in 10 epochs (target 93 %).
+  config.model_args = ml_collections.ConfigDict({'stage_sizes': (1, 1, 1), 'widths': (32, 64, 128),
+                                                 'stem_width': 32})
   config.seed = 0
-  config.epochs = 10
+  config.epochs = 20
   config.batch_size = 128
   config.lr = 0.05
   config.warmup_epochs = 1
