@@ -8,22 +8,14 @@ import glob
 import os
 
 import nbformat
-import numpy as np
 import pytest
 from nbclient import NotebookClient
 
 from flexround_jax.data import fashion_mnist
+from test_fashion_mnist import _write_source   # synthetic IDX files in the real format
 
 HERE = os.path.join(os.path.dirname(__file__), '..', 'notebooks')
 NOTEBOOKS = sorted(glob.glob(os.path.join(HERE, '*.ipynb')))
-
-
-def _synthetic_fashion_mnist(folder, n_train=6200, n_test=300):
-  rng = np.random.default_rng(0)
-  for split, n in (('train', n_train), ('test', n_test)):
-    images_file, labels_file = fashion_mnist.FILES[split]
-    fashion_mnist.write_idx(os.path.join(folder, images_file), rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-    fashion_mnist.write_idx(os.path.join(folder, labels_file), rng.integers(0, 10, n, dtype=np.uint8))
 
 
 def test_every_notebook_is_tested():
@@ -35,7 +27,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   monkeypatch.setenv('FLEXROUND_NOTEBOOK_TINY', '1')
   if 'image' in os.path.basename(path):
     (tmp_path / 'idx').mkdir()
-    _synthetic_fashion_mnist(str(tmp_path / 'idx'))
+    _write_source(str(tmp_path / 'idx'), n_train=6200, n_test=300)   # > 6024: calibration + validation + train
     monkeypatch.setenv(fashion_mnist.SOURCE_DIR_ENV, str(tmp_path / 'idx'))
     monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   nb = nbformat.read(path, as_version=4)
