@@ -21,7 +21,8 @@ METHODS = ('rtn', 'adaround', 'flexround')
 
 
 def _load(pattern):
-  return [json.load(open(p)) | {'_file': os.path.basename(p)} for p in sorted(glob.glob(os.path.join(RESULTS, pattern)))]
+  paths = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+  return [json.load(open(p)) | {'_file': os.path.basename(p)} for p in paths]
 
 
 def minilm_table() -> str:
@@ -41,7 +42,8 @@ def minilm_table() -> str:
 def llm_table() -> str:
   fp = json.load(open(os.path.join(RESULTS, 'llm_fp.json')))
   rows = _load('llm_per_*.json')
-  lines = ['| setting | method | perplexity | quantize wall (s) | peak RSS (MB) | export (MB) |', '|---|---|---|---|---|---|',
+  lines = ['| setting | method | perplexity | quantize wall (s) | peak RSS (MB) | export (MB) |',
+           '|---|---|---|---|---|---|',
            f"| float (Q4_1-dequantized) | – | {fp['ppl']:.2f} | – | {fp.get('peak_rss_mb', float('nan')):.0f} | "
            f"{4 * 134515008 / 2**20:.0f} (f32) |"]
   for r in sorted(rows, key=lambda r: (r['granularity'], -r['bits'], METHODS.index(r['method']))):

@@ -39,7 +39,8 @@ from flexround_jax.models import zoo
 config_flags.DEFINE_config_file('config', None, 'ml_collections config file (configs/train_*.py)')
 flags.DEFINE_string('workdir', None, 'folder for resumable checkpoints and the log', required=True)
 flags.DEFINE_string('export_dir', None, 'where the final FP variables go (default: experiments/checkpoints/<model>)')
-flags.DEFINE_string('results', None, 'JSON file the summary is merged into (default: experiments/results/image_fp.json)')
+flags.DEFINE_string('results', None,
+                    'JSON file the summary is merged into (default: experiments/results/image_fp.json)')
 flags.DEFINE_string('data_dir', None, 'TFDS data_dir holding fashion_mnist_local (default: ~/tensorflow_datasets)')
 FLAGS = flags.FLAGS
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))

@@ -69,7 +69,8 @@ def main(argv=None):
     print(f'{method:12s}' + ''.join(f'{r["quantized"][m]:18.5g}' for m in metrics) + f'{r["wall"]:10.1f}')
   print()
   for method, r in rows.items():
-    print(f'{method}: quantized model and results in {os.path.abspath(os.path.join(args.workdir, f"{args.task}_{method}"))}')
+    where = os.path.abspath(os.path.join(args.workdir, f'{args.task}_{method}'))
+    print(f'{method}: quantized model and results in {where}')
   summary = {m: {'quantized': r['quantized'], 'wall_s': r['wall']} for m, r in rows.items()}
   summary['fp'] = fp
   with open(os.path.join(os.path.abspath(args.workdir), 'summary.json'), 'w') as f:

@@ -87,7 +87,8 @@ def test_param_tree_has_30_layers_of_7_dense_kernels(smollm2):
   assert all(v.ndim == 2 and v.dtype == jnp.float32 for v in kernels.values())
   assert flat['layers_0/attn/k_proj/kernel'].shape == (576, 192)
   assert flat['layers_0/mlp/down_proj/kernel'].shape == (1536, 576)
-  assert sorted({k.split('/')[0] for k in flat}) == sorted(['embed_tokens', 'norm'] + [f'layers_{i}' for i in range(30)])
+  top = sorted({k.split('/')[0] for k in flat})
+  assert top == sorted(['embed_tokens', 'norm'] + [f'layers_{i}' for i in range(30)])
   assert sum(v.size for v in flat.values()) == 134_515_008
 
 

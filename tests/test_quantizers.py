@@ -251,7 +251,8 @@ def test_layerwise_reconstruction_beats_rtn_at_3_bits():
 
   @jax.jit
   def f_step(params, opt_state):
-    loss, g = jax.value_and_grad(lambda p: _output_error_traced(x, w, flexround.fake_quant(w, {**state, **p}, spec)))(params)
+    loss_fn = lambda p: _output_error_traced(x, w, flexround.fake_quant(w, {**state, **p}, spec))  # noqa: E731
+    loss, g = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = opt.update(g, opt_state)
     return optax.apply_updates(params, updates), opt_state, loss
 

@@ -22,7 +22,8 @@ def as_arrays(calib_data) -> Any:
     tree = np.asarray(calib_data)
   elif isinstance(calib_data, dict):
     tree = jax.tree.map(np.asarray, calib_data)
-  elif hasattr(calib_data, '__len__') and hasattr(calib_data, '__getitem__') and not isinstance(calib_data, (list, tuple)):
+  elif (hasattr(calib_data, '__len__') and hasattr(calib_data, '__getitem__')
+        and not isinstance(calib_data, (list, tuple))):
     n = len(calib_data)
     if n == 0:
       raise ValueError('calib_data is empty (a data source with no examples)')

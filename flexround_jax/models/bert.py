@@ -158,7 +158,8 @@ def minilm_dir() -> str:
 def params_from_hf(weights: dict[str, np.ndarray], config: BertConfig) -> dict:
   """Flax params from HF BertModel tensors (``encoder.layer.{i}...``); Dense kernel = weight.T, LN weight -> scale.
 
-  The pooler (``pooler.dense``, [CLS] -> tanh) is dropped: mean pooling does not use it. Raises ValueError when a tensor is missing, left over or of the wrong shape.
+  The pooler (``pooler.dense``, [CLS] -> tanh) is dropped: mean pooling does not use it. Raises ValueError when a
+  tensor is missing, left over or of the wrong shape.
   """
   w = dict(weights)
   for unused in ('embeddings.position_ids', 'pooler.dense.weight', 'pooler.dense.bias'):

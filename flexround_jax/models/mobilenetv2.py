@@ -1,6 +1,7 @@
 """MobileNetV2 for 28x28x1 images (Fashion-MNIST), width scaled down to train on a CPU.
 
-Layout (defaults): 3x3 stem conv (stride ``stem_strides``: 2, so blocks run at 14x14 and 7x7) -> InvertedResidual blocks given by ``block_specs`` rows
+Layout (defaults): 3x3 stem conv (stride ``stem_strides``: 2, so blocks run at 14x14 and 7x7) -> InvertedResidual
+blocks given by ``block_specs`` rows
 (expansion t, channels c, repeats n, first stride s) -> 1x1 conv to ``head_width`` -> global average pool ->
 Dense head. Each InvertedResidual: 1x1 ``expand`` (omitted when t == 1), 3x3 depthwise ``depthwise``
 (``nn.Conv(feature_group_count=channels)``, kernel (3, 3, 1, C)), 1x1 linear ``project``; ReLU6 after the first

@@ -1,6 +1,7 @@
 """AdaRound (Nagel et al., ICML 2020) as in BRECQ/QDrop: learn up-or-down rounding on a fixed grid.
 
-  soft:  W_tilde = s * clamp(floor(W / s) + h(V), -zp, 2^b - 1 - zp),  h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
+  soft:  W_tilde = s * clamp(floor(W / s) + h(V), -zp, 2^b - 1 - zp),
+         h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)
   hard:  W_hat   = s * clamp(floor(W / s) + [V >= 0], -zp, 2^b - 1 - zp)
 
 zeta = 1.1, gamma = -0.1. V starts where h(V) = frac(W / s), so the soft kernel starts at W itself (not at RTN).
