@@ -3,7 +3,8 @@
 Weight-only; first conv ('stem') and last dense ('head') at 8 bits; blocks = residual / inverted-residual blocks,
 stem and head layer-wise; 1024 calibration images; batch 32. CPU budget: 2000 iterations per block (the paper:
 20000). AdaRound: lambda 0.01 (0.1 for MobileNetV2), beta 20 -> 2 after a 20 % warm-up, Adam 1e-3.
-FlexRound: Adam + cosine; the learning rate is chosen on the validation split (experiments/image_lr.py).
+FlexRound: Adam + cosine; the learning rate is chosen once per model on the validation split
+(`python experiments/image_ptq.py --mode lr`, written to experiments/results/image_lr.json).
   --config.task_args.model=mobilenetv2 --config.quant.granularity=per_channel --config.quant.bits=3
 """
 
