@@ -99,6 +99,9 @@ def evaluate(correct, variables, images, labels, batch_size, sharding):
 def main(argv):
   del argv
   config = FLAGS.config
+  if not 0 <= config.warmup_epochs < config.epochs:   # optax's cosine decay needs steps left after the warm-up
+    raise app.UsageError(f'config.warmup_epochs ({config.warmup_epochs}) must be >= 0 and below config.epochs '
+                         f'({config.epochs})')
   workdir = os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
   mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
