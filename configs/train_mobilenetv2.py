@@ -10,7 +10,7 @@ def get_config():
       'block_specs': ((1, 16, 1, 1), (4, 24, 2, 1), (4, 32, 2, 2), (4, 64, 2, 1)),
       'stem_width': 16, 'stem_strides': 2, 'head_width': 256})
   config.seed = 0
-  config.epochs = 10
+  config.epochs = 20
   config.batch_size = 128
   config.lr = 0.05
   config.warmup_epochs = 1
