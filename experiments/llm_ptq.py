@@ -7,7 +7,7 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
 16 windows).
 
   python experiments/llm_ptq.py [--only per_channel_w4] [--methods rtn,flexround] [--iters N] [--max-windows N]
-  python experiments/llm_ptq.py --curve    # perplexity vs iterations -> experiments/results/llm_iters/
+  python experiments/llm_ptq.py --curve [--iters 50]   # perplexity vs iterations -> experiments/results/llm_iters/
 """
 
 import flexround_jax  # noqa: F401  (CPU devices before jax)
@@ -67,7 +67,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--only', default=None, help='one setting, e.g. per_channel_w4 or per_group128_w3')
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated subset of ' + ','.join(METHODS))
-  parser.add_argument('--iters', type=int, default=None)
+  parser.add_argument('--iters', type=int, default=None, help='iterations per layer (with --curve: that point only)')
   parser.add_argument('--curve', action='store_true', help=f'W4 per-channel FlexRound at iters {CURVE_ITERS}')
   parser.add_argument('--max-windows', type=int, default=None)
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
@@ -76,7 +76,7 @@ def main():
   absl_logging.set_verbosity(absl_logging.WARNING)
   if args.curve:   # perplexity vs iterations: W4 per-channel FlexRound (the table's own run is the 250 point)
     runs = [('per_channel', 4, None, 'flexround', n, os.path.join('llm_iters', f'llm_per_channel_w4_flexround_it{n}'))
-            for n in CURVE_ITERS]
+            for n in ((args.iters,) if args.iters else CURVE_ITERS)]
   else:
     runs = [(g, b, gs, m, args.iters, f'llm_{_tag(g, b, gs)}_{m}') for g, b, gs in SETTINGS
             for m in args.methods.split(',') if not args.only or args.only == _tag(g, b, gs)]
