@@ -53,6 +53,18 @@ def llm_table() -> str:
   return '\n'.join(lines)
 
 
+def llm_iters_table() -> str:
+  """W4 per-channel FlexRound perplexity vs iterations per layer (results/llm_iters/ plus the main table's run)."""
+  rows = _load(os.path.join('llm_iters', 'llm_per_channel_w4_flexround_it*.json'))
+  rows += _load('llm_per_channel_w4_flexround.json')
+  rtn = _load('llm_per_channel_w4_rtn.json')
+  lines = ['| iterations per layer | perplexity | quantize wall (s) |', '|---|---|---|']
+  lines += [f"| 0 (RTN) | {r['quantized']['ppl']:.2f} | {r['quantize_wall_s']:.0f} |" for r in rtn]
+  for r in sorted(rows, key=lambda r: r['iters']):
+    lines.append(f"| {r['iters']} | {r['quantized']['ppl']:.2f} | {r['quantize_wall_s']:.0f} |")
+  return '\n'.join(lines)
+
+
 def image_table() -> str:
   rows = _load('image_*_s*.json')
   fp = {}
@@ -76,7 +88,7 @@ def image_table() -> str:
   return '\n'.join(lines)
 
 
-TABLES = {'minilm': minilm_table, 'llm': llm_table, 'image': image_table}
+TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
          'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),
