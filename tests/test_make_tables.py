@@ -1,0 +1,31 @@
+"""The README's result tables are the ones experiments/make_tables.py generates from the committed JSON."""
+
+import glob
+import importlib.util
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+
+
+def _make_tables():
+  spec = importlib.util.spec_from_file_location('make_tables', os.path.join(ROOT, 'experiments', 'make_tables.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_readme_tables_match_committed_results():
+  mt = _make_tables()
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  for name, fn in mt.TABLES.items():
+    block = re.search(rf'<!-- results:{name} -->\n(.*?)<!-- /results:{name} -->', readme, re.S)
+    assert block, f'README has no results:{name} block'
+    assert block.group(1).strip() == fn().strip(), f'README table {name!r} is stale: run make_tables.py --readme'
+
+
+def test_every_llm_result_has_a_row():
+  table = _make_tables().llm_table()
+  n_results = len(glob.glob(os.path.join(ROOT, 'experiments', 'results', 'llm_per_*.json')))
+  assert n_results > 0
+  assert len(table.splitlines()) == 3 + n_results   # header, rule, float row
