@@ -3,7 +3,9 @@
 Stored scale / zero-point shapes, all of kernel rank except per-tensor:
   per_tensor  ()
   per_channel (1, ..., 1, out)
-  per_group   (1, ..., 1, in // group_size, out)   groups along the input axis (-2)
+  per_group   (1, ..., 1, ceil(in / group_size), out)   groups along the input axis (-2); when group_size does
+              not divide ``in`` the last group is shorter (576 inputs in groups of 128: 4 x 128 + 64, as GPTQ's
+              ``g_idx = i // group_size``)
 """
 
 from __future__ import annotations
@@ -22,15 +24,25 @@ def grid_shape(kernel_shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...
   ones = (1,) * (len(kernel_shape) - 2)
   if spec.granularity == 'per_channel':
     return ones + (1, kernel_shape[-1])
-  return ones + (kernel_shape[-2] // spec.group_size, kernel_shape[-1])
+  return ones + (-(-kernel_shape[-2] // spec.group_size), kernel_shape[-1])
 
 
-def expand(grid_param, spec: QuantSpec):
-  """Broadcastable-to-kernel form of a grid parameter (repeats per-group entries along the input axis)."""
-  if spec.granularity == 'per_group':
-    xp = jnp if isinstance(grid_param, jax.Array) else np
-    return xp.repeat(grid_param, spec.group_size, axis=-2)
-  return grid_param
+def expand(grid_param, spec: QuantSpec, n_in: int | None = None):
+  """Broadcastable-to-kernel form of a grid parameter (repeats per-group entries along the input axis).
+
+  ``n_in`` is the kernel's input size (axis -2); needed for per-group grids whose last group is shorter, and
+  checked against the grid when given.
+  """
+  if spec.granularity != 'per_group':
+    return grid_param
+  n_groups = grid_param.shape[-2]
+  if n_in is None:
+    n_in = n_groups * spec.group_size
+  if n_groups != -(-n_in // spec.group_size):
+    raise ValueError(f'per-group grid with {n_groups} groups does not fit an input axis of {n_in} '
+                     f'(group_size={spec.group_size})')
+  xp = jnp if isinstance(grid_param, jax.Array) else np
+  return xp.repeat(grid_param, spec.group_size, axis=-2)[..., :n_in, :]
 
 
 def reduce_to_grid(x, spec: QuantSpec, reducer):
@@ -40,6 +52,16 @@ def reduce_to_grid(x, spec: QuantSpec, reducer):
   if spec.granularity == 'per_channel':
     return reducer(x, axis=tuple(range(x.ndim - 1)), keepdims=True)
   *lead, n_in, n_out = x.shape
-  grouped = x.reshape(*lead, n_in // spec.group_size, spec.group_size, n_out)
+  g = spec.group_size
+  n_full = n_in // g
   axes = tuple(range(len(lead))) + (len(lead) + 1,)
-  return reducer(grouped, axis=axes, keepdims=True).reshape(grid_shape(x.shape, spec))
+  xp = jnp if isinstance(x, jax.Array) else np
+  parts = []
+  if n_full:
+    grouped = x[..., :n_full * g, :].reshape(*lead, n_full, g, n_out)
+    parts.append(reducer(grouped, axis=axes, keepdims=True).reshape((1,) * len(lead) + (n_full, n_out)))
+  if n_in % g:   # the shorter last group
+    tail = x[..., n_full * g:, :]
+    parts.append(reducer(tail, axis=tuple(range(x.ndim - 1)), keepdims=True))
+  out = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=-2)
+  return out.reshape(grid_shape(x.shape, spec))

@@ -123,8 +123,8 @@ def rounding_moves(params, qtensors, rtn_qtensors=None) -> dict[str, dict[str, f
   out = {}
   for name, qt in qtensors.items():
     w = flat[name].reshape(qt.shape).astype(np.float64)
-    scale = np.asarray(_layout.expand(np.asarray(qt.scale, np.float64), qt.spec))
-    zp = np.asarray(_layout.expand(np.asarray(qt.zero_point), qt.spec))
+    scale = np.asarray(_layout.expand(np.asarray(qt.scale, np.float64), qt.spec, qt.shape[-2]))
+    zp = np.asarray(_layout.expand(np.asarray(qt.zero_point), qt.spec, qt.shape[-2]))
     q = np.asarray(qt.codes).astype(np.int64) - zp
     x = w / scale
     lo, hi = qt.spec.code_range

@@ -24,7 +24,7 @@ class QTensor:
 
   Attributes:
     codes: kernel-shaped int8 (symmetric, [-2**(b-1), 2**(b-1)-1]) or uint8 (asymmetric, [0, 2**b-1]).
-    scale: s1, float32 of grid shape (``()``, ``(1,...,1,out)`` or ``(1,...,1,in/group,out)``).
+    scale: s1, float32 of grid shape (``()``, ``(1,...,1,out)`` or ``(1,...,1,ceil(in/group),out)``).
     zero_point: int32 of grid shape; 0 for symmetric grids.
     spec: the QuantSpec the codes were made with (static).
   """
@@ -40,9 +40,10 @@ class QTensor:
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """Float kernel; bit-for-bit the training forward (``fake_quant``) of the method that made it."""
-    q = jnp.asarray(self.codes).astype(jnp.float32) - _layout.expand(jnp.asarray(self.zero_point),
-                                                                     self.spec).astype(jnp.float32)
-    return (_layout.expand(jnp.asarray(self.scale), self.spec) * q).astype(dtype)
+    n_in = self.codes.shape[-2]
+    zero_point = _layout.expand(jnp.asarray(self.zero_point), self.spec, n_in).astype(jnp.float32)
+    q = jnp.asarray(self.codes).astype(jnp.float32) - zero_point
+    return (_layout.expand(jnp.asarray(self.scale), self.spec, n_in) * q).astype(dtype)
 
   def pack(self) -> PackedQTensor:
     """Codes packed into a little-endian bit stream: b bits per code, e.g. two 4-bit codes per byte."""

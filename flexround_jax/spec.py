@@ -22,7 +22,8 @@ class QuantSpec:
     granularity: one grid for the whole tensor (``per_tensor``), one per output channel (``per_channel``, the last
       axis in Flax layouts), or one per output channel and group of ``group_size`` consecutive input channels
       (``per_group``; groups along the input axis, i.e. axis -2: Dense (in, out), Conv (kh, kw, in, out)).
-    group_size: input channels per group; required for ``per_group``, must divide the input axis.
+    group_size: input channels per group; required for ``per_group``. When it does not divide the input axis
+      the last group is shorter (e.g. 576 = 4 x 128 + 64).
     symmetric: signed codes in [-2**(b-1), 2**(b-1)-1] with zero point 0; otherwise unsigned codes in [0, 2**b-1]
       with an integer zero point (the official FlexRound setting).
     grid_init: initial grid: ``minmax`` (the range [min(w, 0), max(w, 0)]) or ``mse`` (shrink the range by

@@ -57,10 +57,10 @@ def step_size(log_s1):
   return jax.lax.optimization_barrier(jnp.exp(log_s1))
 
 
-def integer_bounds(zero_point, spec: QuantSpec):
-  """Bounds of the centred integer q = code - zero_point, broadcastable to the kernel."""
+def integer_bounds(zero_point, spec: QuantSpec, n_in: int | None = None):
+  """Bounds of the centred integer q = code - zero_point, broadcastable to the kernel (input size ``n_in``)."""
   cmin, cmax = spec.code_range
-  zp = _layout.expand(jnp.asarray(zero_point), spec).astype(jnp.float32)
+  zp = _layout.expand(jnp.asarray(zero_point), spec, n_in).astype(jnp.float32)
   return cmin - zp, cmax - zp
 
 
@@ -78,9 +78,6 @@ def check_kernel(kernel, spec: QuantSpec, name: str = 'kernel', values: bool = F
     raise ValueError(f'{name} must be a floating-point array, got dtype {kernel.dtype}')
   if kernel.ndim < 2:
     raise ValueError(f'{name} must have rank >= 2 (Dense (in, out) or Conv (..., in, out)), got shape {kernel.shape}')
-  if spec.granularity == 'per_group' and kernel.shape[-2] % spec.group_size:
-    raise ValueError(f'QuantSpec.group_size={spec.group_size} does not divide the input axis of {name} '
-                     f'(shape {kernel.shape}, axis -2 has {kernel.shape[-2]})')
   if values and not isinstance(kernel, jax.core.Tracer) and not np.isfinite(np.asarray(kernel)).all():
     raise ValueError(f'{name} contains NaN or Inf')
 
@@ -114,8 +111,8 @@ def _grid_from_range(x_min, x_max, spec: QuantSpec):
 
 
 def _rtn_error(x, log_scale, zero_point, spec: QuantSpec):
-  scale = _layout.expand(step_size(log_scale), spec)
-  lo, hi = integer_bounds(zero_point, spec)
+  scale = _layout.expand(step_size(log_scale), spec, x.shape[-2])
+  lo, hi = integer_bounds(zero_point, spec, x.shape[-2])
   x_hat = scale * jnp.clip(jnp.round(divide(x, scale)), lo, hi)
   return _layout.reduce_to_grid(jnp.abs(x_hat - x) ** LP_NORM_P, spec, jnp.mean)
 

@@ -38,14 +38,14 @@ def init(kernel, spec: QuantSpec) -> dict:
   _base.check_kernel(kernel, spec, values=True)
   log_scale, zero_point = _base.init_grid(kernel, spec)
   scale = _base.step_size(log_scale)
-  x = _base.divide(kernel.astype(jnp.float32), _layout.expand(scale, spec))
+  x = _base.divide(kernel.astype(jnp.float32), _layout.expand(scale, spec, kernel.shape[-2]))
   frac = x - jnp.floor(x)
   v = -jnp.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
   return {'v': v, 'scale': scale, 'zero_point': zero_point}
 
 
 def _floor(kernel, state, spec: QuantSpec):
-  scale = _layout.expand(state['scale'], spec)
+  scale = _layout.expand(state['scale'], spec, kernel.shape[-2])
   return scale, jnp.floor(_base.divide(kernel, scale))
 
 
@@ -55,7 +55,7 @@ def fake_quant(kernel, state, spec: QuantSpec, hard: bool = False):
   _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
   scale, floor = _floor(kernel, state, spec)
   up = (state['v'] >= 0).astype(floor.dtype) if hard else rectified_sigmoid(state['v'])
-  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  lo, hi = _base.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
   return (scale * _base.clip_inclusive(floor + up, lo, hi)).astype(kernel.dtype)
 
 
@@ -69,8 +69,8 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   _base.check_kernel(kernel, spec, values=True)
   _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, floor = _floor(kernel, state, spec)
-  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  lo, hi = _base.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
   q = jnp.clip(floor + (state['v'] >= 0).astype(floor.dtype), lo, hi)
-  codes = (q + _layout.expand(state['zero_point'], spec)).astype(code_dtype(spec))
+  codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

@@ -56,11 +56,12 @@ def _codes(kernel, state, spec: QuantSpec, round_fn):
   The divisor is formed as s1 * exp(log_s2 + log_s3 [+ log_s4]), the same value as exp(log_s1 + ...) up to
   rounding, so that at init (exp(0) = 1) it is exactly RTN's step.
   """
-  s1 = _layout.expand(_base.step_size(state['log_s1']), spec)
+  n_in = kernel.shape[-2]
+  s1 = _layout.expand(_base.step_size(state['log_s1']), spec, n_in)
   log_rest = state['log_s2'] + state['log_s3']
   if 'log_s4' in state:
     log_rest = log_rest + state['log_s4']
-  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  lo, hi = _base.integer_bounds(state['zero_point'], spec, n_in)
   x = _base.divide(kernel, s1 * jnp.exp(log_rest))
   return s1, _base.clip_inclusive(round_fn(x), lo, hi)
 
@@ -78,6 +79,6 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   _base.check_kernel(kernel, spec, values=True)
   _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, q = _codes(kernel, state, spec, jnp.round)
-  codes = (q + _layout.expand(state['zero_point'], spec)).astype(code_dtype(spec))
+  codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=_base.step_size(jnp.asarray(state['log_s1'], jnp.float32)),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

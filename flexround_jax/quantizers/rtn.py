@@ -28,8 +28,8 @@ def init(kernel, spec: QuantSpec) -> dict:
 
 
 def _codes(kernel, state, spec: QuantSpec, round_fn):
-  scale = _layout.expand(state['scale'], spec)
-  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  scale = _layout.expand(state['scale'], spec, kernel.shape[-2])
+  lo, hi = _base.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
   return scale, _base.clip_inclusive(round_fn(_base.divide(kernel, scale)), lo, hi)
 
 
@@ -45,6 +45,6 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   _base.check_kernel(kernel, spec, values=True)
   _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, q = _codes(kernel, state, spec, jnp.round)
-  codes = (q + _layout.expand(state['zero_point'], spec)).astype(code_dtype(spec))
+  codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
