@@ -17,6 +17,11 @@ import numpy as np
 from flexround_jax.spec import QuantSpec
 
 
+def n_groups(n_in: int, group_size: int) -> int:
+  """Groups along an input axis of ``n_in``: ceil(n_in / group_size), the last one possibly shorter."""
+  return -(-n_in // group_size)
+
+
 def grid_shape(kernel_shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
   """Shape of s1 / zero point for a kernel of ``kernel_shape``."""
   if spec.granularity == 'per_tensor':
@@ -24,7 +29,7 @@ def grid_shape(kernel_shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...
   ones = (1,) * (len(kernel_shape) - 2)
   if spec.granularity == 'per_channel':
     return ones + (1, kernel_shape[-1])
-  return ones + (-(-kernel_shape[-2] // spec.group_size), kernel_shape[-1])
+  return ones + (n_groups(kernel_shape[-2], spec.group_size), kernel_shape[-1])
 
 
 def expand(grid_param, spec: QuantSpec, n_in: int | None = None):
@@ -35,11 +40,11 @@ def expand(grid_param, spec: QuantSpec, n_in: int | None = None):
   """
   if spec.granularity != 'per_group':
     return grid_param
-  n_groups = grid_param.shape[-2]
+  groups = grid_param.shape[-2]
   if n_in is None:
-    n_in = n_groups * spec.group_size
-  if n_groups != -(-n_in // spec.group_size):
-    raise ValueError(f'per-group grid with {n_groups} groups does not fit an input axis of {n_in} '
+    n_in = groups * spec.group_size
+  if groups != n_groups(n_in, spec.group_size):
+    raise ValueError(f'per-group grid with {groups} groups does not fit an input axis of {n_in} '
                      f'(group_size={spec.group_size})')
   xp = jnp if isinstance(grid_param, jax.Array) else np
   return xp.repeat(grid_param, spec.group_size, axis=-2)[..., :n_in, :]
