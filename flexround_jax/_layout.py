@@ -32,17 +32,15 @@ def grid_shape(kernel_shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...
   return ones + (n_groups(kernel_shape[-2], spec.group_size), kernel_shape[-1])
 
 
-def expand(grid_param, spec: QuantSpec, n_in: int | None = None):
+def expand(grid_param, spec: QuantSpec, n_in: int):
   """Broadcastable-to-kernel form of a grid parameter (repeats per-group entries along the input axis).
 
-  ``n_in`` is the kernel's input size (axis -2); needed for per-group grids whose last group is shorter, and
-  checked against the grid when given.
+  ``n_in`` is the kernel's input size (axis -2): it is checked against the grid, and it cuts the repeated last
+  group when that group is shorter.
   """
   if spec.granularity != 'per_group':
     return grid_param
   groups = grid_param.shape[-2]
-  if n_in is None:
-    n_in = groups * spec.group_size
   if groups != n_groups(n_in, spec.group_size):
     raise ValueError(f'per-group grid with {groups} groups does not fit an input axis of {n_in} '
                      f'(group_size={spec.group_size})')

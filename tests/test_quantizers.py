@@ -233,7 +233,7 @@ def test_adaround_soft_start_reproduces_in_range_weights():
   kernel = jax.random.normal(jax.random.key(0), (3, 3, 8, 16))
   state = adaround.init(kernel, spec)
   soft = adaround.fake_quant(kernel, state, spec)
-  x = kernel / _layout.expand(state['scale'], spec)
+  x = kernel / _layout.expand(state['scale'], spec, kernel.shape[-2])
   lo, hi = _base.integer_bounds(state['zero_point'], spec)
   inside = (x >= lo) & (x <= hi)
   np.testing.assert_allclose(jnp.where(inside, soft, kernel), kernel, atol=1e-5)
