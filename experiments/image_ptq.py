@@ -12,6 +12,7 @@ the table uses that one rate for every setting of the model. A full grid per set
   python experiments/image_ptq.py --mode lr       # FlexRound lr per model on the validation split
   python experiments/image_ptq.py                 # the table (test split)
   python experiments/image_ptq.py --mode iters    # accuracy vs iterations, ResNet per-tensor W3
+  python experiments/image_ptq.py --mode ablate --setting resnet_per_tensor_w2   # FlexRound knobs, validation
 """
 
 import flexround_jax  # noqa: F401  (CPU devices before jax)
@@ -32,6 +33,16 @@ SEEDS = (0, 1, 2)
 LR_GRID = (1e-3, 3e-3, 1e-2)
 LR_SETTING = ('per_tensor', 3)   # where the rate is chosen: the paper's main granularity, a low bit width
 ADAROUND_LAMBDA = {'resnet': 0.01, 'mobilenetv2': 0.1}
+# --mode ablate: FlexRound's knobs one at a time at one setting, scored on the validation split (diagnosis, not
+# tuning: the table keeps its validated rate). name -> (method, overrides of config.quant; 'lr_s1_div' divides lr).
+ABLATIONS = {
+    'flexround': ('flexround', {}),
+    'flexround_lr_s1_div10': ('flexround', {'lr_s1_div': 10.0}),
+    'flexround_drop0.5': ('flexround', {'drop_prob': 0.5}),
+    'flexround_minmax_init': ('flexround', {'grid_init': 'minmax'}),
+    'flexround_iters4000': ('flexround', {'iters': 4000}),
+    'adaround': ('adaround', {}),
+}
 
 
 def load_config():
@@ -47,7 +58,8 @@ def _validated_lr(lr_path, model):
   return chosen[model]['lr']
 
 
-def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters=None, eval_split='test'):
+def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters=None, eval_split='test',
+            overrides=None):
   if os.path.exists(out):
     print(f'skip {out} (exists)')
     return json.load(open(out))
@@ -60,10 +72,12 @@ def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters
     q.lr = lr
   if iters is not None:
     q.iters = iters
+  for name, value in (overrides or {}).items():
+    setattr(q, name, value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   print(f'== {os.path.basename(out)}', flush=True)
   results = runner.run(config, workdir)
-  results.update({'model': model, 'lr': lr})
+  results.update({'model': model, 'lr': lr, 'overrides': dict(overrides or {})})
   with open(out, 'w') as f:
     json.dump(results, f, indent=2, default=float)
   shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
@@ -74,8 +88,10 @@ def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--mode', default='table', choices=['table', 'lr', 'iters'])
+  parser.add_argument('--mode', default='table', choices=['table', 'lr', 'iters', 'ablate'])
   parser.add_argument('--models', default=','.join(MODELS))
+  parser.add_argument('--setting', default='resnet_per_tensor_w2',
+                      help='--mode ablate: <model>_<per_tensor|per_channel>_w<bits>')
   parser.add_argument('--workdir', default=os.path.join('work', 'image_ptq'))
   args = parser.parse_args()
   from absl import logging as absl_logging
@@ -109,6 +125,22 @@ def main():
         lr = _validated_lr(lr_path, 'resnet') if method == 'flexround' else None
         run_one(os.path.join(RESULTS, 'iters', f'image_{tag}.json'), os.path.join(args.workdir, 'iters', tag),
                 'resnet', 'per_tensor', 3, method, 0, lr=lr, iters=iters)
+    return
+
+  if args.mode == 'ablate':
+    model, rest = args.setting.split('_', 1)
+    granularity, bits = rest.rsplit('_w', 1) if '_w' in rest else (rest, '')
+    if model not in MODELS or granularity not in GRANULARITIES or not bits.isdigit():
+      parser.error(f'--setting {args.setting!r}: expected <model>_<granularity>_w<bits>, e.g. resnet_per_tensor_w2')
+    lr = _validated_lr(lr_path, model)
+    for name, (method, overrides) in ABLATIONS.items():
+      overrides = dict(overrides)
+      if 'lr_s1_div' in overrides:
+        overrides['lr_s1'] = lr / overrides.pop('lr_s1_div')
+      tag = f'{args.setting}_{name}'
+      run_one(os.path.join(RESULTS, 'ablate', f'image_{tag}.json'), os.path.join(args.workdir, 'ablate', tag),
+              model, granularity, int(bits), method, 0, lr=lr if method == 'flexround' else None,
+              eval_split='validation', overrides=overrides)
     return
 
   lrs = {model: _validated_lr(lr_path, model) for model in models}   # all checked before any work

@@ -88,7 +88,42 @@ def image_table() -> str:
   return '\n'.join(lines)
 
 
-TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table}
+def _block_loss_ratio(r) -> float:
+  """Mean over the quantized model's blocks/layers of (final reconstruction loss / RTN loss)."""
+  return float(np.mean([u['loss_final'] / u['loss_rtn'] for u in r['report'] if u['loss_rtn'] > 0]))
+
+
+def image_iters_table() -> str:
+  """ResNet per-tensor W3 test top-1 vs iterations per block, seed 0 (results/iters/)."""
+  rows = _load(os.path.join('iters', 'image_*_it*.json'))
+  by_iters = {}
+  for r in rows:
+    by_iters.setdefault(r['iters'], {})[r['method']] = r
+  lines = ['| iterations per block | AdaRound top-1 | FlexRound top-1 | AdaRound loss / RTN | FlexRound loss / RTN | '
+           'FlexRound wall (s) |', '|---|---|---|---|---|---|']
+  for it in sorted(by_iters):
+    a, f = by_iters[it].get('adaround'), by_iters[it].get('flexround')
+    cells = ['–' if r is None else f"{r['quantized']['top1']:.2f}" for r in (a, f)]
+    cells += ['–' if r is None else f'{_block_loss_ratio(r):.3f}' for r in (a, f)]
+    cells.append('–' if f is None else f"{f['quantize_wall_s']:.0f}")
+    lines.append(f'| {it} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def image_ablate_table() -> str:
+  """FlexRound knobs one at a time (results/ablate/), validation top-1, seed 0."""
+  rows = _load(os.path.join('ablate', 'image_*.json'))
+  lines = ['| setting | variant | validation top-1 | mean block loss / RTN | quantize wall (s) |', '|---|---|---|---|---|']
+  for r in sorted(rows, key=lambda r: r['_file']):
+    setting = f"{r['model']} W{r['bits']} {r['granularity'].replace('_', '-')}"
+    variant = r['_file'].removeprefix(f"image_{r['model']}_{r['granularity']}_w{r['bits']}_").removesuffix('.json')
+    lines.append(f"| {setting} | {variant} | {r['quantized']['top1']:.2f} | {_block_loss_ratio(r):.3f} | "
+                 f"{r['quantize_wall_s']:.0f} |")
+  return '\n'.join(lines)
+
+
+TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
+          'image_iters': image_iters_table, 'image_ablate': image_ablate_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
          'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),
