@@ -89,13 +89,15 @@ def image_table() -> str:
 
 
 def _block_loss_ratio(r) -> float:
-  """Mean over the quantized model's blocks/layers of (final reconstruction loss / RTN loss)."""
-  return float(np.mean([u['loss_final'] / u['loss_rtn'] for u in r['report'] if u['loss_rtn'] > 0]))
+  """Mean of (final reconstruction loss / RTN loss) over the units at the run's bit width (not the 8-bit ones)."""
+  return float(np.mean([u['loss_final'] / u['loss_rtn'] for u in r['report']
+                        if u['loss_rtn'] > 0 and set(u['bits']) == {r['bits']}]))
 
 
 def image_iters_table() -> str:
-  """ResNet per-tensor W3 test top-1 vs iterations per block, seed 0 (results/iters/)."""
+  """ResNet per-tensor W3 test top-1 vs iterations per block, seed 0 (results/iters/; 2000 = the table's run)."""
   rows = _load(os.path.join('iters', 'image_*_it*.json'))
+  rows += [r for r in _load('image_resnet_per_tensor_w3_*_s0.json') if r['method'] != 'rtn']
   by_iters = {}
   for r in rows:
     by_iters.setdefault(r['iters'], {})[r['method']] = r
