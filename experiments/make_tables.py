@@ -94,6 +94,11 @@ def _block_loss_ratio(r) -> float:
                         if u['loss_rtn'] > 0 and set(u['bits']) == {r['bits']}]))
 
 
+def _block_loss(r) -> float:
+  """Mean final reconstruction loss over the units at the run's bit width."""
+  return float(np.mean([u['loss_final'] for u in r['report'] if set(u['bits']) == {r['bits']}]))
+
+
 def image_iters_table() -> str:
   """ResNet per-tensor W3 test top-1 vs iterations per block, seed 0 (results/iters/; 2000 = the table's run)."""
   rows = _load(os.path.join('iters', 'image_*_it*.json'))
@@ -115,11 +120,13 @@ def image_iters_table() -> str:
 def image_ablate_table() -> str:
   """FlexRound knobs one at a time (results/ablate/), validation top-1, seed 0."""
   rows = _load(os.path.join('ablate', 'image_*.json'))
-  lines = ['| setting | variant | validation top-1 | mean block loss / RTN | quantize wall (s) |', '|---|---|---|---|---|']
+  lines = ['| setting | variant | validation top-1 | mean block loss | mean block loss / RTN | quantize wall (s) |',
+           '|---|---|---|---|---|---|']
   for r in sorted(rows, key=lambda r: r['_file']):
     setting = f"{r['model']} W{r['bits']} {r['granularity'].replace('_', '-')}"
     variant = r['_file'].removeprefix(f"image_{r['model']}_{r['granularity']}_w{r['bits']}_").removesuffix('.json')
-    lines.append(f"| {setting} | {variant} | {r['quantized']['top1']:.2f} | {_block_loss_ratio(r):.3f} | "
+    lines.append(f"| {setting} | {variant} | {r['quantized']['top1']:.2f} | {_block_loss(r):.4f} | "
+                 f"{_block_loss_ratio(r):.3f} | "
                  f"{r['quantize_wall_s']:.0f} |")
   return '\n'.join(lines)
 
