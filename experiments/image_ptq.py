@@ -34,14 +34,16 @@ LR_GRID = (1e-3, 3e-3, 1e-2)
 LR_SETTING = ('per_tensor', 3)   # where the rate is chosen: the paper's main granularity, a low bit width
 ADAROUND_LAMBDA = {'resnet': 0.01, 'mobilenetv2': 0.1}
 # --mode ablate: FlexRound's knobs one at a time at one setting, scored on the validation split (diagnosis, not
-# tuning: the table keeps its validated rate). name -> (method, overrides of config.quant; 'lr_s1_div' divides lr).
-ABLATIONS = {
+# tuning: the table keeps its validated rate). name -> (method, overrides of config.quant; 'lr_div' / 'lr_s1_div':
+# FlexRound's rate / a separate rate for s1, as the validated rate divided by that number).
+ABLATIONS = {   # in run order: the cheap, most telling ones first
     'flexround': ('flexround', {}),
+    'adaround': ('adaround', {}),
+    'flexround_lr_div3': ('flexround', {'lr_div': 3.0}),
     'flexround_lr_s1_div10': ('flexround', {'lr_s1_div': 10.0}),
     'flexround_drop0.5': ('flexround', {'drop_prob': 0.5}),
     'flexround_minmax_init': ('flexround', {'grid_init': 'minmax'}),
     'flexround_iters4000': ('flexround', {'iters': 4000}),
-    'adaround': ('adaround', {}),
 }
 
 
@@ -138,9 +140,10 @@ def main():
       overrides = dict(overrides)
       if 'lr_s1_div' in overrides:
         overrides['lr_s1'] = lr / overrides.pop('lr_s1_div')
+      run_lr = lr / overrides.pop('lr_div', 1.0)
       tag = f'{args.setting}_{name}'
       run_one(os.path.join(RESULTS, 'ablate', f'image_{tag}.json'), os.path.join(args.workdir, 'ablate', tag),
-              model, granularity, int(bits), method, 0, lr=lr if method == 'flexround' else None,
+              model, granularity, int(bits), method, 0, lr=run_lr if method == 'flexround' else None,
               eval_split='validation', overrides=overrides)
     return
 
