@@ -95,6 +95,7 @@ def main():
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='table mode: learned-method seeds to run')
   parser.add_argument('--setting', default='resnet_per_tensor_w2',
                       help='--mode ablate: <model>_<per_tensor|per_channel>_w<bits>')
+  parser.add_argument('--variants', default=','.join(ABLATIONS), help='--mode ablate: which of ABLATIONS to run')
   parser.add_argument('--workdir', default=os.path.join('work', 'image_ptq'))
   args = parser.parse_args()
   from absl import logging as absl_logging
@@ -135,8 +136,12 @@ def main():
     granularity, bits = rest.rsplit('_w', 1) if '_w' in rest else (rest, '')
     if model not in MODELS or granularity not in GRANULARITIES or not bits.isdigit():
       parser.error(f'--setting {args.setting!r}: expected <model>_<granularity>_w<bits>, e.g. resnet_per_tensor_w2')
+    variants = args.variants.split(',')
+    if set(variants) - set(ABLATIONS):
+      parser.error(f'unknown --variants {sorted(set(variants) - set(ABLATIONS))}; choose from {list(ABLATIONS)}')
     lr = _validated_lr(lr_path, model)
-    for name, (method, overrides) in ABLATIONS.items():
+    for name in variants:
+      method, overrides = ABLATIONS[name]
       overrides = dict(overrides)
       if 'lr_s1_div' in overrides:
         overrides['lr_s1'] = lr / overrides.pop('lr_s1_div')
