@@ -60,8 +60,7 @@ def _validated_lr(lr_path, model):
   return chosen[model]['lr']
 
 
-def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters=None, eval_split='test',
-            overrides=None):
+def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, eval_split='test', overrides=None):
   if os.path.exists(out):
     print(f'skip {out} (exists)')
     return json.load(open(out))
@@ -72,8 +71,6 @@ def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, iters
   q.adaround_lambda = ADAROUND_LAMBDA[model]
   if lr is not None:
     q.lr = lr
-  if iters is not None:
-    q.iters = iters
   for name, value in (overrides or {}).items():
     setattr(q, name, value)
   os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -128,7 +125,7 @@ def main():
         tag = f'resnet_per_tensor_w3_{method}_it{iters}'
         lr = _validated_lr(lr_path, 'resnet') if method == 'flexround' else None
         run_one(os.path.join(RESULTS, 'iters', f'image_{tag}.json'), os.path.join(args.workdir, 'iters', tag),
-                'resnet', 'per_tensor', 3, method, 0, lr=lr, iters=iters)
+                'resnet', 'per_tensor', 3, method, 0, lr=lr, overrides={'iters': iters})
     return
 
   if args.mode == 'ablate':
