@@ -1,10 +1,12 @@
 """Speed of the engine's compiled reconstruction step on this machine.
 
-For a standard ResNet basic block (64 channels, 32x32, batch 32) and a 512-wide transformer layer (8 heads,
-sequence 128, batch 8), measures the jitted FlexRound training step (fake-quantize every kernel, forward,
-backward, Adam) with the calibration batch on 1 device and sharded over N devices (N = CPU cores, simulated
-CPU devices), and compares the achieved GFLOP/s (XLA's own flop count of the step) with a same-process
-float32 matmul peak. Writes benchmarks/results/engine_<host>.json.
+For a standard ResNet basic block (64 channels, 32x32, batch 32), a 512-wide transformer layer (8 heads,
+sequence 128, batch 8) and a SmolLM2-135M decoder layer (width 576, 9 query / 3 KV heads, SwiGLU 1536, sequence
+512, batch 2: the LLM experiment's step), measures the jitted FlexRound training step (fake-quantize every
+kernel, forward, backward, Adam) with the calibration batch on 1 device and sharded over N devices (N = CPU
+cores, simulated CPU devices), and compares the achieved GFLOP/s (XLA's own flop count of the step) with a
+same-process float32 matmul peak. The SmolLM2 layer is timed per-channel and per-group 128 (576 inputs: 4 x 128
++ 64), so the cost of per-group grids is a ratio within one run. Writes benchmarks/results/engine_<host>.json.
 
   python benchmarks/bench_engine.py [--devices N] [--repeats 20]
 """
@@ -30,7 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import flexround_jax as fr  # noqa: E402
 from flexround_jax.engine import data as data_lib  # noqa: E402
+from flexround_jax.engine import graph  # noqa: E402
 from flexround_jax.engine import reconstruct  # noqa: E402
+from flexround_jax.models import llama  # noqa: E402
 
 
 class BasicBlock(nn.Module):
@@ -82,16 +86,16 @@ def matmul_peak(repeats):
   return 2 * 2048 ** 3 / t / 1e9
 
 
-def bench_block(name, block, x, n_devices, repeats):
+def bench_block(name, block, x, n_devices, repeats, spec):
   model = Wrap(block)
   params = model.init(jax.random.key(1), x[:1])['params']
   apply_fn = lambda p, b: model.apply({'params': p}, b)
-  cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(4), blocks='block', iters=1000,
+  cfg = fr.QuantConfig(method='flexround', weight=spec, blocks='block', iters=1000,
                        batch_size=x.shape[0], num_devices=n_devices, progress=False)
   units = reconstruct._plan_units(apply_fn, params, np.asarray(x), cfg)
   unit = units[0]
   fp_unit = params['block']
-  views = [jnp.asarray(fp_unit[k.param_path[1]]['kernel']).reshape(k.view_shape) for k in unit.kernels]
+  views = [jnp.asarray(graph.get_subtree(fp_unit, unit.rel(k))).reshape(k.view_shape) for k in unit.kernels]
   states = [fr.quantizers.flexround.init(v, s) for v, s in zip(views, unit.specs)]
   trainable = [{k: v for k, v in st.items() if k.startswith('log_')} for st in states]
   frozen = [{k: v for k, v in st.items() if not k.startswith('log_')} for st in states]
@@ -117,7 +121,8 @@ def bench_block(name, block, x, n_devices, repeats):
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get('flops', 0.0)) * (n_devices if n_devices > 1 else 1)
   t = median_time(call, repeats)
-  return {'block': name, 'devices': n_devices, 'step_ms': round(t * 1e3, 2),
+  granularity = spec.granularity + (str(spec.group_size) if spec.group_size else '')
+  return {'block': name, 'granularity': granularity, 'devices': n_devices, 'step_ms': round(t * 1e3, 2),
           'gflop_per_step': round(flops / 1e9, 3), 'gflops': round(flops / t / 1e9, 1)}
 
 
@@ -126,17 +131,30 @@ def main():
   peak = matmul_peak(repeats)
   cases = [('resnet_basic_block_64x32x32_b32', BasicBlock(), jax.random.normal(jax.random.key(2), (32, 32, 32, 64))),
            ('transformer_512_seq128_b8', TransformerLayer(), jax.random.normal(jax.random.key(3), (8, 128, 512)))]
+  smollm2 = llama.LlamaConfig(vocab_size=49152, dim=576, n_layers=1, n_heads=9, n_kv_heads=3, head_dim=64,
+                              ffn_dim=1536, rope_base=100000.0)
+  cases = [(name, block, x, fr.QuantSpec(4)) for name, block, x in cases] + [
+      ('smollm2_layer_576_seq512_b2', llama.DecoderLayer(smollm2), jax.random.normal(jax.random.key(4), (2, 512, 576)),
+       spec) for spec in (fr.QuantSpec(4), fr.QuantSpec(4, granularity='per_group', group_size=128))]
   rows = []
-  for name, block, x in cases:
+  for name, block, x, spec in cases:
     for n in sorted({1, args.devices}):
-      row = bench_block(name, block, x, n, repeats)
+      row = bench_block(name, block, x, n, repeats, spec)
       row['fraction_of_matmul_peak'] = round(row['gflops'] / peak, 3)
       rows.append(row)
       print(json.dumps(row))
-  for name, _, _ in cases:
-    one = next(r for r in rows if r['block'] == name and r['devices'] == 1)
-    many = next(r for r in rows if r['block'] == name and r['devices'] == args.devices)
-    print(f'{name}: {args.devices} devices vs 1: {one["step_ms"] / many["step_ms"]:.2f}x faster')
+
+  def step_ms(name, granularity, devices):
+    return next(r['step_ms'] for r in rows
+                if (r['block'], r['granularity'], r['devices']) == (name, granularity, devices))
+
+  for name, granularity in dict.fromkeys((r['block'], r['granularity']) for r in rows):
+    ratio = step_ms(name, granularity, 1) / step_ms(name, granularity, args.devices)
+    print(f'{name} {granularity}: {args.devices} devices vs 1: {ratio:.2f}x faster')
+  for n in sorted({1, args.devices}):
+    ratio = step_ms('smollm2_layer_576_seq512_b2', 'per_group128', n) / step_ms('smollm2_layer_576_seq512_b2',
+                                                                               'per_channel', n)
+    print(f'smollm2 layer, {n} device(s): per-group 128 step / per-channel step = {ratio:.2f}')
   out = {'machine': {'processor': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
                      'jax': jax.__version__, 'backend': jax.default_backend()},
          'matmul_2048_f32_gflops': round(peak, 1), 'rows': rows}
