@@ -60,6 +60,20 @@ def git_commit() -> str:
     return 'unknown'
 
 
+def host_info() -> dict:
+  """The machine a run's wall times belong to: CPU model, core count, JAX backend and device count."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+  except OSError:
+    pass
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'backend': jax.default_backend(),
+          'devices': jax.device_count()}
+
+
 def run(config, workdir: str) -> dict:
   """Runs one config; returns (and writes) the results dict."""
   workdir = os.path.abspath(workdir)
@@ -89,7 +103,7 @@ def run(config, workdir: str) -> dict:
       'task': task.name, 'method': qcfg.method, 'bits': qcfg.weight.bits, 'granularity': qcfg.weight.granularity,
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,
       'quantized': metrics, 'quantize_wall_s': round(quant_s, 2), 'total_wall_s': round(time.time() - t0, 2),
-      'report': result.report, 'notes': task.notes, 'commit': git_commit(),
+      'report': result.report, 'notes': task.notes, 'commit': git_commit(), 'host': host_info(),
   }
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=float)

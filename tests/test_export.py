@@ -91,6 +91,7 @@ def test_runner_writes_results_and_a_loadable_model(tmp_path):
   results = run.run(config, str(tmp_path))
   assert results['quantized']['output_mse'] > 0 and results['fp']['output_mse'] == 0
   assert len(results['report']) == 5
+  assert results['host']['cpu_count'] >= 1 and results['host']['devices'] >= 1 and results['host']['cpu']
   for name in ('results.json', 'config.json', 'quantize_log.jsonl', 'block_losses.png', 'loss_curves.png'):
     assert (tmp_path / name).exists()
   params, qtensors = export.load_orbax(str(tmp_path / 'quantized'))
