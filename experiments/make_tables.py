@@ -134,9 +134,10 @@ def image_ablate_table() -> str:
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
-PLOTS = {'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
-         'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),
-         'image': ('image_*_s*.json', 'quantized.top1', 'model+granularity+method', False)}
+PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
+    'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
+    'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),
+    'image': ('image_*_s*.json', 'quantized.top1', 'model+granularity+method', False)}
 
 
 def make_plots() -> list[str]:
@@ -148,7 +149,7 @@ def make_plots() -> list[str]:
     if rows:
       path = os.path.join(RESULTS, f'{name}_vs_bits.png')
       plots.metric_vs_bits(rows, metric, path, title=f'{name}: {metric} vs weight bits', group=group,
-                           higher_is_better=not lower)
+                           higher_is_better=not lower, log_y=lower)
       written.append(path)
   return written
 

@@ -62,8 +62,10 @@ def loss_curves(result_or_report, path: str | None = None, title: str = ''):
 
 
 def metric_vs_bits(rows: Iterable[Mapping[str, Any]], metric: str, path: str | None = None, title: str = '',
-                   group: str = 'method', higher_is_better: bool = True):
+                   group: str = 'method', higher_is_better: bool = True, log_y: bool = False):
   """One line per ``group`` (e.g. method or model/method): mean ± std of ``metric`` over seeds against bits.
+
+  ``log_y``: logarithmic metric axis (perplexities that span 20 to 450 in one figure).
 
   ``rows``: results dicts with 'bits', the ``group`` key(s) ('+'-joined for several) and ``metric`` (dotted path,
   e.g. 'quantized.top1').
@@ -86,6 +88,8 @@ def metric_vs_bits(rows: Iterable[Mapping[str, Any]], metric: str, path: str | N
   ax.set_xlabel('weight bits')
   ax.set_ylabel(metric + ('' if higher_is_better else ' (lower is better)'))
   ax.set_xticks(sorted({b for v in lines.values() for b in v}))
+  if log_y:
+    ax.set_yscale('log')
   ax.set_title(title or f'{metric} vs bits')
   ax.legend(fontsize=8)
   return _save(fig, path)

@@ -33,5 +33,7 @@ def test_figures_render(tmp_path):
   rows = [{'method': m, 'bits': b, 'seed': s, 'quantized': {'top1': 90 - 10 / b + s + (m == 'flexround')}}
           for m in ('rtn', 'flexround') for b in (2, 3, 4) for s in (0, 1)]
   plots.metric_vs_bits(rows, 'quantized.top1', str(tmp_path / 'bits.png'))
+  assert plots.metric_vs_bits(rows, 'quantized.top1').axes[0].get_yscale() == 'linear'
+  assert plots.metric_vs_bits(rows, 'quantized.top1', log_y=True).axes[0].get_yscale() == 'log'
   for name in ('losses', 'curves', 'scales', 'moves', 'bits'):
     _png(tmp_path / f'{name}.png')
