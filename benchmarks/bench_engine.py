@@ -14,7 +14,6 @@ same-process float32 matmul peak. The SmolLM2 layer is timed per-channel and per
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -31,7 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import flexround_jax as fr  # noqa: E402
-from flexround_jax.engine import data as data_lib  # noqa: E402
+from flexround_jax import run  # noqa: E402
 from flexround_jax.engine import graph  # noqa: E402
 from flexround_jax.engine import reconstruct  # noqa: E402
 from flexround_jax.models import llama  # noqa: E402
@@ -129,13 +128,16 @@ def bench_block(name, block, x, n_devices, repeats, spec):
 def main():
   repeats = args.repeats
   peak = matmul_peak(repeats)
-  cases = [('resnet_basic_block_64x32x32_b32', BasicBlock(), jax.random.normal(jax.random.key(2), (32, 32, 32, 64))),
-           ('transformer_512_seq128_b8', TransformerLayer(), jax.random.normal(jax.random.key(3), (8, 128, 512)))]
-  smollm2 = llama.LlamaConfig(vocab_size=49152, dim=576, n_layers=1, n_heads=9, n_kv_heads=3, head_dim=64,
-                              ffn_dim=1536, rope_base=100000.0)
-  cases = [(name, block, x, fr.QuantSpec(4)) for name, block, x in cases] + [
-      ('smollm2_layer_576_seq512_b2', llama.DecoderLayer(smollm2), jax.random.normal(jax.random.key(4), (2, 512, 576)),
-       spec) for spec in (fr.QuantSpec(4), fr.QuantSpec(4, granularity='per_group', group_size=128))]
+  smollm2 = llama.DecoderLayer(llama.LlamaConfig(vocab_size=49152, dim=576, n_layers=1, n_heads=9, n_kv_heads=3,
+                                                 head_dim=64, ffn_dim=1536, rope_base=100000.0))
+  smollm2_x = jax.random.normal(jax.random.key(4), (2, 512, 576))
+  per_channel, per_group = fr.QuantSpec(4), fr.QuantSpec(4, granularity='per_group', group_size=128)
+  cases = [('resnet_basic_block_64x32x32_b32', BasicBlock(), jax.random.normal(jax.random.key(2), (32, 32, 32, 64)),
+            per_channel),
+           ('transformer_512_seq128_b8', TransformerLayer(), jax.random.normal(jax.random.key(3), (8, 128, 512)),
+            per_channel),
+           ('smollm2_layer_576_seq512_b2', smollm2, smollm2_x, per_channel),
+           ('smollm2_layer_576_seq512_b2', smollm2, smollm2_x, per_group)]
   rows = []
   for name, block, x, spec in cases:
     for n in sorted({1, args.devices}):
@@ -155,8 +157,7 @@ def main():
     ratio = step_ms('smollm2_layer_576_seq512_b2', 'per_group128', n) / step_ms('smollm2_layer_576_seq512_b2',
                                                                                'per_channel', n)
     print(f'smollm2 layer, {n} device(s): per-group 128 step / per-channel step = {ratio:.2f}')
-  out = {'machine': {'processor': platform.processor() or platform.machine(), 'cpu_count': os.cpu_count(),
-                     'jax': jax.__version__, 'backend': jax.default_backend()},
+  out = {'machine': {**run.host_info(), 'jax': jax.__version__},
          'matmul_2048_f32_gflops': round(peak, 1), 'rows': rows}
   os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
   path = os.path.join(os.path.dirname(__file__), 'results', f'engine_{jax.default_backend()}.json')

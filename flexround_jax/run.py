@@ -14,10 +14,12 @@ import flexround_jax  # noqa: F401  (splits a CPU host into one device per core 
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -62,8 +64,6 @@ def git_commit() -> str:
 
 def host_info() -> dict:
   """The machine a run's wall times belong to: CPU model, core count, JAX backend and device count."""
-  import platform  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
