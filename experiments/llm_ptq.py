@@ -16,14 +16,11 @@ import argparse
 import json
 import os
 import shutil
-import threading
-import time
 
 import jax
 import numpy as np
-import psutil
 
-from flexround_jax import export, run as runner, tasks
+from flexround_jax import export, provenance, run as runner, tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
@@ -31,28 +28,6 @@ METHODS = ('rtn', 'flexround', 'adaround')
 LR = {4: 3e-3, 3: 2.5e-3}            # the official Llama-2-7B FlexRound learning rates
 EXACT_CHECK_WINDOWS = 16
 CURVE_ITERS = (50, 100, 500)
-
-
-class PeakRSS:
-  """Samples this process's resident memory every 0.2 s."""
-
-  def __init__(self):
-    self.peak, self._stop = 0, threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-
-  def _run(self):
-    proc = psutil.Process()
-    while not self._stop.is_set():
-      self.peak = max(self.peak, proc.memory_info().rss)
-      time.sleep(0.2)
-
-  def __enter__(self):
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    self._thread.join()
 
 
 def _tag(granularity, bits, group):
@@ -101,7 +76,7 @@ def main():
       config.task_args.max_windows = args.max_windows
     workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
     print(f'== {tag} {method} -> {workdir}', flush=True)
-    with PeakRSS() as rss:
+    with provenance.PeakRSS() as rss:
       results = runner.run(config, workdir)
     # Export as packed safetensors; for FlexRound also reload it and check the perplexity is exactly the same.
     params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
@@ -109,7 +84,7 @@ def main():
     sizes = export.save_safetensors(path, params_q, qtensors)
     results.update({
         'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
-        'peak_rss_mb': round(rss.peak / 2**20, 1), 'export_bytes': sizes['file_bytes'],
+        'peak_rss_mb': round(rss.peak_mb, 1), 'export_bytes': sizes['file_bytes'],
         'float32_bytes': sizes['float32_bytes'],
     })
     if method == 'flexround':

@@ -10,12 +10,12 @@ sentences. Writes them with the wall time and the git commit as JSON.
 
 import json
 import os
-import subprocess
 import time
 
 from absl import app, flags
 import numpy as np
 
+from flexround_jax import provenance
 from flexround_jax.data import sentences
 from flexround_jax.evals import word_similarity as ws
 from flexround_jax.models import bert
@@ -23,14 +23,6 @@ from flexround_jax.models import bert
 flags.DEFINE_integer('max_len', 128, 'token length of calibration / evaluation sequences')
 flags.DEFINE_string('out', os.path.join(os.path.dirname(__file__), 'results', 'minilm_fp.json'), 'result JSON')
 FLAGS = flags.FLAGS
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.check_output(['git', 'rev-parse', 'HEAD'], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                   text=True).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
 
 
 def token_stats(texts, max_len):
@@ -63,7 +55,7 @@ def main(_):
       'evaluation_embedding_norm_min': float(np.linalg.norm(e, axis=-1).min()),
       'evaluation_embed_seconds': round(eval_embed_s, 2),
       'wall_seconds': round(time.time() - start, 2),
-      'commit': git_commit(),
+      'commit': provenance.git_commit(),
   }
   os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
   with open(FLAGS.out, 'w', encoding='utf-8') as f:

@@ -22,7 +22,6 @@ if __name__ == '__main__':  # XLA_FLAGS must be set before jax is imported.
                              f' --xla_force_host_platform_device_count={flags.FLAGS.devices}').strip()
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-import subprocess
 import time
 
 import jax
@@ -33,6 +32,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from flexround_jax import provenance
 from flexround_jax.data import fashion_mnist
 from flexround_jax.models import zoo
 
@@ -167,11 +167,10 @@ def main(argv):
   test = evaluate(correct, eval_vars, *splits['test'], config.eval_batch_size, data_sh)
   export_dir = os.path.abspath(FLAGS.export_dir or os.path.join(REPO, 'experiments', 'checkpoints', config.model))
   zoo.save_image_model(export_dir, config.model, model_args, eval_vars)
-  commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True).stdout.strip()
   summary = {'model': config.model, 'params': n_params, 'test_top1': test, 'val_top1': val,
              'epochs': config.epochs, 'steps': int(state['step']), 'train_wall_s': round(wall, 1),
              'devices': jax.device_count(), 'config': config.to_dict(), 'checkpoint': os.path.relpath(export_dir, REPO),
-             'commit': commit}
+             'commit': provenance.git_commit()}
   results = os.path.abspath(FLAGS.results or os.path.join(REPO, 'experiments', 'results', 'image_fp.json'))
   os.makedirs(os.path.dirname(results), exist_ok=True)
   merged = json.load(open(results)) if os.path.exists(results) else {}

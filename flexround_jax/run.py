@@ -14,17 +14,14 @@ import flexround_jax  # noqa: F401  (splits a CPU host into one device per core 
 
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
-import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from flexround_jax import tasks
+from flexround_jax import provenance, tasks
 from flexround_jax.engine import QuantConfig, quantize
 from flexround_jax.spec import QuantSpec
 
@@ -51,27 +48,6 @@ def load_config_file(path: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
-
-
-def git_commit() -> str:
-  try:
-    here = os.path.dirname(os.path.abspath(__file__))
-    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
-def host_info() -> dict:
-  """The machine a run's wall times belong to: CPU model, core count, JAX backend and device count."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
-  except OSError:
-    pass
-  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'backend': jax.default_backend(),
-          'devices': jax.device_count()}
 
 
 def run(config, workdir: str) -> dict:
@@ -103,7 +79,8 @@ def run(config, workdir: str) -> dict:
       'task': task.name, 'method': qcfg.method, 'bits': qcfg.weight.bits, 'granularity': qcfg.weight.granularity,
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,
       'quantized': metrics, 'quantize_wall_s': round(quant_s, 2), 'total_wall_s': round(time.time() - t0, 2),
-      'report': result.report, 'notes': task.notes, 'commit': git_commit(), 'host': host_info(),
+      'report': result.report, 'notes': task.notes, 'commit': provenance.git_commit(),
+      'host': provenance.host_info(),
   }
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2, default=float)

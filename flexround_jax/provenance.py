@@ -1,0 +1,59 @@
+"""What a result JSON records about how it was made: the git commit, the machine, and the peak resident memory."""
+
+import os
+import platform
+import subprocess
+import threading
+
+import jax
+import psutil
+
+
+def git_commit() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def host_info() -> dict:
+  """The machine a run's wall times belong to: CPU model, core count, JAX backend and device count."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+  except OSError:
+    pass
+  return {'cpu': cpu, 'cpu_count': os.cpu_count(), 'backend': jax.default_backend(),
+          'devices': jax.device_count()}
+
+
+class PeakRSS:
+  """Context manager that samples this process's resident memory every ``every_s`` seconds.
+
+  ``peak_mb`` is the highest sample taken inside the ``with`` block, so one process can measure several runs.
+  """
+
+  def __init__(self, every_s: float = 0.2):
+    self.peak_bytes, self._every, self._stop = 0, every_s, threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+
+  def _sample(self):
+    proc = psutil.Process()
+    while not self._stop.is_set():
+      self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+      self._stop.wait(self._every)
+
+  @property
+  def peak_mb(self) -> float:
+    return self.peak_bytes / 2**20
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
