@@ -9,7 +9,7 @@ import psutil
 from flexround_jax import provenance
 
 
-def test_git_commit_is_the_checkout_head():
+def test_git_commit_is_a_hash_or_unknown():
   assert re.fullmatch(r'[0-9a-f]{40}|unknown', provenance.git_commit())
 
 
