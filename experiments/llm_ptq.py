@@ -10,7 +10,11 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
   python experiments/llm_ptq.py --curve [--iters 50]   # perplexity vs iterations -> experiments/results/llm_iters/
 """
 
-import flexround_jax  # noqa: F401  (CPU devices before jax)
+from flexround_jax import cpu
+
+cpu.use_all_cores()   # one XLA device per core, before jax starts
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 
 import argparse
 import json
@@ -26,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
 METHODS = ('rtn', 'flexround', 'adaround')
 LR = {4: 3e-3, 3: 2.5e-3}            # the official Llama-2-7B FlexRound learning rates
+METHOD_KNOBS = {'flexround': lambda bits: {'lr': LR[bits]}, 'adaround': lambda bits: {'lr': 1e-3}}
 EXACT_CHECK_WINDOWS = 16
 CURVE_ITERS = (50, 100, 500)
 
@@ -71,8 +76,8 @@ def main():
       continue
     config = load_config()
     q = config.quant
-    q.method, q.granularity, q.bits, q.group_size = method, granularity, bits, group
-    q.lr = LR[bits] if method == 'flexround' else 1e-3
+    q.weight.granularity, q.weight.bits, q.weight.group_size = granularity, bits, group
+    q.method = {'name': method, **METHOD_KNOBS.get(method, lambda b: {})(bits)}
     if iters is not None:
       q.iters = iters
     if args.max_windows is not None:

@@ -8,6 +8,11 @@ Measures: the sentence-transformers README pair (cos 0.7553), SimLex-999 / WordS
 sentences. Writes them with the wall time and the git commit as JSON.
 """
 
+from flexround_jax import cpu
+
+cpu.use_all_cores()   # one XLA device per core, before jax starts (as the PTQ scripts)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 import os
 import time

@@ -8,7 +8,11 @@ per-layer checkpoint in the workdir. Order: most informative first.
   python experiments/minilm_ptq.py [--only per_channel_w4] [--iters N] [--workdir work/minilm_ptq]
 """
 
-import flexround_jax  # noqa: F401  (CPU devices before jax)
+from flexround_jax import cpu
+
+cpu.use_all_cores()   # one XLA device per core, before jax starts
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 
 import argparse
 import json
@@ -46,7 +50,8 @@ def main():
         print(f'skip {out} (exists)')
         continue
       config = load_config()
-      config.quant.method, config.quant.granularity, config.quant.bits = method, granularity, bits
+      config.quant.method = {'name': method}
+      config.quant.weight.granularity, config.quant.weight.bits = granularity, bits
       if args.iters is not None:
         config.quant.iters = args.iters
       config.eval_fp = not os.path.exists(os.path.join(HERE, 'results', 'minilm_fp.json'))

@@ -1,32 +1,39 @@
-"""flexround_jax: post-training quantization for JAX/Flax with learned rounding (FlexRound, AdaRound, RTN).
+"""flexround_jax: post-training quantization for JAX/Flax with learned rounding (FlexRound, LRQ, AdaRound), GPTQ and
+RTN, by block-wise reconstruction.
 
-On a CPU host, importing flexround_jax before jax splits the host into one XLA device per core (single-device XLA
-convolutions use one core; the engine shards calibration batches over devices). Set FLEXROUND_JAX_CPU_DEVICES=0
-to leave XLA_FLAGS alone, or to a number to choose the count.
+Importing the package changes no global state and does not import JAX yet: the public names below load on first
+use, so a script can call ``flexround_jax.cpu.use_all_cores()`` (one XLA device per CPU core) before JAX starts.
 """
 
-import os as _os
-import sys as _sys
+import importlib as _importlib
+
+_PUBLIC = {
+    'Method': 'flexround_jax.quantizers.base',
+    'PackedQTensor': 'flexround_jax.qtensor',
+    'QTensor': 'flexround_jax.qtensor',
+    'QuantConfig': 'flexround_jax.engine',
+    'QuantSpec': 'flexround_jax.spec',
+    'QuantizeResult': 'flexround_jax.engine',
+    'Rule': 'flexround_jax.engine',
+    'dequantize_params': 'flexround_jax.engine',
+    'quantize': 'flexround_jax.engine',
+}
+_SUBMODULES = ('cpu', 'engine', 'export', 'methods', 'plots', 'quantizers', 'run', 'tasks')
+
+__all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'quantizers']
+__version__ = '0.2.0'
 
 
-def _split_cpu_host():
-  want = _os.environ.get('FLEXROUND_JAX_CPU_DEVICES')
-  flags = _os.environ.get('XLA_FLAGS', '')
-  if 'jax' in _sys.modules or 'xla_force_host_platform_device_count' in flags or want == '0':
-    return
-  count = int(want) if want else (_os.cpu_count() or 1)
-  if count > 1:
-    _os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()
+def __getattr__(name):
+  if name in _PUBLIC:
+    value = getattr(_importlib.import_module(_PUBLIC[name]), name)
+  elif name in _SUBMODULES:
+    value = _importlib.import_module(f'flexround_jax.{name}')
+  else:
+    raise AttributeError(f'module flexround_jax has no attribute {name!r}')
+  globals()[name] = value
+  return value
 
 
-_split_cpu_host()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from flexround_jax import quantizers
-from flexround_jax.engine import QuantConfig, QuantizeResult, dequantize_params, quantize
-from flexround_jax.qtensor import PackedQTensor, QTensor
-from flexround_jax.spec import QuantSpec
-
-__all__ = ['PackedQTensor', 'QTensor', 'QuantConfig', 'QuantSpec', 'QuantizeResult', 'dequantize_params',
-           'quantize', 'quantizers']
-__version__ = '0.1.0'
+def __dir__():
+  return sorted(set(globals()) | set(__all__))

@@ -10,7 +10,12 @@ Writes each method's results.json, log and quantized model under the workdir (de
 
 from __future__ import annotations
 
-import flexround_jax  # noqa: F401  (one CPU device per core, before jax starts)
+from flexround_jax import cpu
+
+if __name__ == '__main__':
+  cpu.use_all_cores()   # one XLA device per core, before jax starts
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 
 import argparse
 import json
@@ -43,20 +48,20 @@ def main(argv=None):
   rows = {}
   for method in ('rtn', 'flexround'):
     config = _load_config(args.task)
-    config.quant.method = method
+    config.quant.method = {'name': method}
     budget = DEMO_BUDGET[args.task]
     if 'iters' in budget:
       config.quant.iters = budget['iters']
     if 'n_calib' in budget:
       config.task_args.n_calib = budget['n_calib']
     if args.bits is not None:
-      config.quant.bits = args.bits
+      config.quant.weight.bits = args.bits
     if args.iters is not None:
       config.quant.iters = args.iters
     config.eval_fp = method == 'rtn'
     workdir = os.path.abspath(os.path.join(args.workdir, f'{args.task}_{method}'))
     t = time.time()
-    print(f'== {method}: {args.task}, W{config.quant.bits} {config.quant.granularity}, workdir {workdir}')
+    print(f'== {method}: {args.task}, W{config.quant.weight.bits} {config.quant.weight.granularity}, workdir {workdir}')
     results = runner.run(config, workdir)
     results['wall'] = time.time() - t
     rows[method] = results

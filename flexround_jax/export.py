@@ -22,6 +22,8 @@ import os
 import jax
 import numpy as np
 
+from flexround_jax import qtensor as qtensor_lib
+from flexround_jax import treepath
 from flexround_jax.qtensor import PackedQTensor, QTensor
 from flexround_jax.spec import QuantSpec
 
@@ -29,22 +31,7 @@ FORMAT = 'flexround_jax/1'
 
 
 def _flatten(params) -> dict[str, np.ndarray]:
-  out = {}
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in kp)
-    out[name] = np.asarray(leaf)
-  return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  tree: dict = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  return {name: np.asarray(leaf) for name, leaf in treepath.flatten(params).items()}
 
 
 def _checksum(tensors: dict[str, np.ndarray]) -> str:
@@ -112,19 +99,15 @@ def load_safetensors(path: str) -> tuple[dict, dict[str, QTensor]]:
     qtensors[name] = qt
     flat[name] = np.asarray(qt.dequantize()).reshape(k['shape'])
   flat.update(tensors)
-  return _unflatten(flat), qtensors
+  return treepath.unflatten(flat), qtensors
 
 
 def save_orbax(path: str, result) -> None:
   """The dequantized params and every QTensor (codes, scale, zero point, spec) as an Orbax checkpoint."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  names = sorted(result.qtensors)
-  state = {'params': _unflatten(_flatten(result.params)),
-           'qtensors': {f'k{i:05d}': {'codes': np.asarray(result.qtensors[n].codes),
-                                      'scale': np.asarray(result.qtensors[n].scale, np.float32),
-                                      'zero_point': np.asarray(result.qtensors[n].zero_point, np.int32)}
-                        for i, n in enumerate(names)}}
-  meta = {'format': FORMAT, 'names': names, 'specs': [vars(result.qtensors[n].spec) for n in names]}
+  arrays, meta = qtensor_lib.to_tree(result.qtensors)
+  state = {'params': treepath.unflatten(_flatten(result.params)), 'qtensors': arrays}
+  meta = {'format': FORMAT, **meta}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(os.path.abspath(path), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                                meta=ocp.args.JsonSave(meta)), force=True)
@@ -136,9 +119,4 @@ def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
     restored = ckptr.restore(os.path.abspath(path), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                                             meta=ocp.args.JsonRestore()))
   state, meta = restored['state'], restored['meta']
-  qtensors = {}
-  for i, (name, spec) in enumerate(zip(meta['names'], meta['specs'])):
-    e = state['qtensors'][f'k{i:05d}']
-    qtensors[name] = QTensor(codes=np.asarray(e['codes']), scale=np.asarray(e['scale']),
-                             zero_point=np.asarray(e['zero_point']), spec=QuantSpec(**spec))
-  return jax.tree.map(np.asarray, state['params']), qtensors
+  return jax.tree.map(np.asarray, state['params']), qtensor_lib.from_tree(state['qtensors'], meta)

@@ -13,7 +13,7 @@ if 'ipykernel' not in sys.modules:   # scripts and tests render off-screen; note
 import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from flexround_jax import _layout  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from flexround_jax import _layout, treepath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _report(result_or_report) -> list[dict]:
@@ -120,10 +120,7 @@ def flexround_scales(states: Mapping[str, Mapping[str, Any]], path: str | None =
 def rounding_moves(params, qtensors, rtn_qtensors=None) -> dict[str, dict[str, float]]:
   """Per kernel: the fraction of weights whose code lies beyond the two nearest grid points of W / s1 on the
   learned grid ('beyond_nearest': |q - W/s1| > 1), and, given RTN's codes, the fraction that differ from RTN."""
-  import jax  # pylint: disable=g-import-not-at-top
-  flat = {}
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    flat['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in kp)] = np.asarray(leaf)
+  flat = {name: np.asarray(leaf) for name, leaf in treepath.flatten(params).items()}
   out = {}
   for name, qt in qtensors.items():
     w = flat[name].reshape(qt.shape).astype(np.float64)

@@ -85,3 +85,24 @@ class PackedQTensor:
   @property
   def nbytes(self) -> int:
     return int(self.data.nbytes + self.scale.nbytes + self.zero_point.nbytes)
+
+
+def to_tree(qtensors: dict[str, QTensor]) -> tuple[dict, dict]:
+  """(arrays, meta) for storing QTensors in a checkpoint: arrays {'k00000': {codes, scale, zero_point}} in sorted
+  name order (names may hold any character, so they live in ``meta``), meta {'names', 'specs'} (JSON)."""
+  names = sorted(qtensors)
+  arrays = {f'k{i:05d}': {'codes': np.asarray(qtensors[n].codes),
+                          'scale': np.asarray(qtensors[n].scale, np.float32),
+                          'zero_point': np.asarray(qtensors[n].zero_point, np.int32)}
+            for i, n in enumerate(names)}
+  return arrays, {'names': names, 'specs': [dataclasses.asdict(qtensors[n].spec) for n in names]}
+
+
+def from_tree(arrays: dict, meta: dict) -> dict[str, QTensor]:
+  """Inverse of ``to_tree``."""
+  out = {}
+  for i, (name, spec) in enumerate(zip(meta['names'], meta['specs'])):
+    entry = arrays[f'k{i:05d}']
+    out[name] = QTensor(codes=np.asarray(entry['codes']), scale=np.asarray(entry['scale']),
+                        zero_point=np.asarray(entry['zero_point']), spec=QuantSpec(**spec))
+  return out

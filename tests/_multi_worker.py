@@ -19,8 +19,8 @@ import tiny_models  # noqa: E402
 
 
 def config(**kw):
-  return fr.QuantConfig(method='flexround', weight=fr.QuantSpec(bits=3, grid_init='mse'), iters=60, batch_size=16,
-                        lr=5e-3, progress=False, **kw)
+  return fr.QuantConfig(method=fr.methods.flexround(lr=5e-3), weight=fr.QuantSpec(bits=3, grid_init='mse'), iters=60,
+                        batch_size=16, progress=False, **kw)
 
 
 def codes(result, apply_fn=None, params=None, calib=None):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import flexround_jax as fr
-from flexround_jax.engine import reconstruct
 
 import tiny_models
 
@@ -21,8 +20,9 @@ MODELS = {
 def _run(name, method, bits=3, iters=150, **kw):
   make, blocks = MODELS[name]
   params, apply_fn, calib = make()
-  kw.setdefault('lr', 5e-3 if method == 'flexround' else 1e-2)
-  config = fr.QuantConfig(method=method, weight=fr.QuantSpec(bits=bits, granularity='per_channel', grid_init='mse'),
+  lr = kw.pop('lr', 5e-3 if method == 'flexround' else 1e-2)
+  knobs = {'lr': lr, **kw.pop('knobs', {})} if method != 'rtn' else {}
+  config = fr.QuantConfig(method=fr.methods.get(method, **knobs), weight=fr.QuantSpec(bits=bits, granularity='per_channel', grid_init='mse'),
                           blocks=blocks, iters=iters, batch_size=16, progress=False, **kw)
   return params, apply_fn, calib, fr.quantize(params, apply_fn, calib, config)
 
@@ -56,18 +56,18 @@ def test_rtn_method_equals_plain_rtn_per_kernel():
 
 
 def test_identical_blocks_compile_the_train_step_once():
-  reconstruct.TRACE_COUNTS['train_step'] = 0
-  _run('transformer', 'flexround', iters=5)
-  # embedding is not a kernel; two identical layers -> one compilation
-  assert reconstruct.TRACE_COUNTS['train_step'] == 1
+  _, _, _, result = _run('transformer', 'flexround', iters=5)
+  # embedding is not a kernel; two identical layers -> the second reuses the first one's step
+  assert [r['new_train_step'] for r in result.report] == [True, False]
 
 
-def test_layer_bits_and_exclude_rules():
-  params, apply_fn, calib, result = _run('cnn', 'flexround', iters=3, layer_bits={r'Conv_0': 8, r'Dense_0': 8},
-                                         exclude=r'ResBlock_1/Conv_2')
+def test_rules_set_bits_and_skip_kernels_first_match_wins():
+  rules = [fr.Rule(r'Conv_0|Dense_0', bits=8), fr.Rule(r'ResBlock_1/Conv_2', skip=True),
+           fr.Rule(r'ResBlock_1/.*', bits=2)]
+  params, apply_fn, calib, result = _run('cnn', 'flexround', iters=3, rules=rules)
   bits = {name: qt.spec.bits for name, qt in result.qtensors.items()}
   assert bits['Conv_0/kernel'] == 8 and bits['Dense_0/kernel'] == 8 and bits['ResBlock_0/Conv_0/kernel'] == 3
-  assert 'ResBlock_1/Conv_2/kernel' not in bits
+  assert 'ResBlock_1/Conv_2/kernel' not in bits and bits['ResBlock_1/Conv_0/kernel'] == 2
   np.testing.assert_array_equal(result.params['ResBlock_1']['Conv_2']['kernel'],
                                 params['ResBlock_1']['Conv_2']['kernel'])
 
@@ -81,7 +81,7 @@ def test_depthwise_and_dense_general_kernels_are_found_with_the_right_views():
 
 
 def test_drop_prob_and_separate_s1_rate_run():
-  _, _, _, result = _run('mlp', 'flexround', iters=40, drop_prob=0.5, lr_s1=1e-3)
+  _, _, _, result = _run('mlp', 'flexround', iters=40, drop_prob=0.5, knobs={'lr_s1': 1e-3})
   assert all(np.isfinite(r['loss_final']) for r in result.report)
 
 
@@ -142,12 +142,16 @@ def test_bad_inputs_fail_before_work():
     raise RuntimeError('boom')
   with pytest.raises(ValueError, match='boom'):
     fr.quantize(params, broken, calib, cfg)
-  with pytest.raises(ValueError, match='method'):
-    fr.QuantConfig(method='gptq')
+  with pytest.raises(ValueError, match='unknown method'):
+    fr.QuantConfig(method='no_such_method')
+  with pytest.raises(ValueError, match='does not take'):
+    fr.QuantConfig(method={'name': 'flexround', 'reg': 0.1})
   with pytest.raises(ValueError, match='drop_prob'):
     fr.QuantConfig(drop_prob=1.5)
-  with pytest.raises(ValueError, match='bits'):
-    fr.QuantConfig(layer_bits={'x': 12})
+  with pytest.raises(ValueError, match="Rule 'x'.*bits"):
+    fr.QuantConfig(rules=[{'pattern': 'x', 'bits': 12}])
+  with pytest.raises(ValueError, match='not a valid regex'):
+    fr.QuantConfig(rules=[fr.Rule('(')])
   with pytest.raises(ValueError, match='batch_size'):
     fr.quantize(params, apply_fn, calib[:8], cfg)
 
@@ -169,3 +173,53 @@ def test_calibration_data_forms_agree():
   for name, qt in base.qtensors.items():
     np.testing.assert_array_equal(qt.codes, from_batches.qtensors[name].codes)
     np.testing.assert_array_equal(qt.codes, from_source.qtensors[name].codes)
+
+
+def test_rules_give_kernels_their_own_method_inside_one_block():
+  """A block can mix methods: the rule's kernels keep plain RTN codes while the others train."""
+  rules = [fr.Rule(r'block_\d+/Dense_1', method='rtn')]
+  params, apply_fn, calib, result = _run('mlp', 'flexround', iters=40, rules=rules)
+  spec = fr.QuantSpec(bits=3, granularity='per_channel', grid_init='mse')
+  for i in range(2):
+    kernel = params[f'block_{i}']['Dense_1']['kernel']
+    expected = fr.quantizers.rtn.finalize(kernel, fr.quantizers.rtn.init(kernel, spec), spec)
+    np.testing.assert_array_equal(result.qtensors[f'block_{i}/Dense_1/kernel'].codes, expected.codes)
+  blocks = [r for r in result.report if r['kind'] == 'block']
+  assert all(r['methods'] == ['flexround', 'rtn'] and r['loss_final'] < r['loss_rtn'] for r in blocks)
+
+
+def test_methods_are_values_with_their_own_knobs():
+  method = fr.methods.adaround(lr=2e-3, reg=0.1)
+  assert method.name == 'adaround' and method.hparams['reg'] == 0.1 and method.trains
+  assert fr.methods.get({'name': 'adaround', 'lr': 2e-3, 'reg': 0.1}).hparams == method.hparams
+  assert fr.QuantConfig(method=method).method is method
+  assert not fr.methods.rtn().trains
+  with pytest.raises(ValueError, match='lr'):
+    fr.methods.flexround(lr=-1.0)
+  with pytest.raises(ValueError, match='warmup'):
+    fr.methods.adaround(warmup=1.5)
+
+
+def test_adaround_schedule_matches_the_host_computed_one():
+  """beta and lambda per step are what BRECQ's host loop computes (float64, rounded once to float32)."""
+  from flexround_jax.quantizers import adaround
+  iters, warm = 50, 10
+  betas = adaround.beta_schedule(iters)
+  for i in (0, 9, 10, 11, 30, 49):
+    rel = 0.0 if i < warm else (i - warm) / (iters - warm)
+    assert betas[i] == np.float32(20.0 + (2.0 - 20.0) * rel)
+  state = {'v': jnp.zeros((4, 3))}
+  assert float(adaround.penalty([state], jnp.int32(5), iters)) == 0.0   # warm-up: no regulariser
+  assert float(adaround.penalty([state], jnp.int32(20), iters)) > 0.0
+
+
+def test_config_round_trips_through_a_mapping():
+  cfg = fr.QuantConfig(method=fr.methods.flexround(lr=1e-3), weight=fr.QuantSpec(bits=3),
+                       rules=[fr.Rule('head', bits=8), fr.Rule('emb.*', skip=True)], blocks=r'layer_\d+', iters=7)
+  d = cfg.describe()
+  rebuilt = fr.QuantConfig.from_dict({**d, 'method': d['method'],
+                                      'rules': [{k: v for k, v in r.items() if v is not None}
+                                                for r in d['rules']]})
+  assert rebuilt.describe() == d
+  with pytest.raises(ValueError, match='unknown QuantConfig fields'):
+    fr.QuantConfig.from_dict({'iterations': 3})

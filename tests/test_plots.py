@@ -16,7 +16,7 @@ def _png(path):
 def test_figures_render(tmp_path):
   params, apply_fn, calib = tiny_models.cnn()
   spec = fr.QuantSpec(bits=3, granularity='per_tensor')
-  cfg = fr.QuantConfig(method='flexround', weight=spec, blocks=r'ResBlock_\d+', iters=60, batch_size=16, lr=1e-2,
+  cfg = fr.QuantConfig(method=fr.methods.flexround(lr=1e-2), weight=spec, blocks=r'ResBlock_\d+', iters=60, batch_size=16,
                        progress=False, keep_states=True)
   result = fr.quantize(params, apply_fn, calib, cfg)
   rtn = fr.quantize(params, apply_fn, calib, fr.QuantConfig(method='rtn', weight=spec, blocks=r'ResBlock_\d+',

@@ -1,6 +1,18 @@
-"""The reconstruction engine: blocks, calibration data, the optimisation loop, checkpoints."""
+"""The reconstruction engine: planning units, the activation cache, one unit's reconstruction, the loop, checkpoints.
 
-from flexround_jax.engine.config import QuantConfig
-from flexround_jax.engine.reconstruct import QuantizeResult, dequantize_params, quantize
+  config.py       QuantConfig, Rule
+  plan.py         units, chains, dry-run plan
+  activations.py  calibration arrays, meshes and placement, the activation cache, minibatch sampling
+  unit.py         one unit: compiled functions, closed-form solves, the optax loop, RTN fall-back
+  loop.py         quantize(), dequantize_params()
+  checkpoint.py   per-unit Orbax checkpoints and the run fingerprint
+  graph.py        what the engine sees of a Flax model (calls, kernels, stopping a forward at a module)
+"""
 
-__all__ = ['QuantConfig', 'QuantizeResult', 'dequantize_params', 'quantize']
+from .config import QuantConfig, Rule
+from .loop import QuantizeResult, dequantize_params, quantize
+from .plan import Unit, plan_units
+from .unit import UnitReconstructor, kernel_views, make_train_step
+
+__all__ = ['QuantConfig', 'QuantizeResult', 'Rule', 'Unit', 'UnitReconstructor', 'dequantize_params',
+           'kernel_views', 'make_train_step', 'plan_units', 'quantize']

@@ -4,6 +4,7 @@ fingerprint of (config, params, calibration data). A rerun with the same directo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -11,8 +12,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flexround_jax.qtensor import QTensor
-from flexround_jax.spec import QuantSpec
+from .. import qtensor as qtensor_lib
+from ..qtensor import QTensor
+
+
+def fingerprint(tree, calib, config) -> str:
+  """SHA-256 of the result-changing config fields, the params and the calibration data (and the process count)."""
+  h = hashlib.sha256()
+  h.update(json.dumps(config.fingerprint_fields(), sort_keys=True, default=str).encode())
+  for name, t in (('params', tree), ('calib', calib)):
+    h.update(name.encode())
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(t)[0]:
+      arr = np.ascontiguousarray(np.asarray(leaf))
+      h.update(jax.tree_util.keystr(kp).encode() + str(arr.shape).encode() + str(arr.dtype).encode())
+      h.update(arr.tobytes())
+  h.update(str(jax.process_count()).encode())
+  return h.hexdigest()
 
 
 class Checkpointer:
@@ -24,16 +39,12 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(os.path.join(self.directory, 'units'), options=options)
 
   def save(self, completed: int, qtensors: dict[str, QTensor], report: list[dict], acts: dict | None):
-    names = sorted(qtensors)
-    state = {'qtensors': {f'k{i:05d}': {'codes': np.asarray(qtensors[n].codes),
-                                        'scale': np.asarray(qtensors[n].scale, np.float32),
-                                        'zero_point': np.asarray(qtensors[n].zero_point, np.int32)}
-                          for i, n in enumerate(names)}}
+    arrays, qmeta = qtensor_lib.to_tree(qtensors)
+    state = {'qtensors': arrays}
     if acts is not None:
       state['acts'] = {part: {f'a{i}': np.asarray(a) for i, a in enumerate(arrays)} for part, arrays in acts.items()}
     meta = {
-        'fingerprint': self.fingerprint, 'completed': completed, 'names': names,
-        'specs': [vars(qtensors[n].spec) for n in names], 'report': report,
+        'fingerprint': self.fingerprint, 'completed': completed, **qmeta, 'report': report,
         'shapes': jax.tree.map(lambda a: [list(a.shape), str(a.dtype)], state),
     }
     self.manager.save(completed, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -56,11 +67,7 @@ class Checkpointer:
     abstract = jax.tree.map(lambda sd: jax.ShapeDtypeStruct(tuple(sd[0]), np.dtype(sd[1])), meta['shapes'],
                             is_leaf=lambda x: isinstance(x, list) and len(x) == 2 and isinstance(x[1], str))
     state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))['state']
-    qtensors = {}
-    for i, (name, spec) in enumerate(zip(meta['names'], meta['specs'])):
-      entry = state['qtensors'][f'k{i:05d}']
-      qtensors[name] = QTensor(codes=np.asarray(entry['codes']), scale=np.asarray(entry['scale']),
-                               zero_point=np.asarray(entry['zero_point']), spec=QuantSpec(**spec))
+    qtensors = qtensor_lib.from_tree(state['qtensors'], meta)
     acts = None
     if 'acts' in state:
       acts = {part: [np.asarray(arrays[f'a{i}']) for i in range(len(arrays))] for part, arrays in state['acts'].items()}

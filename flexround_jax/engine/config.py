@@ -1,66 +1,115 @@
-"""QuantConfig: everything ``quantize`` needs to know, validated once, with messages that name the field."""
+"""QuantConfig and Rule: everything ``quantize`` needs to know, validated once, with messages that name the field.
+
+Which kernel gets what is said in one place: ``QuantConfig.rules``, an ordered list of ``Rule``s (regex on the
+'/'-joined module path, ``re.fullmatch``; the first matching rule wins, as qwix's ``QuantizationRule``s). A rule
+can change the bit-width, granularity, sign or initial grid, give the kernel another method, or skip it (keep it
+float). Kernels no rule matches get ``QuantConfig.weight`` and ``QuantConfig.method``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+import typing
+from typing import Any, Mapping
 
-from flexround_jax.spec import QuantSpec
+from .. import methods as methods_lib
+from ..quantizers.base import Method
+from ..spec import QuantSpec
 
-METHODS = ('rtn', 'adaround', 'flexround')
-# Learning rates used when QuantConfig.lr is None: FlexRound as the official W4 Llama-2-7B script, AdaRound as BRECQ.
-DEFAULT_LR = {'flexround': 3e-3, 'adaround': 1e-3, 'rtn': 0.0}
+_UNSET_GROUP = 'inherit'
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """Kernels of modules whose path fully matches ``pattern`` get these settings (None: keep the default).
+
+  Attributes:
+    pattern: regex, ``re.fullmatch``-ed against the module path ('encoder/layer_3/query', 'stem').
+    bits, granularity, group_size, symmetric, grid_init: override the fields of ``QuantConfig.weight``. Setting
+      ``granularity`` to 'per_tensor' or 'per_channel' drops the default's group size.
+    method: a Method, a registered name or a {'name': ..., knobs} mapping for these kernels.
+    skip: keep these kernels float (not quantized at all).
+  """
+
+  pattern: str
+  bits: int | None = None
+  granularity: str | None = None
+  group_size: int | None = None
+  symmetric: bool | None = None
+  grid_init: str | None = None
+  method: Any = None
+  skip: bool = False
+
+  def __post_init__(self):
+    check_regex(self.pattern, 'Rule.pattern')
+    if self.method is not None:
+      object.__setattr__(self, 'method', methods_lib.get(self.method))
+    if not isinstance(self.skip, bool):
+      raise ValueError(f'Rule.skip must be a bool, got {self.skip!r}')
+
+  def matches(self, module_path: str) -> bool:
+    return re.fullmatch(self.pattern, module_path) is not None
+
+  def apply(self, spec: QuantSpec) -> QuantSpec:
+    """``spec`` with this rule's overrides (raises the QuantSpec error, naming the rule, when they do not fit)."""
+    changes = {f: getattr(self, f) for f in ('bits', 'granularity', 'symmetric', 'grid_init')
+               if getattr(self, f) is not None}
+    if self.group_size is not None:
+      changes['group_size'] = self.group_size
+    elif self.granularity is not None and self.granularity != 'per_group':
+      changes['group_size'] = None
+    try:
+      return spec.replace(**changes)
+    except ValueError as e:
+      raise ValueError(f'Rule {self.pattern!r}: {e}') from e
+
+  def describe(self) -> dict:
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    out['method'] = None if self.method is None else self.method.describe()
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """How ``flexround_jax.quantize`` reconstructs a model.
+  """How ``quantize`` reconstructs a model.
 
   Attributes:
-    method: 'rtn' (no training), 'adaround' or 'flexround'.
+    method: the default weight-quantization method: a Method (built by a factory of ``methods``, with its knobs),
+      a name in ``methods.REGISTRY`` for the factory's defaults, or a mapping {'name': ..., knobs} (config files).
+      Stored as a Method.
     weight: default QuantSpec for every quantized kernel.
+    rules: ordered Rules (or mappings of Rule fields) deciding per module path: bits, granularity, method, skip.
     blocks: regex, fully matched against '/'-joined module paths ('encoder/layer_3', 'BasicBlock_2'); each matching
       submodule is reconstructed as one block. Kernels outside every block are reconstructed layer by layer.
       None: every kernel layer-wise.
-    iters: optimisation steps per block (the paper: 5k-20k).
+    iters: optimisation steps per block for gradient-trained methods (the paper: 5k-20k).
     batch_size: samples per step (global, over all devices and processes).
-    lr: Adam learning rate (cosine decay to 0 for FlexRound, constant for AdaRound, as BRECQ); None: per method.
-    lr_s1: separate learning rate for FlexRound's log_s1 (None: same as lr).
     drop_prob: QDrop-style mixing: each element of a block's input is the quantized model's with probability
       ``1 - drop_prob`` and the float model's otherwise (0: the official setting, quantized inputs only).
-    layer_bits: {regex on module path: bits} overriding ``weight.bits`` (first rule that fully matches wins).
-    exclude: regex on module paths whose kernels stay float (None: quantize every kernel).
-    adaround_lambda, adaround_beta, adaround_warmup: regulariser weight, (start, end) of the beta annealing and the
-      warm-up fraction without regulariser (BRECQ: 0.01, (20, 2), 0.2; 0.1 for MobileNetV2).
-    seed: drives minibatch sampling and drop masks.
+    seed: drives minibatch sampling, drop masks and seeded method initialisations.
     checkpoint_dir: absolute or relative folder; after every block an Orbax checkpoint lets a rerun resume.
     log_dir: folder for the JSONL log (default: checkpoint_dir, or none).
-    dry_run: print the plan (blocks, kernels, bits, sizes, activation memory) and stop.
+    dry_run: print the plan (blocks, kernels, bits, methods, sizes, activation memory) and stop.
     num_devices: devices of the data mesh (None: all devices, reduced to a divisor of batch_size).
     spill_dir: keep the activation cache in memory-mapped files there instead of RAM.
     fallback_to_rtn: a block that ends worse than its RTN start keeps RTN (with a warning).
     progress: tqdm progress bars.
-    eval_batch_size: samples per forward when caching activations and measuring block losses.
-    keep_states: keep every kernel's trained quantizer state in ``QuantizeResult.states`` (for plots: S2, s3, s4).
+    eval_batch_size: samples per forward when caching activations, measuring block losses and accumulating
+      Hessians.
     sample_shards: minibatches are stratified: each step draws batch_size / sample_shards samples from each of
       sample_shards equal, contiguous parts of the calibration set (None: one part per process, so each process
       samples from the shard it holds). A one-process run with sample_shards=P reproduces a P-process run.
+    keep_states: keep every kernel's trained quantizer state in ``QuantizeResult.states`` (for plots: S2, s3, s4).
   """
 
-  method: str = 'flexround'
+  method: Any = methods_lib.DEFAULT
   weight: QuantSpec = QuantSpec(bits=4, granularity='per_channel')
+  rules: tuple = ()
   blocks: str | None = None
   iters: int = 5000
   batch_size: int = 32
-  lr: float | None = None
-  lr_s1: float | None = None
   drop_prob: float = 0.0
-  layer_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
-  exclude: str | None = None
-  adaround_lambda: float = 0.01
-  adaround_beta: tuple[float, float] = (20.0, 2.0)
-  adaround_warmup: float = 0.2
   seed: int = 0
   checkpoint_dir: str | None = None
   log_dir: str | None = None
@@ -74,34 +123,35 @@ class QuantConfig:
   keep_states: bool = False
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f'QuantConfig.method must be one of {METHODS}, got {self.method!r}')
+    try:
+      object.__setattr__(self, 'method', methods_lib.get(self.method))
+    except ValueError as e:
+      raise ValueError(f'QuantConfig.method: {e}') from e
     if not isinstance(self.weight, QuantSpec):
       raise ValueError(f'QuantConfig.weight must be a QuantSpec, got {type(self.weight).__name__}')
-    for name in ('blocks', 'exclude'):
-      pattern = getattr(self, name)
-      if pattern is not None:
-        _check_regex(pattern, f'QuantConfig.{name}')
-    if not isinstance(self.layer_bits, Mapping):
-      raise ValueError(f'QuantConfig.layer_bits must be a dict {{regex: bits}}, got {type(self.layer_bits).__name__}')
-    for pattern, bits in self.layer_bits.items():
-      _check_regex(pattern, 'QuantConfig.layer_bits key')
-      self.weight.replace(bits=bits)  # raises with the QuantSpec message if bits is invalid
+    if isinstance(self.rules, (str, Mapping, Rule)) or not isinstance(self.rules, (list, tuple)):
+      raise ValueError(f'QuantConfig.rules must be a list of Rules, got {type(self.rules).__name__}')
+    rules = []
+    for i, rule in enumerate(self.rules):
+      if isinstance(rule, Mapping):
+        try:
+          rule = Rule(**rule)
+        except TypeError as e:
+          raise ValueError(f'QuantConfig.rules[{i}]: {e}') from e
+      if not isinstance(rule, Rule):
+        raise ValueError(f'QuantConfig.rules[{i}] must be a Rule or a mapping of its fields, got {rule!r}')
+      rule.apply(self.weight)      # raises now, naming the rule, if its overrides do not make a valid spec
+      rules.append(rule)
+    object.__setattr__(self, 'rules', tuple(rules))
+    if self.blocks is not None:
+      check_regex(self.blocks, 'QuantConfig.blocks')
     for name in ('iters', 'batch_size', 'eval_batch_size'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == 'iters' else 1):
         raise ValueError(f'QuantConfig.{name} must be a {"non-negative" if name == "iters" else "positive"} '
                          f'integer, got {value!r}')
-    for name in ('lr', 'lr_s1'):
-      value = getattr(self, name)
-      if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-        raise ValueError(f'QuantConfig.{name} must be a non-negative number or None, got {value!r}')
-    if not 0.0 <= self.drop_prob <= 1.0:
+    if not isinstance(self.drop_prob, (int, float)) or not 0.0 <= self.drop_prob <= 1.0:
       raise ValueError(f'QuantConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}')
-    if not 0.0 <= self.adaround_warmup < 1.0:
-      raise ValueError(f'QuantConfig.adaround_warmup must be in [0, 1), got {self.adaround_warmup!r}')
-    if len(tuple(self.adaround_beta)) != 2:
-      raise ValueError(f'QuantConfig.adaround_beta must be (start, end), got {self.adaround_beta!r}')
     if self.sample_shards is not None and (not isinstance(self.sample_shards, int) or self.sample_shards < 1 or
                                            self.batch_size % self.sample_shards):
       raise ValueError(f'QuantConfig.sample_shards must be a positive integer dividing batch_size '
@@ -109,31 +159,71 @@ class QuantConfig:
     if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices < 1):
       raise ValueError(f'QuantConfig.num_devices must be a positive integer or None, got {self.num_devices!r}')
 
-  @property
-  def learning_rate(self) -> float:
-    return DEFAULT_LR[self.method] if self.lr is None else float(self.lr)
+  def resolve(self, module_path: str) -> tuple[QuantSpec, Method] | None:
+    """(spec, method) for the kernel of ``module_path`` from the first matching rule; None if it is skipped."""
+    for rule in self.rules:
+      if rule.matches(module_path):
+        if rule.skip:
+          return None
+        return rule.apply(self.weight), rule.method or self.method
+    return self.weight, self.method
 
-  def spec_for(self, module_path: str) -> QuantSpec:
-    """QuantSpec of the kernel of ``module_path``: the first fully matching ``layer_bits`` rule sets the bits."""
-    for pattern, bits in self.layer_bits.items():
-      if re.fullmatch(pattern, module_path):
-        return self.weight.replace(bits=bits)
-    return self.weight
+  def methods(self) -> list[Method]:
+    """Every method the config can use (default first), each once."""
+    out = [self.method]
+    for rule in self.rules:
+      if rule.method is not None and all(rule.method is not m for m in out):
+        out.append(rule.method)
+    return out
+
+  def describe(self) -> dict:
+    """JSON-ready description of every field (methods and rules as dicts)."""
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.name == 'method':
+        value = value.describe()
+      elif f.name == 'rules':
+        value = [r.describe() for r in value]
+      elif isinstance(value, QuantSpec):
+        value = dataclasses.asdict(value)
+      out[f.name] = value
+    return out
 
   def fingerprint_fields(self) -> dict:
     """The fields that change results (not where files go or how progress is shown)."""
     skip = {'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 'spill_dir', 'num_devices', 'eval_batch_size',
             'keep_states'}
+    return {k: v for k, v in self.describe().items() if k not in skip}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:
+    """QuantConfig from a (config-file) mapping of its fields; ``weight`` may be a mapping of QuantSpec fields."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f'unknown QuantConfig fields {sorted(unknown)}; fields: '
+                       f'{[f.name for f in dataclasses.fields(cls)]}')
+    if isinstance(d.get('weight'), Mapping):
+      d['weight'] = QuantSpec(**d['weight'])
+    if 'rules' in d:
+      d['rules'] = tuple(dict(r) if isinstance(r, Mapping) else r for r in (d['rules'] or ()))
+    if isinstance(d.get('method'), Mapping):
+      d['method'] = {k: v for k, v in dict(d['method']).items()}
+    return cls(**d)
+
+  @classmethod
+  def field_types(cls) -> dict[str, type]:
+    """The scalar type of each optional field (for config placeholders): 'str | None' -> str."""
+    hints = typing.get_type_hints(cls)
     out = {}
-    for f in dataclasses.fields(self):
-      if f.name not in skip:
-        value = getattr(self, f.name)
-        out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else (
-            dict(value) if isinstance(value, Mapping) else value)
+    for name, hint in hints.items():
+      args = [a for a in typing.get_args(hint) if a is not type(None)]
+      out[name] = args[0] if len(args) == 1 else hint
     return out
 
 
-def _check_regex(pattern, where):
+def check_regex(pattern, where):
   if not isinstance(pattern, str):
     raise ValueError(f'{where} must be a regex string, got {pattern!r}')
   try:

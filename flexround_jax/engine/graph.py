@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 import threading
 from typing import Any, Callable
 
@@ -22,6 +21,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
+
+from .. import treepath
+from ..treepath import path_str
 
 Params = Any
 _local = threading.local()
@@ -49,10 +51,6 @@ class _StopForward(Exception):
     self.call = call
 
 
-def path_str(path) -> str:
-  return '/'.join(str(p) for p in path)
-
-
 # ---------------------------------------------------------------------------------------------- interception ----
 
 def _module_info(module) -> dict:
@@ -76,8 +74,8 @@ class _Recorder:
 
   def before(self, path, module_cls_name, args, kwargs, make_apply, info) -> Call:
     call = Call(path=path, cls_name=module_cls_name, index=len(self.calls),
-                args=args if self.keep_values or self.stop_at else None,
-                kwargs=kwargs if self.keep_values or self.stop_at else None, info=info)
+                args=args if self.keep_values or self.stop_at is not None else None,
+                kwargs=kwargs if self.keep_values or self.stop_at is not None else None, info=info)
     if self.want_apply:
       call.apply, call.signature = make_apply()
     self.calls.append(call)
@@ -226,44 +224,23 @@ def _view_shape(shape, cls_name: str, info: dict) -> tuple[tuple[int, ...], bool
   return (math.prod(shape[:n_in]), math.prod(shape[n_in:])), False
 
 
-def find_kernels(params, calls: list[Call], exclude: str | None) -> list[Kernel]:
+def find_kernels(params, calls: list[Call], skip: Callable[[str], bool] = lambda module: False) -> list[Kernel]:
+  """Every quantizable kernel of ``params`` whose module is not ``skip``ped, in params order."""
   by_path = {}
   for c in calls:
     by_path.setdefault(c.path, c)
   kernels = []
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = tuple(_raw_key(k) for k in key_path)
+    names = treepath.path_names(key_path)
     if names[-1] != 'kernel' or np.ndim(leaf) < 2:
       continue
     module = path_str(names[:-1])
-    if exclude and re.fullmatch(exclude, module):
+    if skip(module):
       continue
     call = by_path.get(module)
     if call is None:
       raise ValueError(f'kernel {path_str(names)} belongs to module {module!r}, which apply_fn never called; '
-                       f'exclude it with QuantConfig.exclude')
+                       f'keep it float with a rule: QuantConfig(rules=[Rule({module!r}, skip=True)])')
     view, is_conv = _view_shape(np.shape(leaf), call.cls_name, call.info)
     kernels.append(Kernel(names, module, tuple(np.shape(leaf)), view, is_conv))
   return kernels
-
-
-def _raw_key(key):
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return getattr(key, attr)
-  return key
-
-
-def get_subtree(tree, path: tuple[str, ...]):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def set_leaf(tree, path: tuple[str, ...], value):
-  """Copy of nested dict ``tree`` with the leaf at ``path`` replaced (only the spine is copied)."""
-  if not path:
-    return value
-  new = dict(tree)
-  new[path[0]] = set_leaf(tree[path[0]], path[1:], value)
-  return new

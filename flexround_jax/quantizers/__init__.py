@@ -4,11 +4,12 @@
   k_hat = method.fake_quant(kernel, state, spec)  # differentiable w.r.t. state entries in method.TRAINABLE
   qt    = method.finalize(kernel, state, spec)    # QTensor; qt.dequantize() == fake_quant, bit for bit
 
-Methods: ``rtn`` (round-to-nearest), ``adaround`` (Nagel et al. 2020), ``flexround`` (Lee et al. 2023).
+and a factory ``method(**knobs) -> base.Method`` that the engine runs (``flexround_jax.methods`` lists them).
+Methods: ``rtn`` (round-to-nearest), ``adaround`` (Nagel et al. 2020), ``flexround`` (Lee et al. 2023), ``lrq``
+(FlexRound with a low-rank S2, Lee et al. 2024), ``gptq`` (Frantar et al. 2023, closed form), and ``gptq_start``
+(a learned method started from the GPTQ solution).
 """
 
-from flexround_jax.quantizers import adaround, flexround, rtn
+from flexround_jax.quantizers import adaround, base, flexround, gptq, gptq_start, lrq, rtn
 
-METHODS = {'rtn': rtn, 'adaround': adaround, 'flexround': flexround}
-
-__all__ = ['METHODS', 'adaround', 'flexround', 'rtn']
+__all__ = ['adaround', 'base', 'flexround', 'gptq', 'gptq_start', 'lrq', 'rtn']

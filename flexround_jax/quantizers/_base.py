@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from flexround_jax import _layout
 from flexround_jax.spec import QuantSpec
@@ -82,6 +83,12 @@ def check_kernel(kernel, spec: QuantSpec, name: str = 'kernel', values: bool = F
     raise ValueError(f'{name} contains NaN or Inf')
 
 
+def check_rate(value, name: str) -> None:
+  """Raises ValueError naming ``name`` unless ``value`` is a finite non-negative number."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+    raise ValueError(f'{name} must be a non-negative number, got {value!r}')
+
+
 def check_state(kernel, state: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], name: str = 'state'):
   """Raises ValueError if ``state`` does not have exactly the ``expected`` keys and shapes for ``kernel``."""
   if not isinstance(state, Mapping):
@@ -143,3 +150,13 @@ def init_grid(kernel, spec: QuantSpec):
 
   best = jax.lax.fori_loop(1, MSE_SHRINK_STEPS, body, candidate(0))
   return best[0], best[1]
+
+
+def adam_cosine(iters: int, lr: float, lr_s1: float | None = None):
+  """Adam with cosine decay to 0 over ``iters`` (the official FlexRound / LRQ schedule), over a list of per-kernel
+  dicts; with ``lr_s1`` the ``log_s1`` entries get their own rate."""
+  sched = lambda rate: optax.cosine_decay_schedule(rate, iters, alpha=0.0)
+  if lr_s1 is None:
+    return optax.adam(sched(lr))
+  labels = lambda tr: [{k: ('s1' if k == 'log_s1' else 'rest') for k in st} for st in tr]
+  return optax.multi_transform({'s1': optax.adam(sched(lr_s1)), 'rest': optax.adam(sched(lr))}, labels)

@@ -12,12 +12,17 @@ State: ``v`` (kernel shape), ``scale`` (grid shape), ``zero_point`` (int32, grid
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
+from flexround_jax.quantizers.base import Method
 from flexround_jax.spec import QuantSpec
 
 ZETA, GAMMA = 1.1, -0.1
@@ -74,3 +79,43 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
+
+
+def beta_schedule(iters: int, beta=(20.0, 2.0), warmup: float = 0.2) -> np.ndarray:
+  """beta per step, (iters,) float32: ``beta[0]`` during the warm-up, then linear to ``beta[1]`` (BRECQ's
+  LinearTempDecay). Computed on the host in float64 and rounded once, so every step sees the same value as a
+  host-side loop would pass in."""
+  warm = int(warmup * iters)
+  b0, b1 = float(beta[0]), float(beta[1])
+  rel = [0.0 if i < warm else (i - warm) / max(1, iters - warm) for i in range(iters)]
+  return np.asarray([b0 + (b1 - b0) * r for r in rel], np.float32)
+
+
+def penalty(states, step, iters: int, reg: float = 0.01, beta=(20.0, 2.0), warmup: float = 0.2):
+  """lambda * sum over the unit's kernels of regularizer(V, beta(step)); lambda = 0 during the warm-up.
+
+  ``states``: the AdaRound states of one unit's kernels; ``step``: traced int32.
+  """
+  b = jnp.asarray(beta_schedule(iters, beta, warmup))[step]
+  lam = jnp.where(step < int(warmup * iters), jnp.float32(0.0), jnp.float32(reg))
+  total = 0.0
+  for state in states:
+    total = total + regularizer(state, b)
+  return lam * total
+
+
+def method(lr: float = 1e-3, reg: float = 0.01, beta=(20.0, 2.0), warmup: float = 0.2) -> Method:
+  """AdaRound as a Method, BRECQ's defaults: Adam at a constant ``lr``, regulariser weight ``reg`` (0.1 for
+  MobileNetV2 in BRECQ), beta annealed linearly from ``beta[0]`` to ``beta[1]`` after a ``warmup`` fraction of
+  the iterations without regulariser. Soft rounding while training, hard rounding when finalized."""
+  _base.check_rate(lr, 'adaround lr')
+  _base.check_rate(reg, 'adaround reg')
+  beta = tuple(float(b) for b in beta)
+  if len(beta) != 2:
+    raise ValueError(f'adaround beta must be (start, end), got {beta!r}')
+  if not 0.0 <= warmup < 1.0:
+    raise ValueError(f'adaround warmup must be in [0, 1), got {warmup!r}')
+  return Method(name='adaround', hparams={'lr': lr, 'reg': reg, 'beta': list(beta), 'warmup': warmup}, init=init,
+                fake_quant=lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec),
+                finalize=finalize, trainable=TRAINABLE, optimizer=lambda iters: optax.adam(lr),
+                penalty=functools.partial(penalty, reg=reg, beta=beta, warmup=warmup))

@@ -19,11 +19,14 @@ At init FlexRound is round-to-nearest on the initial grid, bit for bit.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
+from flexround_jax.quantizers.base import Method
 from flexround_jax.spec import QuantSpec
 
 TRAINABLE: tuple[str, ...] = ('log_s1', 'log_s2', 'log_s3', 'log_s4')
@@ -82,3 +85,20 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=_base.step_size(jnp.asarray(state['log_s1'], jnp.float32)),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
+
+
+def optimizer(iters: int, lr: float, lr_s1: float | None = None):
+  """Adam with cosine decay to 0 over ``iters``; optionally its own rate for ``log_s1`` (``_base.adam_cosine``)."""
+  return _base.adam_cosine(iters, lr, lr_s1)
+
+
+def method(lr: float = 3e-3, lr_s1: float | None = None) -> Method:
+  """FlexRound as a Method. ``lr``: Adam rate with cosine decay (3e-3: the official W4 Llama-2-7B script);
+  ``lr_s1``: a separate rate for log_s1 (None: ``lr``; the official code uses one rate)."""
+  _base.check_rate(lr, 'flexround lr')
+  if lr_s1 is not None:
+    _base.check_rate(lr_s1, 'flexround lr_s1')
+  return Method(name='flexround', hparams={'lr': lr, 'lr_s1': lr_s1}, init=init,
+                fake_quant=lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec),
+                finalize=finalize, trainable=TRAINABLE,
+                optimizer=functools.partial(optimizer, lr=lr, lr_s1=lr_s1))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
+from flexround_jax.quantizers.base import Method
 from flexround_jax.spec import QuantSpec
 
 TRAINABLE: tuple[str, ...] = ()
@@ -48,3 +49,10 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
+
+
+def method() -> Method:
+  """Round-to-nearest as a Method: nothing is trained."""
+  return Method(name='rtn', hparams={}, init=init,
+                fake_quant=lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec),
+                finalize=finalize)

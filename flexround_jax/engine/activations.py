@@ -1,0 +1,216 @@
+"""The activation side of the engine: the user's calibration data as host arrays, the data meshes, placing
+batches on devices, the per-unit activation cache (RAM or memory-mapped files) and minibatch sampling from it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def as_arrays(calib_data) -> Any:
+  """A pytree of host numpy arrays sharing the leading (sample) axis, from any accepted calibration input.
+
+  Accepted: an array; a dict (or other pytree) of arrays; a TFDS data source or any sequence of examples
+  (``len`` and indexing, each example a dict of arrays); an iterable of batches (arrays or dicts of arrays).
+  """
+  if calib_data is None:
+    raise ValueError('calib_data is None: pass an array, a dict of arrays, an iterable of batches or a data source')
+  if hasattr(calib_data, 'shape') and hasattr(calib_data, 'dtype'):
+    tree = np.asarray(calib_data)
+  elif isinstance(calib_data, dict):
+    tree = jax.tree.map(np.asarray, calib_data)
+  elif (hasattr(calib_data, '__len__') and hasattr(calib_data, '__getitem__')
+        and not isinstance(calib_data, (list, tuple))):
+    n = len(calib_data)
+    if n == 0:
+      raise ValueError('calib_data is empty (a data source with no examples)')
+    getitems = getattr(calib_data, '__getitems__', None)
+    examples = getitems(list(range(n))) if getitems else [calib_data[i] for i in range(n)]
+    tree = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *examples)
+  elif isinstance(calib_data, Iterable):
+    batches = list(calib_data)
+    if not batches:
+      raise ValueError('calib_data is empty (the iterable yielded no batches)')
+    try:
+      tree = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *batches)
+    except ValueError as e:
+      raise ValueError(f'calib_data batches do not share one structure and trailing shapes: {e}') from e
+  else:
+    raise ValueError(f'calib_data of type {type(calib_data).__name__} is not supported')
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    raise ValueError('calib_data holds no arrays')
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(f'calib_data arrays must share the leading (sample) axis; got shapes '
+                     f'{[np.shape(x) for x in leaves]}')
+  if sizes.pop() == 0:
+    raise ValueError('calib_data is empty (0 samples)')
+  for x in leaves:
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+      raise ValueError('calib_data contains NaN or Inf')
+  return tree
+
+
+def num_samples(tree) -> int:
+  return int(np.shape(jax.tree.leaves(tree)[0])[0])
+
+
+def take(tree, idx):
+  return jax.tree.map(lambda x: x[idx], tree)
+
+
+def chunks(tree, size: int):
+  """Yields (start, n_valid, chunk) with every chunk padded to ``size`` rows (repeating the last row)."""
+  n = num_samples(tree)
+  for start in range(0, n, size):
+    stop = min(start + size, n)
+    idx = np.arange(start, start + size)
+    idx[idx >= stop] = stop - 1
+    yield start, stop - start, take(tree, idx)
+
+
+class ActivationStore:
+  """Host storage for one block's inputs or targets: a list of (N, ...) arrays, in RAM or memory-mapped files."""
+
+  def __init__(self, n: int, spill_dir: str | None = None):
+    self.n = n
+    self.spill_dir = spill_dir
+    self.arrays: list[np.ndarray] | None = None
+    self._tmp = None
+
+  def _alloc(self, shape, dtype):
+    if self.spill_dir is None:
+      return np.empty(shape, dtype)
+    if self._tmp is None:
+      os.makedirs(self.spill_dir, exist_ok=True)
+      self._tmp = tempfile.mkdtemp(prefix='acts_', dir=self.spill_dir)
+    path = os.path.join(self._tmp, f'{len(self.arrays or [])}.npy')
+    return np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)
+
+  def write(self, start: int, n_valid: int, leaves: list):
+    if self.arrays is None:
+      self.arrays = []
+      for leaf in leaves:
+        self.arrays.append(self._alloc((self.n,) + tuple(np.shape(leaf)[1:]), np.asarray(leaf).dtype))
+    for dst, leaf in zip(self.arrays, leaves):
+      dst[start:start + n_valid] = np.asarray(leaf)[:n_valid]
+
+  @classmethod
+  def from_arrays(cls, arrays: list, spill_dir: str | None = None) -> ActivationStore:
+    store = cls(int(np.shape(arrays[0])[0]), spill_dir)
+    store.write(0, store.n, arrays)
+    return store
+
+  @property
+  def nbytes(self) -> int:
+    return sum(a.nbytes for a in self.arrays or [])
+
+  def close(self):
+    self.arrays = None
+    if self._tmp is not None:
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(self._tmp, ignore_errors=True)
+      self._tmp = None
+
+
+class Sampler:
+  """Seeded, stratified minibatch indices into this process's calibration samples.
+
+  The global calibration set is split into ``shards`` equal contiguous parts (each process holds
+  shards / process_count of them); every step draws batch_size / shards samples from each part, with a generator
+  seeded by (seed, unit, part), so the global minibatch does not depend on how the parts are spread over processes.
+  """
+
+  def __init__(self, n_local: int, batch_size: int, sample_shards: int | None, seed: int, unit_index: int):
+    procs = jax.process_count()
+    shards = sample_shards or procs
+    if shards % procs or batch_size % shards:
+      raise ValueError(f'QuantConfig.sample_shards={shards} must be a multiple of the {procs} processes and divide '
+                       f'batch_size={batch_size}')
+    local = shards // procs
+    if n_local % local:
+      raise ValueError(f'the {n_local} calibration samples of this process do not split into {local} equal parts '
+                       f'(QuantConfig.sample_shards={shards})')
+    self.part, self.b = n_local // local, batch_size // shards
+    first = jax.process_index() * local
+    self.rngs = [np.random.default_rng([seed, unit_index, first + j]) for j in range(local)]
+    self.replace = self.b > self.part
+
+  def __call__(self, step):
+    return np.concatenate([j * self.part + np.sort(rng.choice(self.part, self.b, replace=self.replace))
+                           for j, rng in enumerate(self.rngs)])
+
+
+class Placement:
+  """The data meshes of a run and how host arrays get onto them.
+
+  ``mesh`` spans the devices of every process (training steps: the global minibatch is split over it, parameters
+  replicated); ``local_mesh`` this process's devices (chunked forwards over this process's samples).
+  """
+
+  def __init__(self, batch_size: int, num_devices: int | None):
+    devices = jax.devices()
+    local = jax.local_devices()
+    n_local = len(local) if num_devices is None else min(num_devices, len(local))
+    per_proc_batch = batch_size // max(1, jax.process_count())
+    while per_proc_batch % n_local:   # the batch must split evenly over the devices
+      n_local -= 1
+    local = local[:n_local]
+    self.local_mesh = jax.sharding.Mesh(np.array(local), ('data',))
+    if jax.process_count() == 1:
+      self.mesh = self.local_mesh
+    else:
+      by_proc = {}
+      for d in devices:
+        by_proc.setdefault(d.process_index, []).append(d)
+      chosen = [d for p in sorted(by_proc) for d in by_proc[p][:n_local]]
+      self.mesh = jax.sharding.Mesh(np.array(chosen), ('data',))
+    self.n_local_devices = n_local
+
+  def chunk_size(self, eval_batch_size: int) -> int:
+    """Samples per chunked forward: a multiple of the local devices."""
+    n = self.n_local_devices
+    return max(n, (eval_batch_size // n) * n)
+
+  def local(self, tree):
+    """Host arrays split over this process's devices along axis 0."""
+    sharding = NamedSharding(self.local_mesh, P('data'))
+    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+  def replicated(self, tree):
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+  def global_batch(self, arrays: list):
+    """This process's part of a minibatch -> global arrays split over ``mesh`` along axis 0."""
+    if jax.process_count() == 1:
+      sharding = NamedSharding(self.mesh, P('data'))
+      return [jax.device_put(a, sharding) for a in arrays]
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return [multihost_utils.host_local_array_to_global_array(a, self.mesh, P('data')) for a in arrays]
+
+  def global_replicated(self, array):
+    if jax.process_count() == 1:
+      return jax.device_put(array, NamedSharding(self.mesh, P()))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.host_local_array_to_global_array(array, self.mesh, P())
+
+  def map(self, fn, params, inputs, store: ActivationStore, chunk: int) -> ActivationStore:
+    """``fn(params, chunk)`` over ``inputs`` in chunks on the local devices; every output leaf into ``store``."""
+    for start, n_valid, part in chunks(inputs, chunk):
+      out = fn(params, self.local(part))
+      store.write(start, n_valid, [np.asarray(o) for o in jax.tree.leaves(out)])
+    return store
+
+
+def sum_over_processes(value: float) -> float:
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return float(np.sum(multihost_utils.process_allgather(np.float64(value))))

@@ -1,0 +1,193 @@
+"""``quantize``: block-wise reconstruction of any Flax model (the FlexRound / BRECQ procedure).
+
+For each unit (``plan``), in forward order: its inputs x_q in the model whose earlier units are already quantized
+(and x_fp in the float model), the float unit's targets y_fp, then ``unit.UnitReconstructor.reconstruct`` (solve,
+train, finalize) and the quantized model goes on with the unit's integer codes. Only the current unit's inputs
+and targets are held (host RAM, or memory-mapped files with ``spill_dir``); a chain unit's inputs are the previous
+unit's outputs, otherwise the (partially quantized) model runs up to the unit, stopping there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .. import treepath
+from . import activations, checkpoint, graph
+from . import plan as plan_lib
+from .activations import ActivationStore
+from .config import QuantConfig
+from .unit import Compiled, UnitReconstructor
+from ..qtensor import QTensor
+
+
+@dataclasses.dataclass
+class QuantizeResult:
+  """What ``quantize`` returns.
+
+  Attributes:
+    params: same tree (and type) as the input params, every quantized kernel replaced by its dequantized value.
+    qtensors: {'/'-joined kernel path: QTensor} for every quantized kernel (Dense-like kernels of rank > 2, e.g.
+      DenseGeneral, are quantized as their 2-D (in, out) view; ``dequantize_params`` reshapes them back).
+    report: per unit: unit, kind, kernels, bits, methods, loss_rtn (loss at the RTN start), loss_final (of the
+      kept kernels), loss_trained (before any fall-back), iters, seconds, fell_back_to_rtn, loss_curve ([step,
+      mean training loss] pairs), new_train_step (whether the unit compiled its own step), method_facts (per kernel,
+      from methods that report, e.g. GPTQ's damping).
+    plan: the units, kernels and sizes, as printed by ``dry_run``.
+    config: the QuantConfig.
+    states: with ``QuantConfig.keep_states``, the final quantizer state of every kernel (FlexRound: log_s1..4),
+      keyed like ``qtensors`` (units restored from a checkpoint have none).
+  """
+
+  params: Any
+  qtensors: dict[str, QTensor]
+  report: list[dict]
+  plan: list[dict]
+  config: QuantConfig
+  states: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = QuantConfig()) -> QuantizeResult:
+  """Quantizes every kernel of a Flax model by block-wise reconstruction on ``calib_data``.
+
+  Args:
+    params: linen ``variables['params']`` (nested dict) or an nnx ``State`` of ``nnx.Param``.
+    apply_fn: the model's pure forward ``apply_fn(params, batch) -> output``; other collections (batch_stats, ...)
+      are closed over. Must run with ``params`` in the same form it is given here.
+    calib_data: an array, a dict of arrays, an iterable of batches, or a TFDS data source; the samples are the
+      leading axis. In a multi-process run, each process passes its own shard (same size on every process).
+    config: a QuantConfig.
+
+  Returns:
+    QuantizeResult.
+  """
+  if not isinstance(config, QuantConfig):
+    raise ValueError(f'config must be a QuantConfig, got {type(config).__name__}')
+  if not callable(apply_fn):
+    raise ValueError('apply_fn must be callable as apply_fn(params, batch)')
+  is_nnx = isinstance(params, nnx.State)
+  tree = nnx.to_pure_dict(params) if is_nnx else params
+  plan_lib.check_params(tree)
+  user_structure = jax.tree.structure(params)
+
+  def to_user(t):
+    return jax.tree.unflatten(user_structure, jax.tree.leaves(t)) if is_nnx else t
+
+  def model_fn(t, batch):
+    return apply_fn(to_user(t), batch)
+
+  calib = activations.as_arrays(calib_data)
+  n = activations.num_samples(calib)
+  units = plan_lib.plan_units(model_fn, tree, calib, config)
+  plan = plan_lib.describe(units, n, config)
+  if config.dry_run:
+    plan_lib.print_plan(plan, n, config)
+    return QuantizeResult(params=params, qtensors={}, report=[], plan=plan, config=config)
+  trains = any(m.trains for u in units for m in u.methods)
+  if trains and config.batch_size > n * jax.process_count():
+    raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
+  tree_q, qtensors, report, states = _run(model_fn, tree, calib, units, config)
+  return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config,
+                        states=states)
+
+
+def dequantize_params(params, qtensors: dict[str, QTensor]):
+  """``params`` with each kernel named in ``qtensors`` replaced by ``qt.dequantize()`` (reshaped to the kernel)."""
+  is_nnx = isinstance(params, nnx.State)
+  tree = nnx.to_pure_dict(params) if is_nnx else params
+  keys = treepath.flatten_keys(tree)
+  for name, qt in qtensors.items():
+    if name not in keys:
+      raise ValueError(f'qtensors names kernel {name!r}, which is not in params')
+    leaf = treepath.get_subtree(tree, keys[name])
+    tree = treepath.set_leaf(tree, keys[name], qt.dequantize(jnp.asarray(leaf).dtype).reshape(np.shape(leaf)))
+  return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(tree)) if is_nnx else tree
+
+
+def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConfig):
+  """The unit loop; returns (quantized tree, qtensors, report, kept states)."""
+  placement = activations.Placement(config.batch_size, config.num_devices)
+  n = activations.num_samples(calib)
+  log_file = None
+  log_dir = config.log_dir or config.checkpoint_dir
+  if log_dir:
+    os.makedirs(log_dir, exist_ok=True)
+    log_file = os.path.join(os.path.abspath(log_dir), 'quantize_log.jsonl')
+
+  def log(**record):
+    if log_file and jax.process_index() == 0:
+      with open(log_file, 'a') as f:
+        f.write(json.dumps({'time': time.time(), **record}) + '\n')
+
+  ckpt = None
+  if config.checkpoint_dir:
+    if jax.process_count() > 1:
+      raise ValueError('QuantConfig.checkpoint_dir is not supported in multi-process runs yet')
+    ckpt = checkpoint.Checkpointer(config.checkpoint_dir, checkpoint.fingerprint(fp_tree, calib, config))
+  recon = UnitReconstructor(config, placement, n, Compiled(), log)
+  inputs_fns: dict[int, Callable] = {}
+
+  def unit_inputs(unit, tree) -> ActivationStore:
+    """The unit's batched inputs when ``tree`` runs on every calibration sample (forward stops at the unit)."""
+    if unit.index not in inputs_fns:
+      def fn(t, batch, unit=unit):
+        args, kwargs = graph.inputs_of(model_fn, t, batch, unit.name)
+        return [l for l, b in zip(jax.tree.leaves((args, kwargs)), unit.batched) if b]
+      inputs_fns[unit.index] = jax.jit(fn)
+    store = ActivationStore(n, config.spill_dir)
+    return placement.map(inputs_fns[unit.index], tree, calib, store, recon.chunk)
+
+  tree_q, qtensors, report, states = fp_tree, {}, [], {}
+  start_index, x_q, x_fp = 0, None, None
+  if ckpt is not None:
+    restored = ckpt.restore(units)
+    if restored is not None:
+      start_index, qtensors, report, acts = restored
+      tree_q = dequantize_params(fp_tree, qtensors)
+      if acts is not None:
+        x_q = ActivationStore.from_arrays(acts['x_q'], config.spill_dir)
+        x_fp = ActivationStore.from_arrays(acts['x_fp'], config.spill_dir)
+      print(f'quantize: resuming from {config.checkpoint_dir} at unit {start_index}/{len(units)}')
+      log(event='resume', unit_index=start_index)
+
+  for unit in units[start_index:]:
+    t0 = time.time()
+    if x_q is None:
+      x_q = unit_inputs(unit, tree_q)
+      x_fp = unit_inputs(unit, fp_tree)
+    fp_unit = treepath.get_subtree(fp_tree, unit.prefix)
+    y_fp = recon.forward(unit, fp_unit, x_fp)
+    log(event='unit_start', unit=unit.name, index=unit.index)
+    result = recon.reconstruct(unit, fp_unit, x_q, x_fp, y_fp)
+    result.report['seconds'] = round(time.time() - t0, 3)
+    report.append(result.report)
+    log(event='unit_end', **result.report)
+    qtensors.update(result.qtensors)
+    states.update(result.states)
+    q_unit = dequantize_params(fp_unit, {treepath.path_str(unit.rel(k)): result.qtensors[name]
+                                         for k, name in zip(unit.kernels, unit.kernel_names())})
+    tree_q = treepath.set_leaf(tree_q, tuple(unit.prefix), q_unit)
+
+    nxt = units[unit.index + 1] if unit.index + 1 < len(units) else None
+    if nxt is not None and nxt.chain_from_previous:
+      out_q = recon.forward(unit, q_unit, x_q)
+      x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
+      x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
+      out_q.close()
+    else:
+      x_q = x_fp = None
+    y_fp.close()
+    if ckpt is not None:
+      acts = None if x_q is None else {'x_q': list(x_q.arrays), 'x_fp': list(x_fp.arrays)}
+      ckpt.save(unit.index + 1, qtensors, report, acts)
+  if ckpt is not None:
+    ckpt.close()
+  return tree_q, qtensors, report, states

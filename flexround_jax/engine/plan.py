@@ -1,0 +1,226 @@
+"""Planning: which units a model is reconstructed in, what each unit holds, and how its inputs are obtained.
+
+A unit is a block matched by ``QuantConfig.blocks`` (all its kernels reconstructed together) or a lone kernel layer
+outside every block. The model is traced once on one and on two calibration samples: the calls give each unit's
+module, its inputs (which of them carry the batch) and its kernels; each kernel gets its spec and method from the
+config's rules. A unit whose first input is exactly the previous unit's output (and whose other inputs are the
+previous unit's) is a chain: its inputs are propagated through the previous unit alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from typing import Any
+
+import jax
+import numpy as np
+
+from .. import treepath
+from . import activations, graph
+from .config import QuantConfig
+from ..quantizers.base import Method
+from ..spec import QuantSpec
+
+
+@dataclasses.dataclass
+class Unit:
+  """One reconstruction unit.
+
+  Attributes:
+    index, name, kind: position in forward order, module path, 'block' or 'layer'.
+    call: the probe call (apply function, signature, example inputs and output).
+    prefix: params keys of the unit's subtree.
+    kernels, specs, methods: the unit's quantized kernels (params order) with their QuantSpec and Method.
+    call_order: kernel indices in the order their modules are first called (closed-form methods solve in it).
+    treedef, batched, constants: how the unit's (args, kwargs) are rebuilt from the cached batched arrays.
+    chain_from_previous: inputs come from the previous unit's output (see the module docstring).
+  """
+
+  index: int
+  name: str
+  kind: str
+  call: graph.Call
+  prefix: tuple
+  kernels: list[graph.Kernel]
+  specs: list[QuantSpec]
+  methods: list[Method]
+  treedef: Any
+  batched: tuple[bool, ...]
+  constants: tuple
+  call_order: tuple[int, ...] = ()
+  chain_from_previous: bool = False
+  _static_key: Any = None
+
+  def rebuild(self, dyn_leaves):
+    dyn = iter(dyn_leaves)
+    leaves = [next(dyn) if b else c for b, c in zip(self.batched, self.constants)]
+    args, kwargs = jax.tree.unflatten(self.treedef, leaves)
+    return args, kwargs
+
+  def rel(self, kernel: graph.Kernel) -> tuple:
+    """Keys of ``kernel`` inside the unit's params subtree."""
+    return kernel.param_path[len(self.prefix):]
+
+  def kernel_names(self) -> list[str]:
+    return [treepath.path_str(k.param_path) for k in self.kernels]
+
+  def apply(self, params, dyn_leaves):
+    """The unit's forward on its params subtree and its batched inputs."""
+    args, kwargs = self.rebuild(dyn_leaves)
+    return self.call.apply(params, *args, **kwargs)
+
+  @property
+  def static_key(self):
+    """Hashable description of everything static in this unit's computation (the compile cache key)."""
+    if self._static_key is None:
+      consts = tuple(_hashable(c) for b, c in zip(self.batched, self.constants) if not b)
+      self._static_key = (self.call.signature, str(self.treedef), self.batched, consts,
+                          tuple((self.rel(k), k.shape, k.view_shape) for k in self.kernels), tuple(self.specs),
+                          tuple(self.methods))
+    return self._static_key
+
+
+def _hashable(x):
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return ('array', np.shape(x), str(np.asarray(x).dtype), hashlib.sha1(np.asarray(x).tobytes()).hexdigest())
+  try:
+    hash(x)
+    return x
+  except TypeError:
+    return repr(x)
+
+
+def check_params(tree):
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  if not leaves:
+    raise ValueError('params is empty')
+  for kp, leaf in leaves:
+    arr = np.asarray(leaf)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+      raise ValueError(f'params contain NaN or Inf at {jax.tree_util.keystr(kp)}')
+
+
+def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
+  """The units of ``model_fn(tree, batch)`` in forward order (``calib``: host arrays from ``activations.as_arrays``).
+
+  Raises ValueError, before any long work, when the model fails on the calibration data, when a rule or the block
+  regex matches nothing usable, or when a kernel's method cannot take it.
+  """
+  n = activations.num_samples(calib)
+  probe_sizes = (1, 2) if n >= 2 else (1,)
+  traces = []
+  for size in probe_sizes:
+    try:
+      calls, _ = graph.trace_calls(model_fn, tree, activations.take(calib, np.arange(size)))
+    except Exception as e:  # the user's model failing is reported before any long work
+      raise ValueError(f'apply_fn(params, batch) failed on the first {size} calibration sample(s): '
+                       f'{type(e).__name__}: {e}') from e
+    traces.append(calls)
+  calls = traces[-1]
+  if not calls:
+    raise ValueError('apply_fn called no Flax submodule: is it a Flax linen (module.apply) or nnx (nnx.merge) '
+                     'model, run inside apply_fn?')
+  kernels = graph.find_kernels(tree, calls, skip=lambda module: config.resolve(module) is None)
+  if not kernels:
+    raise ValueError('params hold no quantizable kernel (a "kernel" leaf of rank >= 2 in a called module, not '
+                     'skipped by a rule)')
+  first_call = {}
+  for c in calls:
+    if c.path in first_call and c.path in {k.module for k in kernels}:
+      raise ValueError(f'module {c.path!r} is called more than once per forward; shared weights are not supported')
+    first_call.setdefault(c.path, c)
+
+  block_paths = []
+  if config.blocks is not None:
+    block_paths = [c.path for c in calls if c.path and re.fullmatch(config.blocks, c.path)]
+    block_paths = list(dict.fromkeys(block_paths))
+    if not block_paths:
+      seen = list(dict.fromkeys(c.path for c in calls if c.path))
+      raise ValueError(f'QuantConfig.blocks={config.blocks!r} matches no module path (re.fullmatch). '
+                       f'Module paths seen: {seen[:30]}{" ..." if len(seen) > 30 else ""}')
+    for a in block_paths:
+      for b in block_paths:
+        if b.startswith(a + '/'):
+          raise ValueError(f'QuantConfig.blocks={config.blocks!r} matches overlapping blocks {a!r} and {b!r}')
+
+  groups: dict[str, list[graph.Kernel]] = {}
+  for k in kernels:
+    owner = next((b for b in block_paths if k.module == b or k.module.startswith(b + '/')), k.module)
+    groups.setdefault(owner, []).append(k)
+
+  small_calls = {c.path: c for c in traces[0]}
+  units = []
+  for owner, ks in sorted(groups.items(), key=lambda kv: first_call[kv[0]].index):
+    call = first_call[owner]
+    depth = len(owner.split('/'))
+    prefix = ks[0].param_path[:depth]
+    leaves, treedef = jax.tree.flatten((call.args, call.kwargs))
+    small = jax.tree.leaves((small_calls[owner].args, small_calls[owner].kwargs))
+    batched = tuple(
+        hasattr(l, 'shape') and np.ndim(l) >= 1 and (len(probe_sizes) == 1 or np.shape(s)[0] != np.shape(l)[0])
+        for l, s in zip(leaves, small))
+    if not any(batched):
+      raise ValueError(f'unit {owner!r} receives no array with the batch on axis 0; cannot cache its inputs')
+    constants = tuple(None if b else (np.asarray(l) if hasattr(l, 'shape') else l) for l, b in zip(leaves, batched))
+    resolved = [config.resolve(k.module) for k in ks]
+    for k, (spec, method) in zip(ks, resolved):
+      if method.solve is not None and k.is_conv:
+        raise ValueError(f'kernel {treepath.path_str(k.param_path)} is a convolution; method {method.name!r} solves '
+                         f'Dense kernels only: give it another method with a Rule')
+    units.append(Unit(index=len(units), name=owner, kind='block' if owner in block_paths else 'layer', call=call,
+                      prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
+                      treedef=treedef, batched=batched, constants=constants,
+                      call_order=tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))))
+  for prev, unit in zip(units, units[1:]):
+    unit.chain_from_previous = is_chain(prev, unit)
+  return units
+
+
+def is_chain(prev: Unit, unit: Unit) -> bool:
+  """True if ``unit``'s first batched input is exactly ``prev``'s output and its other inputs are ``prev``'s."""
+  out = prev.call.output
+  if not hasattr(out, 'shape'):
+    return False
+  cur = [l for l, b in zip(jax.tree.leaves((unit.call.args, unit.call.kwargs)), unit.batched) if b]
+  before = [l for l, b in zip(jax.tree.leaves((prev.call.args, prev.call.kwargs)), prev.batched) if b]
+  if np.shape(cur[0]) != np.shape(out) or not np.array_equal(np.asarray(cur[0]), np.asarray(out)):
+    return False
+  if len(cur) != len(before):
+    return False
+  return all(np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(cur[1:], before[1:]))
+
+
+def describe(units: list[Unit], n: int, config: QuantConfig) -> list[dict]:
+  """One dict per unit: kernels, bits, methods, weights, activation cache size, where its inputs come from."""
+  plan = []
+  for u in units:
+    dyn = [l for l, b in zip(jax.tree.leaves((u.call.args, u.call.kwargs)), u.batched) if b]
+    per_sample_in = sum(np.asarray(l)[0].nbytes for l in dyn)
+    per_sample_out = sum(np.asarray(l)[0].nbytes for l in jax.tree.leaves(u.call.output))
+    copies = 2 if config.drop_prob > 0 else 1
+    plan.append({
+        'unit': u.name, 'kind': u.kind,
+        'kernels': u.kernel_names(),
+        'bits': [s.bits for s in u.specs],
+        'methods': [m.name for m in u.methods],
+        'params': int(sum(math.prod(k.shape) for k in u.kernels)),
+        'activation_bytes': int(n * (per_sample_in * (1 + copies) + per_sample_out)),
+        'inputs_from': 'previous unit' if u.chain_from_previous else 'model forward',
+    })
+  return plan
+
+
+def print_plan(plan, n, config: QuantConfig):
+  lines = [f'quantization plan: method={config.method!r}, {len(plan)} units, {n} calibration samples, '
+           f'{config.iters} iters x batch {config.batch_size}']
+  for p in plan:
+    lines.append(f"  [{p['kind']:5s}] {p['unit']:40s} {len(p['kernels']):3d} kernels  {p['params']:>11,d} weights  "
+                 f"bits {sorted(set(p['bits']))}  {','.join(sorted(set(p['methods'])))}  "
+                 f"activations {p['activation_bytes'] / 2**20:8.1f} MiB  inputs: {p['inputs_from']}")
+  peak = max(p['activation_bytes'] for p in plan)
+  lines.append(f'  peak activation cache (one unit at a time): {peak / 2**20:.1f} MiB')
+  print('\n'.join(lines))

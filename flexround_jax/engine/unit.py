@@ -1,0 +1,333 @@
+"""Reconstructing one unit: its compiled functions, closed-form solves, the optax loop, and the RTN comparison.
+
+For a unit with cached inputs x_q (quantized model), x_fp (float model) and float targets y_fp:
+  1. RTN on every kernel, and its block loss (the start every method is compared with).
+  2. Kernels whose method solves in closed form (GPTQ) are solved one by one in call order, each from the Hessian
+     of its own inputs in the unit whose earlier kernels are already solved ("true sequential").
+  3. Kernels whose method is gradient-trained are trained jointly: ``iters`` steps of
+     ``mean(sum_features((unit_q(x) - y_fp)^2)) + sum of the methods' penalties``, each kernel's state updated by
+     its method's optax transformation.
+  4. Every kernel is finalized to a QTensor. With ``fallback_to_rtn``, a unit trained from a closed-form start
+     that ends worse than that start keeps the start, and a unit that ends worse than RTN keeps RTN.
+
+Compiled functions live in a ``Compiled`` cache owned by one ``quantize`` call and keyed by the unit's static
+key, so identical blocks compile once and nothing outlives the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import treepath
+from . import activations
+from .activations import ActivationStore, Placement
+from .config import QuantConfig
+from .plan import Unit
+from ..qtensor import QTensor
+from ..quantizers import rtn
+
+
+def per_sample_loss(out, y_leaves):
+  """Per sample: sum over the feature (last) axis of the squared error, mean over the other axes, summed over
+  output leaves."""
+  total = 0.0
+  for o, y in zip(jax.tree.leaves(out), y_leaves):
+    d = (o.astype(jnp.float32) - y.astype(jnp.float32)) ** 2
+    d = jnp.sum(d, axis=-1) if d.ndim > 1 else d
+    total = total + d.reshape(d.shape[0], -1).mean(axis=1)
+  return total
+
+
+def with_kernels(unit_params, unit: Unit, kernels_hat):
+  """``unit_params`` with each of the unit's kernels replaced (views reshaped back to the kernel's shape)."""
+  for k, w in zip(unit.kernels, kernels_hat):
+    unit_params = treepath.set_leaf(unit_params, unit.rel(k), jnp.reshape(w, k.shape))
+  return unit_params
+
+
+def kernel_views(unit: Unit, unit_params) -> list[jax.Array]:
+  """The unit's kernels as the quantizers see them (Dense (in, out), Conv (..., in_per_group, out))."""
+  return [jnp.asarray(treepath.get_subtree(unit_params, unit.rel(k))).reshape(k.view_shape) for k in unit.kernels]
+
+
+def _mix_inputs(x, x0_fp, key, drop_prob):
+  """QDrop: each element of the first input is the float model's with probability ``drop_prob``."""
+  keep_q = jax.random.uniform(key, x[0].shape) >= drop_prob
+  return [jnp.where(keep_q, x[0], x0_fp)] + list(x[1:])
+
+
+def make_optimizer(unit: Unit, iters: int):
+  """One optax transformation over the list of per-kernel trainable dicts: each kernel's method's own (one method:
+  that method's transformation itself; several: ``optax.multi_transform`` by kernel)."""
+  trained = [m for m in dict.fromkeys(unit.methods) if m.trains]
+  if len(trained) == 1:
+    return trained[0].optimizer(iters)
+  label_of = {m: f'm{i}' for i, m in enumerate(trained)}
+  txs = {label_of[m]: m.optimizer(iters) for m in trained}
+  txs['frozen'] = optax.set_to_zero()
+  labels = [label_of.get(m, 'frozen') for m in unit.methods]
+  return optax.multi_transform(txs, lambda tr: [{k: labels[i] for k in st} for i, st in enumerate(tr)])
+
+
+def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
+  """(jitted step, optimizer) for ``unit``.
+
+  ``step(trainable, opt_state, frozen, unit_params, x, y, x0_fp, key, step_index) -> (trainable, opt_state, loss)``
+  with ``trainable`` / ``frozen`` lists of per-kernel dicts (``Method.split``), ``x`` the unit's batched inputs,
+  ``y`` the float targets, ``x0_fp`` the float model's first input (used when ``drop_prob > 0``), ``key`` the
+  step's PRNG key and ``step_index`` an int32 scalar. Buffers of ``trainable`` and ``opt_state`` are donated.
+  """
+  opt = make_optimizer(unit, iters)
+  penalized = [m for m in dict.fromkeys(unit.methods) if m.penalty is not None]
+
+  def loss_fn(trainable, frozen, unit_params, x, y, x0_fp, key, step_index):
+    views = kernel_views(unit, unit_params)
+    states = [{**f, **t} for t, f in zip(trainable, frozen)]
+    kernels_hat = [m.fake_quant(v, st, spec, step_index, iters)
+                   for m, v, st, spec in zip(unit.methods, views, states, unit.specs)]
+    params = with_kernels(unit_params, unit, kernels_hat)
+    if drop_prob > 0:
+      x = _mix_inputs(x, x0_fp, key, drop_prob)
+    loss = jnp.mean(per_sample_loss(unit.apply(params, x), y))
+    for m in penalized:
+      loss = loss + m.penalty([st for st, mk in zip(states, unit.methods) if mk is m], step_index, iters)
+    return loss
+
+  def step(trainable, opt_state, frozen, unit_params, x, y, x0_fp, key, step_index):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, unit_params, x, y, x0_fp, key, step_index)
+    updates, opt_state = opt.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1)), opt
+
+
+class Compiled:
+  """Compiled functions of one ``quantize`` call, keyed by the units' static keys (identical blocks share them)."""
+
+  def __init__(self):
+    self._fns: dict = {}
+
+  def _get(self, key, build):
+    new = key not in self._fns
+    if new:
+      self._fns[key] = build()
+    return self._fns[key], new
+
+  def forward(self, unit: Unit):
+    return self._get(('forward', unit.static_key), lambda: jax.jit(unit.apply))[0]
+
+  def loss_eval(self, unit: Unit):
+    return self._get(('loss', unit.static_key),
+                     lambda: jax.jit(lambda params, dyn, y: per_sample_loss(unit.apply(params, dyn), y)))[0]
+
+  def train_step(self, unit: Unit, iters: int, drop_prob: float):
+    """((step, optimizer), newly built?)"""
+    return self._get(('train', unit.static_key, iters, drop_prob), lambda: make_train_step(unit, iters, drop_prob))
+
+  def hessian(self, unit: Unit, index: int):
+    return self._get(('hessian', unit.static_key, index), lambda: _hessian_fn(unit, index))[0]
+
+
+def _relative_module(unit: Unit, module: str) -> str:
+  return '' if module == unit.name else module[len(unit.name) + 1:]
+
+
+def _hessian_fn(unit: Unit, index: int):
+  """jitted ``(params, dyn, valid) -> (sum of x x^T, rows)`` over the input rows x of kernel ``index`` of the valid
+  samples (``valid``: 1 / 0 per sample of the chunk; padded samples count 0)."""
+  from . import graph  # pylint: disable=g-import-not-at-top
+  kernel = unit.kernels[index]
+  n_in = kernel.view_shape[0]
+  path = _relative_module(unit, kernel.module)
+
+  def fn(params, dyn, valid):
+    args, _ = graph.inputs_of(lambda p, d: unit.apply(p, d), params, dyn, path)
+    x = jnp.asarray(args[0], jnp.float32)
+    trailing, size = 1, x.ndim
+    while trailing < n_in and size > 1:
+      size -= 1
+      trailing *= x.shape[size]
+    if trailing != n_in:
+      raise ValueError(f'the input of {kernel.module!r} (shape {x.shape}) does not end in the kernel\'s {n_in} '
+                       f'input features')
+    x = x * valid.reshape((-1,) + (1,) * (x.ndim - 1))
+    x = x.reshape(-1, n_in)
+    return x.T @ x, jnp.sum(valid) * (x.shape[0] // valid.shape[0])
+  return jax.jit(fn)
+
+
+@dataclasses.dataclass
+class UnitResult:
+  qtensors: dict[str, QTensor]
+  report: dict
+  states: dict[str, dict]
+
+
+class UnitReconstructor:
+  """Reconstructs units of one run: holds the config, the device placement, the compile cache and the log."""
+
+  def __init__(self, config: QuantConfig, placement: Placement, n_local: int, compiled: Compiled | None = None,
+               log: Callable[..., None] | None = None):
+    self.config = config
+    self.placement = placement
+    self.n = n_local
+    self.chunk = placement.chunk_size(config.eval_batch_size)
+    self.compiled = compiled or Compiled()
+    self.log = log or (lambda **record: None)
+
+  def forward(self, unit: Unit, unit_params, x: ActivationStore) -> ActivationStore:
+    """The unit applied to every cached input."""
+    store = ActivationStore(self.n, self.config.spill_dir)
+    return self.placement.map(self.compiled.forward(unit), unit_params, list(x.arrays), store, self.chunk)
+
+  def eval_loss(self, unit: Unit, fp_unit, qts, x: ActivationStore, y: ActivationStore) -> float:
+    """Mean per-sample block loss over the whole calibration set with the finalized kernels ``qts``."""
+    params = with_kernels(fp_unit, unit, [qt.dequantize() for qt in qts])
+    fn = self.compiled.loss_eval(unit)
+    total = 0.0
+    for _, n_valid, chunk in activations.chunks(list(x.arrays) + list(y.arrays), self.chunk):
+      chunk = self.placement.local(chunk)
+      per_sample = np.asarray(fn(params, chunk[:len(x.arrays)], chunk[len(x.arrays):]))
+      total += float(per_sample[:n_valid].astype(np.float64).sum())
+    total = activations.sum_over_processes(total)
+    return total / (self.n * jax.process_count())
+
+  def hessian(self, unit: Unit, index: int, unit_params, x: ActivationStore) -> jax.Array:
+    """H = 2/n sum x x^T (float32, (in, in)) over the n input rows (tokens) of kernel ``index`` on every cached
+    input, streamed chunk by chunk."""
+    fn = self.compiled.hessian(unit, index)
+    total, rows = None, 0.0
+    for _, n_valid, chunk in activations.chunks(list(x.arrays), self.chunk):
+      valid = np.zeros(self.chunk, np.float32)
+      valid[:n_valid] = 1.0
+      xtx, n_rows = fn(unit_params, self.placement.local(chunk), self.placement.local(valid))
+      total = xtx if total is None else total + xtx
+      rows += float(n_rows)
+    total = np.asarray(total, np.float32)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      total = np.sum(multihost_utils.process_allgather(total), axis=0).astype(np.float32)
+      rows = activations.sum_over_processes(rows)
+    return jnp.asarray(total * np.float32(2.0 / rows))
+
+  def solve(self, unit: Unit, fp_unit, x_q: ActivationStore) -> tuple[list, dict]:
+    """Start states of every kernel: closed-form solves in call order (each on the inputs of the unit with the
+    kernels solved before it quantized), ``init`` for the others. Returns (states, {kernel: method facts})."""
+    views = kernel_views(unit, fp_unit)
+    states: list = [None] * len(unit.kernels)
+    params = fp_unit
+    facts = {}
+    for i in unit.call_order:
+      method, spec = unit.methods[i], unit.specs[i]
+      if method.solve is None:
+        continue
+      h = self.hessian(unit, i, params, x_q)
+      states[i] = method.solve(views[i], spec, h)
+      qt = method.finalize(views[i], states[i], spec)
+      params = treepath.set_leaf(params, unit.rel(unit.kernels[i]),
+                                 jnp.reshape(qt.dequantize(views[i].dtype), unit.kernels[i].shape))
+    for i, (method, spec) in enumerate(zip(unit.methods, unit.specs)):
+      if states[i] is None:
+        states[i] = method.init(views[i], spec)
+      if method.report is not None:
+        facts[treepath.path_str(unit.kernels[i].param_path)] = method.report(jax.device_get(states[i]))
+    return states, facts
+
+  def train(self, unit: Unit, fp_unit, states, x_q, x_fp, y_fp, iters: int):
+    """``iters`` optax steps on the unit's trainable state; returns (states, loss curve, newly compiled?)."""
+    cfg = self.config
+    split = [m.split(st) for m, st in zip(unit.methods, states)]
+    trainable, frozen = [s[0] for s in split], [s[1] for s in split]
+    (step, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
+    trainable, frozen, unit_params = self.placement.replicated((trainable, frozen, fp_unit))
+    opt_state = self.placement.replicated(opt.init(trainable))
+    sampler = activations.Sampler(self.n, cfg.batch_size, cfg.sample_shards, cfg.seed, unit.index)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), unit.index)
+    bar = _progress(iters, unit, cfg)
+    every = max(1, min(50, iters // 20))
+    recent, curve = [], []
+    for i in range(iters):
+      idx = sampler(i)
+      x_batch = self.placement.global_batch([a[idx] for a in x_q.arrays])
+      y_batch = self.placement.global_batch([a[idx] for a in y_fp.arrays])
+      if cfg.drop_prob > 0:
+        x0_fp = self.placement.global_batch([x_fp.arrays[0][idx]])[0]
+      else:
+        x0_fp = self.placement.global_replicated(np.zeros((), np.float32))
+      trainable, opt_state, loss = step(trainable, opt_state, frozen, unit_params, x_batch, y_batch, x0_fp,
+                                        jax.random.fold_in(key, i), jnp.int32(i))
+      recent.append(loss)
+      if (i + 1) % every == 0 or i + 1 == iters:
+        value = float(np.mean([float(l) for l in recent]))
+        recent = []
+        curve.append([i + 1, value])
+        if bar is not None:
+          bar.set_postfix(loss=f'{value:.4g}')
+          bar.update(every if (i + 1) % every == 0 else (i + 1) % every)
+        if (i + 1) % (every * 5) == 0 or i + 1 == iters:
+          self.log(event='step', unit=unit.name, step=i + 1, loss=value)
+    if bar is not None:
+      bar.close()
+    trainable, frozen = jax.device_get((trainable, frozen))
+    return [{**f, **t} for t, f in zip(trainable, frozen)], curve, new
+
+  def reconstruct(self, unit: Unit, fp_unit, x_q: ActivationStore, x_fp: ActivationStore,
+                  y_fp: ActivationStore) -> UnitResult:
+    """Quantizes the unit's kernels (see the module docstring); ``fp_unit`` is the unit's float params subtree."""
+    cfg = self.config
+    views = kernel_views(unit, fp_unit)
+    rtn_states = [rtn.init(v, s) for v, s in zip(views, unit.specs)]
+    rtn_qts = [rtn.finalize(v, st, s) for v, st, s in zip(views, rtn_states, unit.specs)]
+    loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp)
+    trains = any(m.trains for m in unit.methods)
+    iters = cfg.iters if trains else 0
+    changes = trains or any(m.solve is not None for m in unit.methods)
+    qts, curve, states, facts, new_step = rtn_qts, [], rtn_states, {}, False
+    loss_start, kept_start = None, False
+    if changes:
+      states, facts = self.solve(unit, fp_unit, x_q)
+      solved = any(m.solve is not None for m in unit.methods)
+      if iters > 0 and solved:   # a closed-form start (GPTQ): training must beat it, not only RTN
+        start_states = states
+        start_qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
+        loss_start = self.eval_loss(unit, fp_unit, start_qts, x_q, y_fp)
+      if iters > 0:
+        states, curve, new_step = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
+      qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
+    loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp) if changes else loss_rtn
+    loss_trained, fell_back = loss_final, False
+    if loss_start is not None and cfg.fallback_to_rtn and not loss_final <= loss_start:
+      warnings.warn(f'unit {unit.name}: training ended at loss {loss_final:.6g}, worse than its closed-form start '
+                    f'{loss_start:.6g}; keeping the start for this unit')
+      qts, states, loss_final, kept_start = start_qts, start_states, loss_start, True
+    if changes and cfg.fallback_to_rtn and not loss_final <= loss_rtn:
+      names = ', '.join(sorted({m.name for m in unit.methods}))
+      warnings.warn(f'unit {unit.name}: {names} ended at loss {loss_final:.6g}, worse than its RTN start '
+                    f'{loss_rtn:.6g}; keeping RTN for this unit')
+      qts, loss_final, fell_back = rtn_qts, loss_rtn, True
+    names = unit.kernel_names()
+    rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
+           'bits': sorted({s.bits for s in unit.specs}), 'methods': sorted({m.name for m in unit.methods}),
+           'loss_rtn': loss_rtn, 'loss_final': loss_final, 'loss_trained': loss_trained, 'iters': iters,
+           'fell_back_to_rtn': fell_back, 'loss_curve': curve, 'new_train_step': new_step}
+    if loss_start is not None:
+      rep.update(loss_start=loss_start, kept_start=kept_start)
+    if facts:
+      rep['method_facts'] = facts
+    kept = {n: jax.device_get(st) for n, st in zip(names, states)} if cfg.keep_states else {}
+    return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept)
+
+
+def _progress(iters, unit, cfg):
+  if not cfg.progress or jax.process_index() != 0:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  names = ','.join(sorted({m.name for m in unit.methods if m.trains}))
+  return tqdm(total=iters, desc=f'{names} {unit.name}', unit='it', leave=True, dynamic_ncols=True)
