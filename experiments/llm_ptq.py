@@ -1,4 +1,5 @@
-"""SmolLM2-135M PTQ: RTN / AdaRound / FlexRound at W4 and W3, per-channel (official) and per-group 128.
+"""SmolLM2-135M PTQ: RTN / GPTQ / AdaRound / FlexRound / LRQ / GPTQ->FlexRound at W4 and W3, per-channel
+(official) and per-group 128.
 
 Writes experiments/results/llm_<granularity>_w<bits>_<method>.json (perplexity on the fixed protocol, per-layer
 report, wall time, peak RSS, export size). Existing JSONs are skipped; an interrupted setting resumes from its
@@ -28,9 +29,15 @@ from flexround_jax import export, provenance, run as runner, tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
-METHODS = ('rtn', 'flexround', 'adaround')
+METHODS = ('rtn', 'flexround', 'adaround', 'gptq', 'lrq', 'gptq_flexround')
 LR = {4: 3e-3, 3: 2.5e-3}            # the official Llama-2-7B FlexRound learning rates
-METHOD_KNOBS = {'flexround': lambda bits: {'lr': LR[bits]}, 'adaround': lambda bits: {'lr': 1e-3}}
+LRQ_LR = {4: 9e-4, 3: 6e-4}          # the official Llama-2-7B LRQ learning rates
+# LRQ's rank: 64 for every kernel of SmolLM2 (576 / 1536 wide): 15-45 % of FlexRound's learned entries per kernel
+# (the official code uses 1024 for 4096-wide Llama-2-7B layers, 25-50 %; a rank must stay below min(in, out) = 192).
+LRQ_RANK = 64
+METHOD_KNOBS = {'flexround': lambda bits: {'lr': LR[bits]}, 'adaround': lambda bits: {'lr': 1e-3},
+                'lrq': lambda bits: {'rank': LRQ_RANK, 'lr': LRQ_LR[bits]},
+                'gptq_flexround': lambda bits: {'lr': LR[bits]}}
 EXACT_CHECK_WINDOWS = 16
 CURVE_ITERS = (50, 100, 500)
 
@@ -87,7 +94,7 @@ def main():
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
       results = runner.run(config, workdir)
-    # Export as packed safetensors; for FlexRound also reload it and check the perplexity is exactly the same.
+    # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
     params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
     path = os.path.join(workdir, 'model.safetensors')
     sizes = export.save_safetensors(path, params_q, qtensors)
@@ -97,7 +104,7 @@ def main():
         'float32_bytes': sizes['float32_bytes'],
         'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
     })
-    if method == 'flexround':
+    if method != 'rtn':
       # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
       # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
       # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).

@@ -17,7 +17,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
 README = os.path.join(HERE, '..', 'README.md')
-METHODS = ('rtn', 'adaround', 'flexround')
+METHODS = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq', 'gptq+flexround', 'gptq+lrq')   # row order
 
 
 def _load(pattern):

@@ -1,4 +1,4 @@
-"""MiniLM-L6 weight-only PTQ table: RTN / AdaRound / FlexRound x W8 / W4 / W3 x per-channel / per-tensor.
+"""MiniLM-L6 weight-only PTQ table: RTN / GPTQ / AdaRound / FlexRound x W8 / W4 / W3 x per-channel / per-tensor.
 
 Each setting runs ``flexround_jax.run`` on configs/minilm.py with overrides and writes
 experiments/results/minilm_<granularity>_w<bits>_<method>.json (metrics, per-layer report, wall time, commit).
@@ -24,7 +24,7 @@ from flexround_jax import run as runner
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4), ('per_channel', 3), ('per_tensor', 4), ('per_channel', 8), ('per_tensor', 3),
             ('per_tensor', 8)]
-METHODS = ('rtn', 'flexround', 'adaround')
+METHODS = ('rtn', 'flexround', 'adaround', 'gptq')
 
 
 def load_config():
@@ -35,6 +35,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--only', default=None, help='e.g. per_channel_w4')
   parser.add_argument('--iters', type=int, default=None)
+  parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated subset of ' + ','.join(METHODS))
   parser.add_argument('--workdir', default=os.path.join('work', 'minilm_ptq'))
   args = parser.parse_args()
   from absl import logging as absl_logging
@@ -44,7 +45,7 @@ def main():
     tag = f'{granularity}_w{bits}'
     if args.only and args.only != tag:
       continue
-    for method in METHODS:
+    for method in [m for m in METHODS if m in args.methods.split(',')]:
       out = os.path.join(HERE, 'results', f'minilm_{tag}_{method}.json')
       if os.path.exists(out):
         print(f'skip {out} (exists)')
