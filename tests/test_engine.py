@@ -223,3 +223,17 @@ def test_config_round_trips_through_a_mapping():
   assert rebuilt.describe() == d
   with pytest.raises(ValueError, match='unknown QuantConfig fields'):
     fr.QuantConfig.from_dict({'iterations': 3})
+
+
+def test_reconstruct_unit_alone_equals_the_unit_inside_quantize():
+  params, apply_fn, calib = tiny_models.mlp()
+  config = fr.QuantConfig(method=fr.methods.flexround(lr=5e-3), weight=fr.QuantSpec(bits=3), blocks=r'block_\d+',
+                          rules=[fr.Rule(r'Dense_\d+', skip=True)], iters=20, batch_size=16, progress=False)
+  whole = fr.quantize(params, apply_fn, calib, config)
+  unit = fr.engine.plan_units(apply_fn, params, np.asarray(calib), config)[0]
+  x = np.asarray(calib @ params['Dense_0']['kernel'] + params['Dense_0']['bias'])
+  y = np.asarray(unit.apply(params['block_0'], [x]))
+  alone = fr.engine.reconstruct_unit(unit, params['block_0'], [x], [y], config)
+  assert alone.report['loss_final'] == pytest.approx(whole.report[0]['loss_final'], rel=1e-5)
+  for name, qt in alone.qtensors.items():
+    np.testing.assert_array_equal(qt.codes, whole.qtensors[name].codes)

@@ -12,7 +12,7 @@
 from .config import QuantConfig, Rule
 from .loop import QuantizeResult, dequantize_params, quantize
 from .plan import Unit, plan_units
-from .unit import UnitReconstructor, kernel_views, make_train_step
+from .unit import UnitReconstructor, UnitResult, kernel_views, make_train_step, reconstruct_unit
 
-__all__ = ['QuantConfig', 'QuantizeResult', 'Rule', 'Unit', 'UnitReconstructor', 'dequantize_params',
-           'kernel_views', 'make_train_step', 'plan_units', 'quantize']
+__all__ = ['QuantConfig', 'QuantizeResult', 'Rule', 'Unit', 'UnitReconstructor', 'UnitResult', 'dequantize_params',
+           'kernel_views', 'make_train_step', 'plan_units', 'quantize', 'reconstruct_unit']

@@ -331,3 +331,21 @@ def _progress(iters, unit, cfg):
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   names = ','.join(sorted({m.name for m in unit.methods if m.trains}))
   return tqdm(total=iters, desc=f'{names} {unit.name}', unit='it', leave=True, dynamic_ncols=True)
+
+
+def reconstruct_unit(unit: Unit, fp_unit, x_q: list, y_fp: list, config: QuantConfig,
+                     x_fp: list | None = None) -> UnitResult:
+  """Reconstructs one unit (from ``plan_units``) on its own, outside the ``quantize`` loop.
+
+  ``fp_unit``: the unit's float params subtree; ``x_q``: its batched inputs in the (partially) quantized model,
+  ``y_fp``: the float unit's outputs, ``x_fp``: its inputs in the float model (needed when ``drop_prob > 0``),
+  each a list of host arrays with the samples on axis 0.
+  """
+  n = int(np.shape(x_q[0])[0])
+  stores = [ActivationStore.from_arrays(list(a), config.spill_dir) for a in (x_q, x_fp or x_q, y_fp)]
+  recon = UnitReconstructor(config, Placement(config.batch_size, config.num_devices), n)
+  try:
+    return recon.reconstruct(unit, fp_unit, *stores)
+  finally:
+    for store in stores:
+      store.close()
