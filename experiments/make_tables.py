@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
 README = os.path.join(HERE, '..', 'README.md')
 METHODS = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq', 'gptq+flexround', 'gptq+lrq')   # row order
+IMAGE_METHODS = ('rtn', 'adaround', 'flexround')   # the image table's columns (GPTQ / LRQ quantize Dense only)
 
 
 def _load(pattern):
@@ -78,7 +79,7 @@ def image_table() -> str:
     for gran in ('per_tensor', 'per_channel'):
       for bits in (4, 3, 2):
         cells = []
-        for m in METHODS:
+        for m in IMAGE_METHODS:
           v = groups.get((model, gran, bits, m))
           cells.append('–' if not v else (f'{v[0]:.2f}' if len(v) == 1 else f'{np.mean(v):.2f} ± {np.std(v):.2f} '
                                                                          f'(n={len(v)})'))
