@@ -3,12 +3,10 @@ own defaults so no default is copied by hand."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 from ml_collections import config_dict
 
-from flexround_jax.engine.config import QuantConfig
+from flexround_jax.engine.config import QuantConfig, field_types
 from flexround_jax.spec import QuantSpec
 
 RUNNER_FIELDS = frozenset({'checkpoint_dir', 'log_dir'})   # set by the runner from --workdir
@@ -16,23 +14,24 @@ RUNNER_FIELDS = frozenset({'checkpoint_dir', 'log_dir'})   # set by the runner f
 
 def base_config() -> ml_collections.ConfigDict:
   """The config every experiment config starts from: ``quant`` holds every QuantConfig field at its default
-  (method as {'name': ..., knobs}, weight as the QuantSpec fields), so each is settable from a config file or the
-  command line (``--config.quant.iters=100``, ``--config.quant.method.lr=1e-3``, ``--config.quant.weight.bits=3``).
-  Fields that the runner sets itself (checkpoint_dir, log_dir) are not in it."""
+  (weight as the QuantSpec fields, method as {'name': ...}), so each is settable from a config file or the command
+  line (``--config.quant.iters=100``, ``--config.quant.weight.bits=3``, ``--config.quant.method.name=adaround``).
+  A method's knobs are its own: a config file sets those it uses (``quant.method = {'name': 'lrq', 'rank': 64}``),
+  and only knobs present in the file can be overridden from the command line. Fields that the runner sets itself
+  (checkpoint_dir, log_dir) are not in it."""
   defaults = QuantConfig().describe()
-  types = QuantConfig.field_types()
+  types, spec_types = field_types(QuantConfig), field_types(QuantSpec)
   quant = {}
   for name, value in defaults.items():
     if name in RUNNER_FIELDS:
       continue
-    if value is None:
-      value = config_dict.placeholder(types[name])
+    if name == 'method':
+      value = {'name': value['name']}
     elif name == 'weight':
-      spec_types = {f.name: f.type for f in dataclasses.fields(QuantSpec)}
-      value = {k: (config_dict.placeholder(int) if v is None and spec_types[k] == 'int | None' else v)
-               for k, v in value.items()}
+      value = {k: config_dict.placeholder(spec_types[k]) if v is None else v for k, v in value.items()}
+    elif value is None:
+      value = config_dict.placeholder(types[name])
     quant[name] = value
-  quant['method'] = {'name': defaults['method']['name']}   # knobs are the method's own: set those you change
   config = ml_collections.ConfigDict()
   config.task = config_dict.placeholder(str)
   config.task_args = ml_collections.ConfigDict()

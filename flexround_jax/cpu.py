@@ -21,19 +21,20 @@ FLAG = '--xla_force_host_platform_device_count'
 def use_all_cores(count: int | None = None) -> int:
   """Sets ``XLA_FLAGS`` so the CPU backend has ``count`` devices (default: the number of cores); returns the count.
 
-  Leaves the flags alone (and returns the count they already set, or 1) when a device count is already set, e.g.
-  by a test harness. Raises RuntimeError if JAX has already been imported, since the flag would be ignored.
+  Without ``count``, a device count already in ``XLA_FLAGS`` (e.g. set by a test harness) is kept and returned.
+  An explicit ``count`` replaces it. Raises RuntimeError if JAX has already been imported, since XLA reads the flag
+  once, when its backend starts.
   """
+  if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+    raise ValueError(f'count must be a positive integer, got {count!r}')
   flags = os.environ.get('XLA_FLAGS', '')
-  if FLAG in flags:
-    value = flags.split(FLAG + '=', 1)[1].split()[0] if FLAG + '=' in flags else '1'
-    return int(value)
+  preset = [f for f in flags.split() if f.startswith(FLAG + '=')]
+  if preset and count is None:
+    return int(preset[-1].split('=', 1)[1])
   if 'jax' in sys.modules:
     raise RuntimeError('flexround_jax.cpu.use_all_cores() must run before jax is imported (XLA reads XLA_FLAGS '
                        'once, when its backend starts)')
   count = count or os.cpu_count() or 1
-  if count < 1:
-    raise ValueError(f'count must be a positive integer, got {count!r}')
-  if count > 1:
-    os.environ['XLA_FLAGS'] = f'{flags} {FLAG}={count}'.strip()
+  flags = ' '.join(f for f in flags.split() if not f.startswith(FLAG + '='))
+  os.environ['XLA_FLAGS'] = f'{flags} {FLAG}={count}'.strip()
   return count

@@ -26,7 +26,7 @@ from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-
 
 from flexround_jax import provenance, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 from flexround_jax.engine import QuantConfig, quantize  # noqa: E402  pylint: disable=g-import-not-at-top
-from flexround_jax.config_base import RUNNER_FIELDS, base_config  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from flexround_jax.config_base import RUNNER_FIELDS  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for results, logs, checkpoints and the quantized model.')

@@ -211,11 +211,11 @@ print(f'float perplexity on {len(windows)} windows: {ppl_fp:.3f}')'''),
 A skip rule keeps the other layers float, so the change in perplexity is these layers' alone.'''),
     new_code_cell('''layers = '|'.join(str(i) for i in range(N_LAYERS))
 results = {}
-for method in [fr.methods.rtn(), fr.methods.flexround(lr=3e-3)]:
-    config = fr.QuantConfig(method=method, weight=fr.QuantSpec(bits=4, granularity='per_channel', grid_init='minmax'),
+for chosen in [fr.methods.rtn(), fr.methods.flexround(lr=3e-3)]:
+    config = fr.QuantConfig(method=chosen, weight=fr.QuantSpec(bits=4, granularity='per_channel', grid_init='minmax'),
                             rules=[fr.Rule(rf'(?!layers_({layers})/).*', skip=True)], blocks=rf'layers_({layers})',
                             iters=ITERS, batch_size=2, keep_states=True)
-    method = method.name
+    method = chosen.name
     results[method] = fr.quantize(params, apply_fn, calib, config)
     print(f"{method:10s} perplexity {ppl(results[method].params):.3f}  (float {ppl_fp:.3f})")
 plots.block_losses(results['flexround'], title=f'FlexRound: per-layer loss, first {N_LAYERS} layers');'''),

@@ -152,6 +152,12 @@ def test_bad_inputs_fail_before_work():
     fr.QuantConfig(rules=[{'pattern': 'x', 'bits': 12}])
   with pytest.raises(ValueError, match='not a valid regex'):
     fr.QuantConfig(rules=[fr.Rule('(')])
+  with pytest.raises(ValueError, match='takes no other setting'):
+    fr.Rule('head', skip=True, bits=8)
+  with pytest.raises(ValueError, match="rule 'Stem' matches no module path"):
+    fr.quantize(params, apply_fn, calib, fr.QuantConfig(rules=[fr.Rule('Stem', bits=8)], iters=1))
+  with pytest.raises(ValueError, match=r'Dense_0/kernel.*lrq.*rank'):   # the 16 -> 32 stem: rank 16 >= 16
+    fr.quantize(params, apply_fn, calib, fr.QuantConfig(method=fr.methods.lrq(rank=16), iters=1))
   with pytest.raises(ValueError, match='batch_size'):
     fr.quantize(params, apply_fn, calib[:8], cfg)
 

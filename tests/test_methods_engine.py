@@ -73,7 +73,9 @@ def test_lrq_in_the_engine_beats_rtn_and_starts_at_rtn():
   assert all(r['loss_trained'] == r['loss_rtn'] for r in start.report)
 
 
-def test_closed_form_methods_refuse_conv_kernels_before_work():
+def test_closed_form_and_low_rank_methods_refuse_conv_kernels_before_work():
   params, apply_fn, calib = tiny_models.cnn()
   with pytest.raises(ValueError, match='convolution.*gptq'):
     fr.quantize(params, apply_fn, calib, fr.QuantConfig(method='gptq', blocks=r'ResBlock_\d+', progress=False))
+  with pytest.raises(ValueError, match='Conv_0/kernel.*Dense kernels'):
+    fr.quantize(params, apply_fn, calib, fr.QuantConfig(method=fr.methods.lrq(rank=2), progress=False))

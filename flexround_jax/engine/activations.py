@@ -209,8 +209,11 @@ class Placement:
     return store
 
 
-def sum_over_processes(value: float) -> float:
+def sum_over_processes(value):
+  """Sum over processes of a float (in float64) or a numpy array (in its dtype); the value itself in one process."""
   if jax.process_count() == 1:
     return value
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if isinstance(value, np.ndarray):
+    return np.sum(multihost_utils.process_allgather(value), axis=0).astype(value.dtype)
   return float(np.sum(multihost_utils.process_allgather(np.float64(value))))

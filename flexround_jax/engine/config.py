@@ -17,9 +17,6 @@ from .. import methods as methods_lib
 from ..quantizers.base import Method
 from ..spec import QuantSpec
 
-_UNSET_GROUP = 'inherit'
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """Kernels of modules whose path fully matches ``pattern`` get these settings (None: keep the default).
@@ -44,9 +41,15 @@ class Rule:
   def __post_init__(self):
     check_regex(self.pattern, 'Rule.pattern')
     if self.method is not None:
-      object.__setattr__(self, 'method', methods_lib.get(self.method))
+      try:
+        object.__setattr__(self, 'method', methods_lib.get(self.method))
+      except ValueError as e:
+        raise ValueError(f'Rule {self.pattern!r} method: {e}') from e
     if not isinstance(self.skip, bool):
       raise ValueError(f'Rule.skip must be a bool, got {self.skip!r}')
+    if self.skip and any(getattr(self, f) is not None for f in ('bits', 'granularity', 'group_size', 'symmetric',
+                                                                 'grid_init', 'method')):
+      raise ValueError(f'Rule {self.pattern!r}: skip=True keeps the kernels float; it takes no other setting')
 
   def matches(self, module_path: str) -> bool:
     return re.fullmatch(self.pattern, module_path) is not None
@@ -87,13 +90,14 @@ class QuantConfig:
     batch_size: samples per step (global, over all devices and processes).
     drop_prob: QDrop-style mixing: each element of a block's input is the quantized model's with probability
       ``1 - drop_prob`` and the float model's otherwise (0: the official setting, quantized inputs only).
-    seed: drives minibatch sampling, drop masks and seeded method initialisations.
+    seed: drives minibatch sampling and drop masks (methods with random initialisations have their own seed knob).
     checkpoint_dir: absolute or relative folder; after every block an Orbax checkpoint lets a rerun resume.
     log_dir: folder for the JSONL log (default: checkpoint_dir, or none).
     dry_run: print the plan (blocks, kernels, bits, methods, sizes, activation memory) and stop.
     num_devices: devices of the data mesh (None: all devices, reduced to a divisor of batch_size).
     spill_dir: keep the activation cache in memory-mapped files there instead of RAM.
-    fallback_to_rtn: a block that ends worse than its RTN start keeps RTN (with a warning).
+    fallback_to_rtn: a block that ends worse than its RTN start keeps RTN, and one trained from a closed-form start
+      (GPTQ) that ends worse than that start keeps the start (with a warning; ``kept_start`` in the report).
     progress: tqdm progress bars.
     eval_batch_size: samples per forward when caching activations, measuring block losses and accumulating
       Hessians.
@@ -150,7 +154,7 @@ class QuantConfig:
       if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == 'iters' else 1):
         raise ValueError(f'QuantConfig.{name} must be a {"non-negative" if name == "iters" else "positive"} '
                          f'integer, got {value!r}')
-    if not isinstance(self.drop_prob, (int, float)) or not 0.0 <= self.drop_prob <= 1.0:
+    if isinstance(self.drop_prob, bool) or not isinstance(self.drop_prob, (int, float)) or not 0 <= self.drop_prob <= 1:
       raise ValueError(f'QuantConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}')
     if self.sample_shards is not None and (not isinstance(self.sample_shards, int) or self.sample_shards < 1 or
                                            self.batch_size % self.sample_shards):
@@ -205,22 +209,24 @@ class QuantConfig:
       raise ValueError(f'unknown QuantConfig fields {sorted(unknown)}; fields: '
                        f'{[f.name for f in dataclasses.fields(cls)]}')
     if isinstance(d.get('weight'), Mapping):
-      d['weight'] = QuantSpec(**d['weight'])
+      try:
+        d['weight'] = QuantSpec(**d['weight'])
+      except TypeError as e:
+        raise ValueError(f'QuantConfig.weight: {e}') from e
     if 'rules' in d:
       d['rules'] = tuple(dict(r) if isinstance(r, Mapping) else r for r in (d['rules'] or ()))
-    if isinstance(d.get('method'), Mapping):
-      d['method'] = {k: v for k, v in dict(d['method']).items()}
     return cls(**d)
 
-  @classmethod
-  def field_types(cls) -> dict[str, type]:
-    """The scalar type of each optional field (for config placeholders): 'str | None' -> str."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for name, hint in hints.items():
-      args = [a for a in typing.get_args(hint) if a is not type(None)]
-      out[name] = args[0] if len(args) == 1 else hint
-    return out
+
+
+def field_types(cls) -> dict[str, Any]:
+  """The type of each field of dataclass ``cls``, optional ones unwrapped (for config placeholders):
+  'str | None' -> str."""
+  out = {}
+  for name, hint in typing.get_type_hints(cls).items():
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    out[name] = args[0] if len(args) == 1 else hint
+  return out
 
 
 def check_regex(pattern, where):

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from .. import treepath
-from . import activations, checkpoint, graph
+from . import activations, graph
 from . import plan as plan_lib
 from .activations import ActivationStore
 from .config import QuantConfig
@@ -129,6 +129,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
 
   ckpt = None
   if config.checkpoint_dir:
+    from . import checkpoint  # pylint: disable=g-import-not-at-top  (Orbax only when checkpointing)
     if jax.process_count() > 1:
       raise ValueError('QuantConfig.checkpoint_dir is not supported in multi-process runs yet')
     ckpt = checkpoint.Checkpointer(config.checkpoint_dir, checkpoint.fingerprint(fp_tree, calib, config))

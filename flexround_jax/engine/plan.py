@@ -123,6 +123,11 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
   if not calls:
     raise ValueError('apply_fn called no Flax submodule: is it a Flax linen (module.apply) or nnx (nnx.merge) '
                      'model, run inside apply_fn?')
+  paths = list(dict.fromkeys(c.path for c in calls))
+  for rule in config.rules:
+    if not any(rule.matches(p) for p in paths):
+      raise ValueError(f'QuantConfig rule {rule.pattern!r} matches no module path (re.fullmatch). Module paths seen: '
+                       f'{paths[:30]}{" ..." if len(paths) > 30 else ""}')
   kernels = graph.find_kernels(tree, calls, skip=lambda module: config.resolve(module) is None)
   if not kernels:
     raise ValueError('params hold no quantizable kernel (a "kernel" leaf of rank >= 2 in a called module, not '
@@ -152,7 +157,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
     groups.setdefault(owner, []).append(k)
 
   small_calls = {c.path: c for c in traces[0]}
-  units = []
+  units, checked = [], set()
   for owner, ks in sorted(groups.items(), key=lambda kv: first_call[kv[0]].index):
     call = first_call[owner]
     depth = len(owner.split('/'))
@@ -167,9 +172,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
     constants = tuple(None if b else (np.asarray(l) if hasattr(l, 'shape') else l) for l, b in zip(leaves, batched))
     resolved = [config.resolve(k.module) for k in ks]
     for k, (spec, method) in zip(ks, resolved):
-      if method.solve is not None and k.is_conv:
-        raise ValueError(f'kernel {treepath.path_str(k.param_path)} is a convolution; method {method.name!r} solves '
-                         f'Dense kernels only: give it another method with a Rule')
+      _check_method_takes(k, spec, method, checked)
     units.append(Unit(index=len(units), name=owner, kind='block' if owner in block_paths else 'layer', call=call,
                       prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
                       treedef=treedef, batched=batched, constants=constants,
@@ -177,6 +180,23 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
   return units
+
+
+def _check_method_takes(kernel: graph.Kernel, spec: QuantSpec, method: Method, checked: set):
+  """Raises ValueError, naming the kernel, when its method cannot take it (a closed-form method on a convolution,
+  a shape the method's ``init`` refuses), so a bad combination fails at planning, not hours into a run."""
+  name = treepath.path_str(kernel.param_path)
+  if method.solve is not None and kernel.is_conv:
+    raise ValueError(f'kernel {name} is a convolution; method {method.name!r} solves Dense kernels only: give it '
+                     f'another method with a Rule')
+  key = (method, kernel.view_shape, spec)
+  if method.init is None or key in checked:
+    return
+  try:   # abstract evaluation: shapes only, no compute
+    jax.eval_shape(lambda k: method.init(k, spec), jax.ShapeDtypeStruct(kernel.view_shape, np.float32))
+  except ValueError as e:
+    raise ValueError(f'kernel {name} (view {kernel.view_shape}): method {method!r} cannot take it: {e}') from e
+  checked.add(key)
 
 
 def is_chain(prev: Unit, unit: Unit) -> bool:

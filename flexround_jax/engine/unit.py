@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from .. import treepath
-from . import activations
+from . import activations, graph
 from .activations import ActivationStore, Placement
 from .config import QuantConfig
 from .plan import Unit
@@ -139,10 +139,9 @@ def _relative_module(unit: Unit, module: str) -> str:
   return '' if module == unit.name else module[len(unit.name) + 1:]
 
 
-def _hessian_fn(unit: Unit, index: int):
+def _hessian_fn(unit: Unit, index: int):   # the kernel's module must take its input as the first positional arg
   """jitted ``(params, dyn, valid) -> (sum of x x^T, rows)`` over the input rows x of kernel ``index`` of the valid
   samples (``valid``: 1 / 0 per sample of the chunk; padded samples count 0)."""
-  from . import graph  # pylint: disable=g-import-not-at-top
   kernel = unit.kernels[index]
   n_in = kernel.view_shape[0]
   path = _relative_module(unit, kernel.module)
@@ -159,7 +158,8 @@ def _hessian_fn(unit: Unit, index: int):
                        f'input features')
     x = x * valid.reshape((-1,) + (1,) * (x.ndim - 1))
     x = x.reshape(-1, n_in)
-    return x.T @ x, jnp.sum(valid) * (x.shape[0] // valid.shape[0])
+    # Full float32 products (GPTQ's reference turns TF32 off; on CPU this is the default anyway).
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST), jnp.sum(valid) * (x.shape[0] // valid.shape[0])
   return jax.jit(fn)
 
 
@@ -210,11 +210,8 @@ class UnitReconstructor:
       xtx, n_rows = fn(unit_params, self.placement.local(chunk), self.placement.local(valid))
       total = xtx if total is None else total + xtx
       rows += float(n_rows)
-    total = np.asarray(total, np.float32)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      total = np.sum(multihost_utils.process_allgather(total), axis=0).astype(np.float32)
-      rows = activations.sum_over_processes(rows)
+    total = activations.sum_over_processes(np.asarray(total, np.float32))
+    rows = activations.sum_over_processes(rows)
     return jnp.asarray(total * np.float32(2.0 / rows))
 
   def solve(self, unit: Unit, fp_unit, x_q: ActivationStore) -> tuple[list, dict]:
@@ -228,14 +225,13 @@ class UnitReconstructor:
       method, spec = unit.methods[i], unit.specs[i]
       if method.solve is None:
         continue
-      h = self.hessian(unit, i, params, x_q)
-      states[i] = method.solve(views[i], spec, h)
+      states[i] = method.start(views[i], spec, self.hessian(unit, i, params, x_q))
       qt = method.finalize(views[i], states[i], spec)
       params = treepath.set_leaf(params, unit.rel(unit.kernels[i]),
                                  jnp.reshape(qt.dequantize(views[i].dtype), unit.kernels[i].shape))
     for i, (method, spec) in enumerate(zip(unit.methods, unit.specs)):
       if states[i] is None:
-        states[i] = method.init(views[i], spec)
+        states[i] = method.start(views[i], spec)
       if method.report is not None:
         facts[treepath.path_str(unit.kernels[i].param_path)] = method.report(jax.device_get(states[i]))
     return states, facts
@@ -288,7 +284,7 @@ class UnitReconstructor:
     loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp)
     trains = any(m.trains for m in unit.methods)
     iters = cfg.iters if trains else 0
-    changes = trains or any(m.solve is not None for m in unit.methods)
+    changes = iters > 0 or any(m.solve is not None for m in unit.methods)   # iters = 0: RTN (or a closed form)
     qts, curve, states, facts, new_step = rtn_qts, [], rtn_states, {}, False
     loss_start, kept_start = None, False
     if changes:
@@ -342,6 +338,10 @@ def reconstruct_unit(unit: Unit, fp_unit, x_q: list, y_fp: list, config: QuantCo
   each a list of host arrays with the samples on axis 0.
   """
   n = int(np.shape(x_q[0])[0])
+  if config.drop_prob > 0 and x_fp is None:
+    raise ValueError('reconstruct_unit: QuantConfig.drop_prob > 0 mixes in the float inputs; pass x_fp')
+  if any(m.trains for m in unit.methods) and config.iters > 0 and config.batch_size > n:
+    raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} samples given')
   stores = [ActivationStore.from_arrays(list(a), config.spill_dir) for a in (x_q, x_fp or x_q, y_fp)]
   recon = UnitReconstructor(config, Placement(config.batch_size, config.num_devices), n)
   try:

@@ -22,7 +22,7 @@ import optax
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
-from flexround_jax.quantizers.base import Method
+from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
 ZETA, GAMMA = 1.1, -0.1
@@ -116,6 +116,6 @@ def method(lr: float = 1e-3, reg: float = 0.01, beta=(20.0, 2.0), warmup: float 
   if not 0.0 <= warmup < 1.0:
     raise ValueError(f'adaround warmup must be in [0, 1), got {warmup!r}')
   return Method(name='adaround', hparams={'lr': lr, 'reg': reg, 'beta': list(beta), 'warmup': warmup}, init=init,
-                fake_quant=lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec),
+                fake_quant=ignoring_step(fake_quant),
                 finalize=finalize, trainable=TRAINABLE, optimizer=lambda iters: optax.adam(lr),
                 penalty=functools.partial(penalty, reg=reg, beta=beta, warmup=warmup))

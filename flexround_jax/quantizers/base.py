@@ -21,10 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping
 
-import jax
-
 State = dict
-Kernel = jax.Array
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,3 +93,9 @@ class Method:
   def __repr__(self):
     knobs = ', '.join(f'{k}={v!r}' for k, v in self.hparams.items())
     return f'{self.name}({knobs})'
+
+
+def ignoring_step(fake_quant: Callable) -> Callable:
+  """``fake_quant(kernel, state, spec)`` of a method whose forward does not depend on the step, in the Method
+  signature ``(kernel, state, spec, step, iters)``."""
+  return lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec)

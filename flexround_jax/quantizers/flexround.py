@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
-from flexround_jax.quantizers.base import Method
+from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
 TRAINABLE: tuple[str, ...] = ('log_s1', 'log_s2', 'log_s3', 'log_s4')
@@ -99,6 +99,6 @@ def method(lr: float = 3e-3, lr_s1: float | None = None) -> Method:
   if lr_s1 is not None:
     _base.check_rate(lr_s1, 'flexround lr_s1')
   return Method(name='flexround', hparams={'lr': lr, 'lr_s1': lr_s1}, init=init,
-                fake_quant=lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec),
+                fake_quant=ignoring_step(fake_quant),
                 finalize=finalize, trainable=TRAINABLE,
                 optimizer=functools.partial(optimizer, lr=lr, lr_s1=lr_s1))

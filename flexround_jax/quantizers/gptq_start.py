@@ -42,8 +42,8 @@ def solve(kernel, spec: QuantSpec, hessian, *, inner: Method, gptq_knobs: dict) 
   w = jnp.where(jnp.asarray(dead)[:, None], 0.0, jnp.asarray(kernel, jnp.float32))
   log_s1, zero_point = _base.init_grid(w, spec)          # the grid GPTQ used (rtn.init of the same kernel)
   if not np.array_equal(np.asarray(_base.step_size(log_s1)), np.asarray(out['scale'])):
-    raise AssertionError('GPTQ grid and the learned method\'s s1 differ; cannot start from GPTQ exactly')
-  w_base = jnp.asarray(out['w_prerounding'], jnp.float32).astype(kernel.dtype)
+    raise ValueError('the GPTQ grid and the learned method\'s s1 differ; cannot start from GPTQ exactly')
+  w_base = jnp.asarray(out['w_prerounding'], jnp.float32)   # float32 whatever the kernel: exactly GPTQ's codes
   state = dict(inner.init(w_base, spec))
   state['log_s1'], state['zero_point'] = log_s1, zero_point
   state.update(w_base=w_base, gptq_damp=jnp.float32(out['damp']), gptq_retries=jnp.int32(out['retries']))
@@ -63,8 +63,8 @@ def start_from_gptq(inner: Method, damp: float = 0.01, block_size: int = 128, ac
 
   return Method(
       name=f'gptq+{inner.name}', hparams={**inner.hparams, 'gptq': knobs}, solve=solve_fn,
-      fake_quant=lambda kernel, state, spec, step, iters: inner.fake_quant(state['w_base'], _inner_state(state),
-                                                                           spec, step, iters),
+      fake_quant=lambda kernel, state, spec, step, iters: inner.fake_quant(
+          state['w_base'], _inner_state(state), spec, step, iters).astype(kernel.dtype),
       finalize=lambda kernel, state, spec: inner.finalize(state['w_base'], _inner_state(state), spec),
       trainable=inner.trainable, optimizer=inner.optimizer, penalty=inner.penalty,
       report=lambda state: {'gptq_damp': float(state['gptq_damp']), 'gptq_retries': int(state['gptq_retries'])})

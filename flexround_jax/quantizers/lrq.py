@@ -32,7 +32,7 @@ import numpy as np
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
-from flexround_jax.quantizers.base import Method
+from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
 TRAINABLE: tuple[str, ...] = ('log_s1', 'lrq_u', 'lrq_l', 'log_r', 'log_c')
@@ -137,10 +137,6 @@ def method(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int = 
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f'lrq seed must be an integer, got {seed!r}')
 
-  def fake_quant_step(kernel, state, spec, step, iters):  # no schedule inside the quantizer: step, iters unused
-    del step, iters
-    return fake_quant(kernel, state, spec)
-
   return Method(name='lrq', hparams={'rank': int(rank), 'lr': lr, 'lr_s1': lr_s1, 'seed': int(seed)},
-                init=functools.partial(init, rank=int(rank), seed=int(seed)), fake_quant=fake_quant_step,
+                init=functools.partial(init, rank=int(rank), seed=int(seed)), fake_quant=ignoring_step(fake_quant),
                 finalize=finalize, trainable=TRAINABLE, optimizer=functools.partial(optimizer, lr=lr, lr_s1=lr_s1))

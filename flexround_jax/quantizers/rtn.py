@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.quantizers import _base
-from flexround_jax.quantizers.base import Method
+from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
 TRAINABLE: tuple[str, ...] = ()
@@ -54,5 +54,5 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
 def method() -> Method:
   """Round-to-nearest as a Method: nothing is trained."""
   return Method(name='rtn', hparams={}, init=init,
-                fake_quant=lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec),
+                fake_quant=ignoring_step(fake_quant),
                 finalize=finalize)
