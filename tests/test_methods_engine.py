@@ -79,3 +79,23 @@ def test_closed_form_and_low_rank_methods_refuse_conv_kernels_before_work():
     fr.quantize(params, apply_fn, calib, fr.QuantConfig(method='gptq', blocks=r'ResBlock_\d+', progress=False))
   with pytest.raises(ValueError, match='Conv_0/kernel.*Dense kernels'):
     fr.quantize(params, apply_fn, calib, fr.QuantConfig(method=fr.methods.lrq(rank=2), progress=False))
+
+
+def test_kernels_with_one_input_share_its_hessian_and_get_the_same_codes():
+  """q, k, v read the same normed input: one Hessian for the three gives the codes three separate ones give."""
+  params, apply_fn, calib = tiny_models.transformer()
+  config = fr.QuantConfig(method='gptq', weight=SPEC, blocks=r'layer_\d+', progress=False, fallback_to_rtn=False)
+  unit = fr.engine.plan_units(apply_fn, params, calib, config)[1]
+  names = unit.kernel_names()
+  groups = {names[i].split('/')[-2]: names[unit.input_groups[i]].split('/')[-2] for i in range(len(names))}
+  assert groups['query'] == groups['key'] == groups['value'] == 'query' and groups['out'] == 'out'
+  shared = fr.quantize(params, apply_fn, calib, config)
+  import flexround_jax.engine.plan as plan_lib
+  real = plan_lib._input_groups
+  plan_lib._input_groups = lambda kernels, order, first_call: tuple(range(len(kernels)))   # one Hessian each
+  try:
+    separate = fr.quantize(params, apply_fn, calib, config)
+  finally:
+    plan_lib._input_groups = real
+  for name, qt in shared.qtensors.items():
+    np.testing.assert_array_equal(qt.codes, separate.qtensors[name].codes)

@@ -35,6 +35,8 @@ class Unit:
     prefix: params keys of the unit's subtree.
     kernels, specs, methods: the unit's quantized kernels (params order) with their QuantSpec and Method.
     call_order: kernel indices in the order their modules are first called (closed-form methods solve in it).
+    input_groups: per kernel, the first kernel of its run of call-order neighbours that receive the same input (q, k,
+      v; gate, up): they share one input Hessian, since solving one cannot change the others' input.
     treedef, batched, constants: how the unit's (args, kwargs) are rebuilt from the cached batched arrays.
     chain_from_previous: inputs come from the previous unit's output (see the module docstring).
   """
@@ -51,6 +53,7 @@ class Unit:
   batched: tuple[bool, ...]
   constants: tuple
   call_order: tuple[int, ...] = ()
+  input_groups: tuple[int, ...] = ()
   chain_from_previous: bool = False
   _static_key: Any = None
 
@@ -176,10 +179,26 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
     units.append(Unit(index=len(units), name=owner, kind='block' if owner in block_paths else 'layer', call=call,
                       prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
                       treedef=treedef, batched=batched, constants=constants,
-                      call_order=tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))))
+                      call_order=(order := tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))),
+                      input_groups=_input_groups(ks, order, first_call)))
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
   return units
+
+
+def _input_groups(kernels, order, first_call) -> tuple[int, ...]:
+  """Per kernel (params order), the kernel index heading its run of consecutive call-order kernels whose modules
+  got equal first inputs in the probe trace."""
+  groups = [0] * len(kernels)
+  head, head_input = None, None
+  for i in order:
+    args = first_call[kernels[i].module].args
+    x = np.asarray(args[0]) if args and hasattr(args[0], 'shape') else None
+    if head is None or x is None or head_input is None or x.shape != head_input.shape or \
+        not np.array_equal(x, head_input):
+      head, head_input = i, x
+    groups[i] = head
+  return tuple(groups)
 
 
 def _check_method_takes(kernel: graph.Kernel, spec: QuantSpec, method: Method, checked: set):

@@ -220,12 +220,15 @@ class UnitReconstructor:
     views = kernel_views(unit, fp_unit)
     states: list = [None] * len(unit.kernels)
     params = fp_unit
-    facts = {}
+    facts, hessians = {}, {}
     for i in unit.call_order:
       method, spec = unit.methods[i], unit.specs[i]
       if method.solve is None:
         continue
-      states[i] = method.start(views[i], spec, self.hessian(unit, i, params, x_q))
+      group = unit.input_groups[i] if unit.input_groups else i
+      if group not in hessians:   # kernels of one input group (q, k, v) share their inputs' Hessian
+        hessians = {group: self.hessian(unit, i, params, x_q)}
+      states[i] = method.start(views[i], spec, hessians[group])
       qt = method.finalize(views[i], states[i], spec)
       params = treepath.set_leaf(params, unit.rel(unit.kernels[i]),
                                  jnp.reshape(qt.dequantize(views[i].dtype), unit.kernels[i].shape))
