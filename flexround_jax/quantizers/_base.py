@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from flexround_jax import _layout
+from flexround_jax.qtensor import QTensor, code_dtype
 from flexround_jax.spec import QuantSpec
 
 LP_NORM_P = 2.4                 # score of the 'mse' grid search (BRECQ / QDrop / FlexRound supplementary code)
@@ -160,3 +161,11 @@ def adam_cosine(iters: int, lr: float, lr_s1: float | None = None):
     return optax.adam(sched(lr))
   labels = lambda tr: [{k: ('s1' if k == 'log_s1' else 'rest') for k in st} for st in tr]
   return optax.multi_transform({'s1': optax.adam(sched(lr_s1)), 'rest': optax.adam(sched(lr))}, labels)
+
+
+def codes_on_learned_grid(q, state, spec: QuantSpec, n_in: int):
+  """QTensor of centred integers ``q`` on the grid of a method that learns ``log_s1`` (FlexRound, LRQ): stored codes
+  q + zero_point, scale ``step_size(log_s1)``, the fixed zero point."""
+  codes = (q + _layout.expand(state['zero_point'], spec, n_in)).astype(code_dtype(spec))
+  return QTensor(codes=codes, scale=step_size(jnp.asarray(state['log_s1'], jnp.float32)),
+                 zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

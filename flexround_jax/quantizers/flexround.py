@@ -24,7 +24,7 @@ import functools
 import jax.numpy as jnp
 
 from flexround_jax import _layout
-from flexround_jax.qtensor import QTensor, code_dtype
+from flexround_jax.qtensor import QTensor
 from flexround_jax.quantizers import _base
 from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
@@ -82,14 +82,7 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   _base.check_kernel(kernel, spec, values=True)
   _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, q = _codes(kernel, state, spec, jnp.round)
-  codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
-  return QTensor(codes=codes, scale=_base.step_size(jnp.asarray(state['log_s1'], jnp.float32)),
-                 zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
-
-
-def optimizer(iters: int, lr: float, lr_s1: float | None = None):
-  """Adam with cosine decay to 0 over ``iters``; optionally its own rate for ``log_s1`` (``_base.adam_cosine``)."""
-  return _base.adam_cosine(iters, lr, lr_s1)
+  return _base.codes_on_learned_grid(q, state, spec, kernel.shape[-2])
 
 
 def method(lr: float = 3e-3, lr_s1: float | None = None) -> Method:
@@ -101,4 +94,4 @@ def method(lr: float = 3e-3, lr_s1: float | None = None) -> Method:
   return Method(name='flexround', hparams={'lr': lr, 'lr_s1': lr_s1}, init=init,
                 fake_quant=ignoring_step(fake_quant),
                 finalize=finalize, trainable=TRAINABLE,
-                optimizer=functools.partial(optimizer, lr=lr, lr_s1=lr_s1))
+                optimizer=functools.partial(_base.adam_cosine, lr=lr, lr_s1=lr_s1))

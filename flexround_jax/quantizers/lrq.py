@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexround_jax import _layout
-from flexround_jax.qtensor import QTensor, code_dtype
+from flexround_jax.qtensor import QTensor
 from flexround_jax.quantizers import _base
 from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
@@ -114,14 +114,7 @@ def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   _base.check_kernel(kernel, spec, values=True)
   _check(kernel, state, spec)
   _, q = _codes(kernel, state, spec, jnp.round)
-  codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
-  return QTensor(codes=codes, scale=_base.step_size(jnp.asarray(state['log_s1'], jnp.float32)),
-                 zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
-
-
-def optimizer(iters: int, lr: float, lr_s1: float | None = None):
-  """Adam with cosine decay to 0 over ``iters``; optionally its own rate for ``log_s1`` (``_base.adam_cosine``)."""
-  return _base.adam_cosine(iters, lr, lr_s1)
+  return _base.codes_on_learned_grid(q, state, spec, kernel.shape[-2])
 
 
 def method(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int = 0) -> Method:
@@ -136,7 +129,7 @@ def method(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int = 
     _base.check_rate(lr_s1, 'lrq lr_s1')
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f'lrq seed must be an integer, got {seed!r}')
-
   return Method(name='lrq', hparams={'rank': int(rank), 'lr': lr, 'lr_s1': lr_s1, 'seed': int(seed)},
                 init=functools.partial(init, rank=int(rank), seed=int(seed)), fake_quant=ignoring_step(fake_quant),
-                finalize=finalize, trainable=TRAINABLE, optimizer=functools.partial(optimizer, lr=lr, lr_s1=lr_s1))
+                finalize=finalize, trainable=TRAINABLE,
+                optimizer=functools.partial(_base.adam_cosine, lr=lr, lr_s1=lr_s1))
