@@ -5,36 +5,70 @@ safetensors layout (``save_safetensors``), one file, no pickle:
                             byte, low nibble first; 3-bit: 8 codes in 3 bytes); flattened in the kernel's C order
   <kernel path>.scale       float32, grid shape (() per tensor, (1,...,1,out) per channel, (1,...,1,in/g,out) per group)
   <kernel path>.zero_point  int32, grid shape
-  <param path>              every other param (biases, norms, embeddings), unchanged
-  metadata['flexround_jax']  JSON: format version, per kernel {shape (kernel), view (quantized 2-D/conv view),
-                            bits, granularity, group_size, symmetric}
-  metadata['sha256']        SHA-256 over every tensor's name, dtype, shape and bytes (sorted by name); checked on load
-A kernel is rebuilt as scale * (codes - zero_point) on its view, reshaped to its shape: bit for bit the
-fake-quantized kernel the engine trained.
+  <param path>              every other param (biases, norms, embeddings), unchanged (bfloat16 stays bfloat16)
+  metadata['flexround_jax']  JSON: format 'flexround_jax/2', kernels {path: {shape (kernel), view (quantized 2-D/conv
+                            view), dtype (kernel), every QuantSpec field}}, params {path: {dtype, shape}}
+  metadata['sha256']        SHA-256 of the canonical JSON of {the parsed metadata, every tensor's name, dtype, shape
+                            and bytes}
+A kernel is rebuilt as scale * (codes - zero_point) on its view, cast to its dtype and reshaped to its shape: bit for
+bit the fake-quantized kernel the engine trained.
+
+``save_safetensors`` writes only QTensors that pass ``qtensor.validate``. What ``load_safetensors`` verifies, each
+failure a ValueError naming the file (and the kernel or param, and the field):
+  - the checksum, so any changed tensor or metadata field is an error, never a different model;
+  - then every field against the tensors: kernel shape and view of equal size (view of rank >= 2), a floating
+    kernel dtype, the spec fields a valid QuantSpec, qweight uint8 of ceil(size * bits / 8) bytes, and
+    ``qtensor.validate``: scale float32 of the grid shape ``_layout.grid_shape(view, spec)``, finite and > 0, zero
+    point int32 of that shape in [0, 2**bits - 1] (0 if symmetric), codes in range; every tensor either a listed
+    param of its listed dtype and shape or one part of exactly one listed kernel, every listed part and param there.
+  '/1' files (written before the checksum covered the metadata) are still read and checked field by field as above
+  (without params list or kernel dtype: kernels decode to float32, as they did); a metadata edit that stays
+  consistent with the tensors (group_size 8 -> 9 on 16 inputs) cannot be detected in them. Re-save them as '/2'.
+
+Orbax layout (``save_orbax``): item 'state' {params (dequantized), qtensors (``qtensor.to_tree`` arrays)}, item 'meta'
+(JSON: format, names, specs, 'arrays' = ``integrity.manifest(state)``, sealed by ``integrity.seal``). ``load_orbax``
+verifies the metadata seal (so names and specs), restores exactly the arrays of the manifest and checks each one's
+dtype, shape and SHA-256, then every QTensor (``qtensor.validate``); any failure, Orbax's own errors included, is a
+ValueError naming the export path (and the array). Exports without a seal (format '/1') are refused: re-export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from flexround_jax import integrity
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax import treepath
 from flexround_jax.qtensor import PackedQTensor, QTensor
 from flexround_jax.spec import QuantSpec
 
-FORMAT = 'flexround_jax/1'
+FORMAT = 'flexround_jax/2'
+FORMAT_1 = 'flexround_jax/1'
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
+# Kernel fields every file has ('/1' files lack 'dtype'); a spec field missing from a file takes its QuantSpec default.
+_REQUIRED = ('shape', 'view', 'dtype', 'bits', 'granularity', 'group_size', 'symmetric')
+_PARTS = ('qweight', 'scale', 'zero_point')
 
 
 def _flatten(params) -> dict[str, np.ndarray]:
   return {name: np.asarray(leaf) for name, leaf in treepath.flatten(params).items()}
 
 
-def _checksum(tensors: dict[str, np.ndarray]) -> str:
+def _checksum(tensors: dict[str, np.ndarray], info: dict) -> str:
+  digests = {n: integrity.array_digest(t) for n, t in tensors.items()}
+  return integrity.json_sha256({'metadata': info, 'tensors': digests})
+
+
+def _checksum_1(tensors: dict[str, np.ndarray]) -> str:
+  """The '/1' checksum: tensors only."""
   h = hashlib.sha256()
   for name in sorted(tensors):
     arr = np.ascontiguousarray(tensors[name])
@@ -47,23 +81,26 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor]) -> dict:
   """Writes the quantized model; returns sizes {'file_bytes', 'float32_bytes'} for reports."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   flat = _flatten(params)
-  tensors, kernels = {}, {}
+  missing = set(qtensors) - set(flat)
+  if missing:
+    raise ValueError(f'qtensors name kernels that are not in params: {sorted(missing)[:5]}')
+  tensors, kernels, plain = {}, {}, {}
   for name, value in flat.items():
     if name in qtensors:
-      qt = qtensors[name]
+      qt = qtensor_lib.validate(qtensors[name], f'save_safetensors: kernel {name!r}')
+      if qt.codes.size != value.size:
+        raise ValueError(f'save_safetensors: kernel {name!r} has {value.size} weights, its QTensor {qt.codes.size}')
       packed = qt.pack()
       tensors[f'{name}.qweight'] = packed.data
       tensors[f'{name}.scale'] = np.asarray(qt.scale, np.float32)
       tensors[f'{name}.zero_point'] = np.asarray(qt.zero_point, np.int32)
-      kernels[name] = {'shape': list(value.shape), 'view': list(qt.shape), 'bits': qt.spec.bits,
-                       'granularity': qt.spec.granularity, 'group_size': qt.spec.group_size,
-                       'symmetric': qt.spec.symmetric, 'grid_init': qt.spec.grid_init}
+      kernels[name] = {'shape': list(value.shape), 'view': list(qt.shape), 'dtype': value.dtype.name,
+                       **dataclasses.asdict(qt.spec)}
     else:
       tensors[name] = np.ascontiguousarray(value)
-  missing = set(qtensors) - set(flat)
-  if missing:
-    raise ValueError(f'qtensors name kernels that are not in params: {sorted(missing)[:5]}')
-  meta = {'flexround_jax': json.dumps({'format': FORMAT, 'kernels': kernels}), 'sha256': _checksum(tensors)}
+      plain[name] = {'dtype': value.dtype.name, 'shape': list(value.shape)}
+  info = {'format': FORMAT, 'kernels': kernels, 'params': plain}
+  meta = {'flexround_jax': json.dumps(info), 'sha256': _checksum(tensors, json.loads(json.dumps(info)))}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   save_file(tensors, tmp, metadata=meta)
@@ -72,7 +109,8 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor]) -> dict:
 
 
 def load_safetensors(path: str) -> tuple[dict, dict[str, QTensor]]:
-  """(params with dequantized kernels, {kernel path: QTensor}); ValueError naming the file if it is damaged."""
+  """(params with dequantized kernels, {kernel path: QTensor}); ValueError naming the file if it is damaged or any
+  field does not fit the tensors (see the module docstring)."""
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f'no export at {path}')
@@ -84,39 +122,131 @@ def load_safetensors(path: str) -> tuple[dict, dict[str, QTensor]]:
     raise ValueError(f'{path} is not a readable safetensors file (truncated or corrupted?): {e}') from e
   if 'flexround_jax' not in meta or 'sha256' not in meta:
     raise ValueError(f'{path} is a safetensors file but not a flexround_jax export (no metadata)')
-  if _checksum(tensors) != meta['sha256']:
+  try:
+    info = json.loads(meta['flexround_jax'])
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: metadata field 'flexround_jax' is not valid JSON: {e}") from e
+  fmt = info.get('format') if isinstance(info, dict) else None
+  if fmt not in (FORMAT, FORMAT_1):
+    raise ValueError(f'{path} has format {fmt!r}; this version reads {FORMAT!r} and {FORMAT_1!r}')
+  if (_checksum(tensors, info) if fmt == FORMAT else _checksum_1(tensors)) != meta['sha256']:
     raise ValueError(f'{path} is corrupted: its SHA-256 checksum does not match its contents')
-  info = json.loads(meta['flexround_jax'])
-  if info.get('format') != FORMAT:
-    raise ValueError(f'{path} has format {info.get("format")!r}; this version reads {FORMAT!r}')
-  flat, qtensors = {}, {}
-  for name, k in info['kernels'].items():
-    spec = QuantSpec(bits=k['bits'], granularity=k['granularity'], group_size=k['group_size'],
-                     symmetric=k['symmetric'], grid_init=k.get('grid_init', 'minmax'))
-    packed = PackedQTensor(data=tensors.pop(f'{name}.qweight'), shape=tuple(k['view']),
-                           scale=tensors.pop(f'{name}.scale'), zero_point=tensors.pop(f'{name}.zero_point'), spec=spec)
-    qt = QTensor.unpack(packed)
+  return _decode(path, tensors, info)
+
+
+def _decode(path: str, tensors: dict[str, np.ndarray], info: dict) -> tuple[dict, dict[str, QTensor]]:
+  """Checks every metadata field against the tensors, then rebuilds (params, qtensors)."""
+  legacy = info['format'] == FORMAT_1
+  kernels, plain = info.get('kernels'), None if legacy else info.get('params')
+  if not isinstance(kernels, dict) or not (legacy or isinstance(plain, dict)):
+    raise ValueError(f"{path}: metadata fields 'kernels' and 'params' must be JSON objects")
+  flat, qtensors, consumed = {}, {}, set()
+  for name, entry in kernels.items():
+    qt, shape, dtype = _kernel(tensors, name, entry, legacy, f'{path}: kernel {name!r}')
     qtensors[name] = qt
-    flat[name] = np.asarray(qt.dequantize()).reshape(k['shape'])
-  flat.update(tensors)
-  return treepath.unflatten(flat), qtensors
+    flat[name] = np.asarray(qt.dequantize(dtype)).reshape(shape)
+    consumed.update(f'{name}.{part}' for part in _PARTS)
+  rest = {n: t for n, t in tensors.items() if n not in consumed}
+  if legacy:
+    stray = sorted(n for n in rest if n.endswith('.qweight'))
+    if stray:
+      raise ValueError(f'{path}: tensor {stray[0]!r} is not part of any kernel listed in the metadata')
+    plain = {n: {'dtype': t.dtype.name, 'shape': list(t.shape)} for n, t in rest.items()}
+  for name in sorted(set(rest) | set(plain)):
+    if name in kernels or name in consumed:
+      raise ValueError(f'{path}: param {name!r} is also a kernel or a kernel part in the metadata')
+    if name not in plain:
+      raise ValueError(f'{path}: tensor {name!r} is neither a listed param nor part of a listed kernel')
+    if name not in rest:
+      raise ValueError(f'{path}: param {name!r} listed in the metadata is missing')
+    got = {'dtype': rest[name].dtype.name, 'shape': list(rest[name].shape)}
+    if plain[name] != got:
+      raise ValueError(f'{path}: param {name!r} is {got}, the metadata says {plain[name]}')
+    flat[name] = rest[name]
+  try:
+    return treepath.unflatten(flat), qtensors
+  except (AttributeError, TypeError) as e:   # 'a' and 'a/b' both named: no tree holds both
+    raise ValueError(f'{path}: tensor names overlap as tree paths ({e})') from e
 
 
-def save_orbax(path: str, result) -> None:
-  """The dequantized params and every QTensor (codes, scale, zero point, spec) as an Orbax checkpoint."""
+def _kernel(tensors: dict, name: str, entry, legacy: bool, where: str) -> tuple[QTensor, tuple, np.dtype]:
+  """(QTensor, kernel shape, kernel dtype) of one metadata entry, checked field by field against its tensors."""
+  known = {'shape', 'view', 'dtype', *_SPEC_FIELDS}
+  required = set(_REQUIRED) - {'dtype'} if legacy else set(_REQUIRED)
+  if not isinstance(entry, dict) or not required <= set(entry) <= known:
+    fields = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+    raise ValueError(f'{where}: metadata fields must be {sorted(required)}, got {fields}')
+  shape, view = (integrity.dims(entry[f], f'{where}: {f}') for f in ('shape', 'view'))
+  if np.prod(shape, dtype=np.int64) != np.prod(view, dtype=np.int64) or len(view) < 2:
+    raise ValueError(f'{where}: view {view} must have rank >= 2 and as many elements as shape {shape}')
+  spec = qtensor_lib.spec_from_fields({f: entry[f] for f in _SPEC_FIELDS if f in entry}, where)
+  stored = entry.get('dtype', 'float32')   # '/1' kernels were always decoded to float32
+  try:
+    dtype = np.dtype(stored) if isinstance(stored, str) else None
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'{where}: dtype {stored!r} is not a floating dtype')
+  parts = {}
+  for part in _PARTS:
+    if f'{name}.{part}' not in tensors:
+      raise ValueError(f'{where}: tensor {name}.{part} is missing')
+    parts[part] = tensors[f'{name}.{part}']
+  n_bytes = (int(np.prod(view)) * spec.bits + 7) // 8
+  data = parts['qweight']
+  if data.dtype != np.uint8 or data.shape != (n_bytes,):
+    raise ValueError(f'{where}: qweight must be {n_bytes} uint8 bytes ({view} at {spec.bits} bits), '
+                     f'got {data.dtype.name} {data.shape}')
+  packed = PackedQTensor(data=data, shape=view, scale=parts['scale'], zero_point=parts['zero_point'], spec=spec)
+  return qtensor_lib.validate(QTensor.unpack(packed), where), shape, dtype
+
+
+def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
+  """The dequantized params and every QTensor (codes, scale, zero point, spec) as an Orbax checkpoint.
+
+  Refuses an existing ``path`` unless ``overwrite``. Writes a sibling '<path>.tmp-<pid>' and renames it into place
+  (an existing export is moved aside first and deleted last), so a crash never leaves a half-written export at
+  ``path``.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  arrays, meta = qtensor_lib.to_tree(result.qtensors)
+  path = os.path.abspath(path)
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  arrays, qmeta = qtensor_lib.to_tree(result.qtensors)
   state = {'params': treepath.unflatten(_flatten(result.params)), 'qtensors': arrays}
-  meta = {'format': FORMAT, **meta}
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(os.path.abspath(path), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               meta=ocp.args.JsonSave(meta)), force=True)
+  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
+  for stale in (tmp, old):
+    _remove(stale)
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+      ckptr.save(tmp, args=integrity.orbax_save_args(state, {'format': FORMAT, **qmeta}))
+  except BaseException:
+    _remove(tmp)
+    raise
+  if os.path.lexists(path):
+    os.replace(path, old)
+  os.replace(tmp, path)
+  _remove(old)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
 
 
 def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
+  """(params, {kernel path: QTensor}) of a ``save_orbax`` export, verified (see the module docstring)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'no Orbax export at {path}')
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    restored = ckptr.restore(os.path.abspath(path), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                            meta=ocp.args.JsonRestore()))
-  state, meta = restored['state'], restored['meta']
-  return jax.tree.map(np.asarray, state['params']), qtensor_lib.from_tree(state['qtensors'], meta)
+    restore = lambda args: ckptr.restore(path, args=args)
+    meta = integrity.orbax_read_meta(restore, path)
+    if meta.get('format') != FORMAT:
+      raise ValueError(f'{path} has format {meta.get("format")!r}; this version reads {FORMAT!r}')
+    state = integrity.orbax_read_state(restore, meta, path)
+  params = jax.tree.map(np.asarray, state.get('params', {}))
+  return params, qtensor_lib.from_tree(state.get('qtensors', {}), meta, path)

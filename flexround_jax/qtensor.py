@@ -89,8 +89,11 @@ class PackedQTensor:
 
 def to_tree(qtensors: dict[str, QTensor]) -> tuple[dict, dict]:
   """(arrays, meta) for storing QTensors in a checkpoint: arrays {'k00000': {codes, scale, zero_point}} in sorted
-  name order (names may hold any character, so they live in ``meta``), meta {'names', 'specs'} (JSON)."""
+  name order (names may hold any character, so they live in ``meta``), meta {'names', 'specs'} (JSON). Every
+  QTensor is ``validate``d first: nothing is written that ``from_tree`` would refuse."""
   names = sorted(qtensors)
+  for n in names:
+    validate(qtensors[n], f'kernel {n!r}')
   arrays = {f'k{i:05d}': {'codes': np.asarray(qtensors[n].codes),
                           'scale': np.asarray(qtensors[n].scale, np.float32),
                           'zero_point': np.asarray(qtensors[n].zero_point, np.int32)}
@@ -98,11 +101,56 @@ def to_tree(qtensors: dict[str, QTensor]) -> tuple[dict, dict]:
   return arrays, {'names': names, 'specs': [dataclasses.asdict(qtensors[n].spec) for n in names]}
 
 
-def from_tree(arrays: dict, meta: dict) -> dict[str, QTensor]:
-  """Inverse of ``to_tree``."""
+def from_tree(arrays: dict, meta: dict, where: str) -> dict[str, QTensor]:
+  """Inverse of ``to_tree``; every QTensor is ``validate``d. ValueError naming ``where`` and the field if the
+  arrays and the metadata do not fit together."""
+  names, specs = meta.get('names'), meta.get('specs')
+  if (not isinstance(names, list) or not isinstance(specs, list) or len(names) != len(specs)
+      or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names)):
+    raise ValueError(f"{where}: metadata 'names' / 'specs' must be lists of equal length with distinct names")
+  keys = [f'k{i:05d}' for i in range(len(names))]
+  if not isinstance(arrays, dict) or set(arrays) != set(keys):
+    got = sorted(arrays)[:5] if isinstance(arrays, dict) else type(arrays).__name__
+    raise ValueError(f'{where}: QTensor arrays {got} do not match the {len(names)} names in the metadata')
   out = {}
-  for i, (name, spec) in enumerate(zip(meta['names'], meta['specs'])):
-    entry = arrays[f'k{i:05d}']
-    out[name] = QTensor(codes=np.asarray(entry['codes']), scale=np.asarray(entry['scale']),
-                        zero_point=np.asarray(entry['zero_point']), spec=QuantSpec(**spec))
+  for key, name, fields in zip(keys, names, specs):
+    entry, at = arrays[key], f'{where}: kernel {name!r}'
+    if not isinstance(entry, dict) or set(entry) != {'codes', 'scale', 'zero_point'}:
+      raise ValueError(f'{at}: arrays {key} must be exactly codes, scale and zero_point')
+    out[name] = validate(QTensor(codes=np.asarray(entry['codes']), scale=np.asarray(entry['scale']),
+                                 zero_point=np.asarray(entry['zero_point']), spec=spec_from_fields(fields, at)), at)
   return out
+
+
+def spec_from_fields(fields, where: str) -> QuantSpec:
+  """``QuantSpec(**fields)`` from stored JSON; ValueError naming ``where`` if the fields are not a valid spec."""
+  try:
+    return QuantSpec(**fields)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{where}: invalid QuantSpec fields {fields!r}: {e}') from e
+
+
+def validate(qt: QTensor, where: str) -> QTensor:
+  """``qt`` if its arrays fit its spec, else ValueError naming ``where`` and the field: codes of rank >= 2,
+  ``code_dtype(spec)`` and in ``spec.code_range``; scale float32 of grid shape, finite and > 0; zero point int32 of
+  grid shape, in [0, 2**bits - 1] (asymmetric) or 0 (symmetric)."""
+  spec = qt.spec
+  codes, scale, zero_point = np.asarray(qt.codes), np.asarray(qt.scale), np.asarray(qt.zero_point)
+  if codes.ndim < 2 or codes.dtype != code_dtype(spec):
+    raise ValueError(f'{where}: codes must be {np.dtype(code_dtype(spec)).name} of rank >= 2, got '
+                     f'{codes.dtype.name} {codes.shape}')
+  lo, hi = spec.code_range
+  if codes.size and (codes.min() < lo or codes.max() > hi):
+    raise ValueError(f'{where}: codes span [{codes.min()}, {codes.max()}], outside {spec.bits}-bit range [{lo}, {hi}]')
+  grid = _layout.grid_shape(codes.shape, spec)
+  for field, arr, dtype in (('scale', scale, np.float32), ('zero_point', zero_point, np.int32)):
+    if arr.dtype != dtype or arr.shape != grid:
+      raise ValueError(f'{where}: {field} must be {np.dtype(dtype).name} of grid shape {grid} ({spec.granularity}), '
+                       f'got {arr.dtype.name} {arr.shape}')
+  if not np.all(np.isfinite(scale) & (scale > 0)):
+    raise ValueError(f'{where}: scale must be finite and > 0, got values in [{scale.min()}, {scale.max()}]')
+  zp_lo, zp_hi = (0, 0) if spec.symmetric else (0, 2 ** spec.bits - 1)
+  if zero_point.size and (zero_point.min() < zp_lo or zero_point.max() > zp_hi):
+    raise ValueError(f'{where}: zero_point spans [{zero_point.min()}, {zero_point.max()}], must be in '
+                     f'[{zp_lo}, {zp_hi}] ({"symmetric" if spec.symmetric else "asymmetric"} {spec.bits}-bit)')
+  return qt

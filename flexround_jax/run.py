@@ -54,6 +54,7 @@ def load_config_file(path: str):
 def run(config, workdir: str) -> dict:
   """Runs one config; returns (and writes) the results dict."""
   workdir = os.path.abspath(workdir)
+  quant_config(config.quant, workdir)   # a bad quant section fails now, not after the model loads
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -70,7 +71,7 @@ def run(config, workdir: str) -> dict:
   quant_s = time.time() - t1
   metrics = task.evaluate(result.params)
   from flexround_jax import export, plots  # pylint: disable=g-import-not-at-top
-  export.save_orbax(os.path.join(workdir, 'quantized'), result)
+  export.save_orbax(os.path.join(workdir, 'quantized'), result, overwrite=True)   # a rerun (resume) re-exports
   if any(m.trains for m in qcfg.methods()):
     title = f'{task.name} W{qcfg.weight.bits} {qcfg.weight.granularity} {qcfg.method.name}'
     plots.block_losses(result, os.path.join(workdir, 'block_losses.png'), title=title)

@@ -110,7 +110,7 @@ def test_changed_inputs_with_the_same_checkpoint_dir_is_an_error(tmp_path):
   params, apply_fn, calib = tiny_models.mlp()
   cfg = fr.QuantConfig(blocks=r'block_\d+', iters=5, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
   fr.quantize(params, apply_fn, calib, cfg)
-  with pytest.raises(ValueError, match='different config, params or calibration data'):
+  with pytest.raises(ValueError, match='different config, model function, params or calibration data'):
     fr.quantize(params, apply_fn, calib * 2, cfg)
   with pytest.raises(ValueError, match='different config'):
     fr.quantize(params, apply_fn, calib, fr.QuantConfig(**{**cfg.__dict__, 'iters': 6}))

@@ -8,6 +8,7 @@ import tempfile
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -52,9 +53,10 @@ def as_arrays(calib_data) -> Any:
                      f'{[np.shape(x) for x in leaves]}')
   if sizes.pop() == 0:
     raise ValueError('calib_data is empty (0 samples)')
-  for x in leaves:
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-      raise ValueError('calib_data contains NaN or Inf')
+  for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if jnp.issubdtype(x.dtype, jnp.floating) and not np.isfinite(x).all():   # every float dtype (bfloat16 too)
+      where = f' at {jax.tree_util.keystr(kp)}' if kp else ''
+      raise ValueError(f'calib_data contains NaN or Inf{where}')
   return tree
 
 
@@ -129,6 +131,16 @@ class Sampler:
   """
 
   def __init__(self, n_local: int, batch_size: int, sample_shards: int | None, seed: int, unit_index: int):
+    shards = self.check(n_local, batch_size, sample_shards)
+    local = shards // jax.process_count()
+    self.part, self.b = n_local // local, batch_size // shards
+    first = jax.process_index() * local
+    self.rngs = [np.random.default_rng([seed, unit_index, first + j]) for j in range(local)]
+    self.replace = self.b > self.part
+
+  @staticmethod
+  def check(n_local: int, batch_size: int, sample_shards: int | None) -> int:
+    """The number of parts; raises ValueError naming ``sample_shards`` when the samples or the batch do not split."""
     procs = jax.process_count()
     shards = sample_shards or procs
     if shards % procs or batch_size % shards:
@@ -138,10 +150,7 @@ class Sampler:
     if n_local % local:
       raise ValueError(f'the {n_local} calibration samples of this process do not split into {local} equal parts '
                        f'(QuantConfig.sample_shards={shards})')
-    self.part, self.b = n_local // local, batch_size // shards
-    first = jax.process_index() * local
-    self.rngs = [np.random.default_rng([seed, unit_index, first + j]) for j in range(local)]
-    self.replace = self.b > self.part
+    return shards
 
   def __call__(self, step):
     return np.concatenate([j * self.part + np.sort(rng.choice(self.part, self.b, replace=self.replace))

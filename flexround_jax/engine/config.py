@@ -73,6 +73,15 @@ class Rule:
     return out
 
 
+# QuantConfig fields that cannot change the codes (where files go, what is shown or kept). Everything else is in the
+# checkpoint fingerprint, so a resumed run is the run that was asked for; tests/test_trust.py fails when a new field
+# is added without a decision here.
+RESULT_NEUTRAL = frozenset({'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 'spill_dir', 'keep_states'})
+# Fields that enter the fingerprint in resolved form: num_devices=None means "all devices", so the fingerprint holds
+# the device count the data mesh really has (it changes the order of the gradient sums, hence the codes).
+FINGERPRINTED_ELSEWHERE = {'num_devices': 'the data mesh size'}
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
   """How ``quantize`` reconstructs a model.
@@ -155,13 +164,20 @@ class QuantConfig:
         raise ValueError(f'QuantConfig.{name} must be a {"non-negative" if name == "iters" else "positive"} '
                          f'integer, got {value!r}')
     if isinstance(self.drop_prob, bool) or not isinstance(self.drop_prob, (int, float)) or not 0 <= self.drop_prob <= 1:
-      raise ValueError(f'QuantConfig.drop_prob must be in [0, 1], got {self.drop_prob!r}')
-    if self.sample_shards is not None and (not isinstance(self.sample_shards, int) or self.sample_shards < 1 or
+      raise ValueError(f'QuantConfig.drop_prob must be a number in [0, 1], got {self.drop_prob!r}')
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+      raise ValueError(f'QuantConfig.seed must be a non-negative integer, got {self.seed!r}')
+    if self.sample_shards is not None and (isinstance(self.sample_shards, bool) or
+                                           not isinstance(self.sample_shards, int) or self.sample_shards < 1 or
                                            self.batch_size % self.sample_shards):
       raise ValueError(f'QuantConfig.sample_shards must be a positive integer dividing batch_size '
                        f'({self.batch_size}), got {self.sample_shards!r}')
-    if self.num_devices is not None and (not isinstance(self.num_devices, int) or self.num_devices < 1):
+    if self.num_devices is not None and (isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int)
+                                         or self.num_devices < 1):
       raise ValueError(f'QuantConfig.num_devices must be a positive integer or None, got {self.num_devices!r}')
+    for name in ('dry_run', 'fallback_to_rtn', 'progress', 'keep_states'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'QuantConfig.{name} must be a bool, got {getattr(self, name)!r}')
 
   def resolve(self, module_path: str) -> tuple[QuantSpec, Method] | None:
     """(spec, method) for the kernel of ``module_path`` from the first matching rule; None if it is skipped."""
@@ -195,9 +211,8 @@ class QuantConfig:
     return out
 
   def fingerprint_fields(self) -> dict:
-    """The fields that change results (not where files go or how progress is shown)."""
-    skip = {'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 'spill_dir', 'num_devices', 'eval_batch_size',
-            'keep_states'}
+    """Every field that can change the result: all but ``RESULT_NEUTRAL`` and ``FINGERPRINTED_ELSEWHERE``."""
+    skip = RESULT_NEUTRAL | set(FINGERPRINTED_ELSEWHERE)
     return {k: v for k, v in self.describe().items() if k not in skip}
 
   @classmethod

@@ -88,12 +88,13 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
   n = activations.num_samples(calib)
   units = plan_lib.plan_units(model_fn, tree, calib, config)
   plan = plan_lib.describe(units, n, config)
+  if any(m.trains for u in units for m in u.methods):   # checked in a dry run too: it validates what a run does
+    if config.batch_size > n * jax.process_count():
+      raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
+    activations.Sampler.check(n, config.batch_size, config.sample_shards)
   if config.dry_run:
     plan_lib.print_plan(plan, n, config)
     return QuantizeResult(params=params, qtensors={}, report=[], plan=plan, config=config)
-  trains = any(m.trains for u in units for m in u.methods)
-  if trains and config.batch_size > n * jax.process_count():
-    raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
   tree_q, qtensors, report, states = _run(model_fn, tree, calib, units, config)
   return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config,
                         states=states)
@@ -132,7 +133,9 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     from . import checkpoint  # pylint: disable=g-import-not-at-top  (Orbax only when checkpointing)
     if jax.process_count() > 1:
       raise ValueError('QuantConfig.checkpoint_dir is not supported in multi-process runs yet')
-    ckpt = checkpoint.Checkpointer(config.checkpoint_dir, checkpoint.fingerprint(fp_tree, calib, config))
+    digest = checkpoint.model_digest(model_fn, fp_tree, activations.take(calib, np.arange(1)))
+    ckpt = checkpoint.Checkpointer(config.checkpoint_dir,
+                                   checkpoint.fingerprint(fp_tree, calib, config, digest, placement.mesh.size))
   recon = UnitReconstructor(config, placement, n, Compiled(), log)
   inputs_fns: dict[int, Callable] = {}
 

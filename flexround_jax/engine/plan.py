@@ -3,8 +3,9 @@
 A unit is a block matched by ``QuantConfig.blocks`` (all its kernels reconstructed together) or a lone kernel layer
 outside every block. The model is traced once on one and on two calibration samples: the calls give each unit's
 module, its inputs (which of them carry the batch) and its kernels; each kernel gets its spec and method from the
-config's rules. A unit whose first input is exactly the previous unit's output (and whose other inputs are the
-previous unit's) is a chain: its inputs are propagated through the previous unit alone.
+config's rules. A unit whose first input is the previous unit's output array itself, with nothing computed on it in
+between (and whose other inputs are the arrays the previous unit received), is a chain: its inputs are propagated
+through the previous unit alone. This is read from the trace's data flow, never from equal values.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from .. import treepath
 from . import activations, graph
 from .config import QuantConfig
+from ..quantizers import rtn
 from ..quantizers.base import Method
 from ..spec import QuantSpec
 
@@ -102,15 +105,16 @@ def check_params(tree):
     raise ValueError('params is empty')
   for kp, leaf in leaves:
     arr = np.asarray(leaf)
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+    if jnp.issubdtype(arr.dtype, jnp.floating) and not np.isfinite(arr).all():   # every float dtype (bfloat16 too)
       raise ValueError(f'params contain NaN or Inf at {jax.tree_util.keystr(kp)}')
 
 
 def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
   """The units of ``model_fn(tree, batch)`` in forward order (``calib``: host arrays from ``activations.as_arrays``).
 
-  Raises ValueError, before any long work, when the model fails on the calibration data, when a rule or the block
-  regex matches nothing usable, or when a kernel's method cannot take it.
+  Raises ValueError, before any long work, when the model fails on the calibration data (also at the batch sizes
+  the run uses), when a rule or the block regex matches nothing usable, when a kernel cannot be quantized (a
+  zero-size axis, weights whose grid step overflows float32) or when a kernel's method cannot take it.
   """
   n = activations.num_samples(calib)
   probe_sizes = (1, 2) if n >= 2 else (1,)
@@ -175,6 +179,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
     constants = tuple(None if b else (np.asarray(l) if hasattr(l, 'shape') else l) for l, b in zip(leaves, batched))
     resolved = [config.resolve(k.module) for k in ks]
     for k, (spec, method) in zip(ks, resolved):
+      _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path))
       _check_method_takes(k, spec, method, checked)
     units.append(Unit(index=len(units), name=owner, kind='block' if owner in block_paths else 'layer', call=call,
                       prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
@@ -183,6 +188,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
                       input_groups=_input_groups(ks, order, first_call)))
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
+  _check_batch_sizes(model_fn, tree, calib, units, config)
   return units
 
 
@@ -218,19 +224,72 @@ def _check_method_takes(kernel: graph.Kernel, spec: QuantSpec, method: Method, c
   checked.add(key)
 
 
+def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf):
+  """Raises ValueError, naming the kernel, for a kernel with a zero-size axis, or one whose RTN start (the start of
+  every method) is not finite: its grid step overflows float32 when |w| is near float32's max."""
+  name = treepath.path_str(kernel.param_path)
+  if 0 in kernel.shape:
+    raise ValueError(f'kernel {name} has shape {kernel.shape}, with a zero-size axis: nothing to quantize; keep it '
+                     f'float with a rule: QuantConfig(rules=[Rule({kernel.module!r}, skip=True)])')
+  arr = np.asarray(leaf)
+  with np.errstate(over='ignore'):
+    peak = max(abs(np.float32(arr.max())), abs(np.float32(arr.min())))   # float32, as the quantizers compute
+    if np.isfinite(np.float32(4) * peak):   # every step <= 2 max|w| / (2^b - 1), and |w_hat| <= 2 max|w|: finite
+      return
+  view = jnp.reshape(jnp.asarray(arr), kernel.view_shape)
+  w_hat = rtn.finalize(view, rtn.init(view, spec), spec).dequantize(jnp.float32)
+  if not np.isfinite(np.asarray(w_hat)).all():
+    raise ValueError(f'kernel {name}: max |w| = {float(peak):.4g} is too close to the float32 maximum: its '
+                     f'{spec.bits}-bit grid step or its quantized weights are Inf; rescale the weights or keep the '
+                     f'kernel float with a rule: QuantConfig(rules=[Rule({kernel.module!r}, skip=True)])')
+
+
+def _check_batch_sizes(model_fn, tree, calib, units: list[Unit], config: QuantConfig):
+  """Runs abstractly (``jax.eval_shape``: shapes only, no compute) what a run runs, at the sizes it runs it: the
+  model forward up to the last unit on chunks of ``eval_batch_size`` samples, and each trained unit on minibatches
+  of ``batch_size``. A model that fails only at those sizes (the probes are 1 and 2 samples) fails here, before any
+  long work."""
+  chunk = activations.Placement(config.batch_size, config.num_devices).chunk_size(config.eval_batch_size)
+  like = lambda x, size: jax.ShapeDtypeStruct((size,) + tuple(np.shape(x)[1:]), x.dtype)
+
+  def forward(t, batch):   # as the run's forwards: the model stops at the unit, here the last one
+    graph.inputs_of(model_fn, t, batch, units[-1].name)
+
+  try:
+    jax.eval_shape(forward, tree, jax.tree.map(lambda x: like(x, chunk), calib))
+  except Exception as e:  # the user's model failing is reported before any long work
+    raise ValueError(f'apply_fn(params, batch) failed on a batch of {chunk} samples, the size of the forwards over '
+                     f'the calibration set (QuantConfig.eval_batch_size={config.eval_batch_size}): '
+                     f'{type(e).__name__}: {e}') from e
+  if config.iters == 0:
+    return
+  seen = set()
+  for u in units:
+    if not any(m.trains for m in u.methods) or u.static_key in seen:
+      continue
+    seen.add(u.static_key)
+    dyn = [like(l, config.batch_size) for l, b in zip(jax.tree.leaves((u.call.args, u.call.kwargs)), u.batched) if b]
+    try:
+      jax.eval_shape(u.apply, treepath.get_subtree(tree, u.prefix), dyn)
+    except Exception as e:  # the unit failing at the training batch size, likewise
+      raise ValueError(f'unit {u.name!r} failed on a minibatch of QuantConfig.batch_size={config.batch_size} '
+                       f'samples: {type(e).__name__}: {e}') from e
+
+
 def is_chain(prev: Unit, unit: Unit) -> bool:
-  """True if ``unit``'s first batched input is exactly ``prev``'s output and its other inputs are ``prev``'s."""
+  """True if, in the traced forward, ``unit``'s first batched input is the very array ``prev`` returned and its other
+  batched inputs are the very arrays ``prev`` received: nothing ran on them in between.
+
+  Decided from the program's data flow (object identity in the trace), not from values: an op between the blocks
+  that happens to be the identity on the probe samples (a padding mask, a clip, a dropout at rate 0) still breaks
+  the chain, so the unit's inputs then come from running the model.
+  """
   out = prev.call.output
   if not hasattr(out, 'shape'):
     return False
   cur = [l for l, b in zip(jax.tree.leaves((unit.call.args, unit.call.kwargs)), unit.batched) if b]
   before = [l for l, b in zip(jax.tree.leaves((prev.call.args, prev.call.kwargs)), prev.batched) if b]
-  if np.shape(cur[0]) != np.shape(out) or not np.array_equal(np.asarray(cur[0]), np.asarray(out)):
-    return False
-  if len(cur) != len(before):
-    return False
-  return all(np.shape(a) == np.shape(b) and np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(cur[1:], before[1:]))
+  return len(cur) == len(before) and cur[0] is out and all(a is b for a, b in zip(cur[1:], before[1:]))
 
 
 def describe(units: list[Unit], n: int, config: QuantConfig) -> list[dict]:

@@ -294,22 +294,31 @@ class UnitReconstructor:
       states, facts = self.solve(unit, fp_unit, x_q)
       solved = any(m.solve is not None for m in unit.methods)
       if iters > 0 and solved:   # a closed-form start (GPTQ): training must beat it, not only RTN
-        start_states = states
+        start_states = jax.device_get(states)   # a host copy: training donates the device buffers
         start_qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
         loss_start = self.eval_loss(unit, fp_unit, start_qts, x_q, y_fp)
+        start_bad = _non_finite(unit, start_states, start_qts, loss_start)   # a non-finite start is never kept
       if iters > 0:
         states, curve, new_step = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
       qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
     loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp) if changes else loss_rtn
     loss_trained, fell_back = loss_final, False
-    if loss_start is not None and cfg.fallback_to_rtn and not loss_final <= loss_start:
-      warnings.warn(f'unit {unit.name}: training ended at loss {loss_final:.6g}, worse than its closed-form start '
-                    f'{loss_start:.6g}; keeping the start for this unit')
-      qts, states, loss_final, kept_start = start_qts, start_states, loss_start, True
-    if changes and cfg.fallback_to_rtn and not loss_final <= loss_rtn:
-      names = ', '.join(sorted({m.name for m in unit.methods}))
-      warnings.warn(f'unit {unit.name}: {names} ended at loss {loss_final:.6g}, worse than its RTN start '
-                    f'{loss_rtn:.6g}; keeping RTN for this unit')
+    methods = ', '.join(sorted({m.name for m in unit.methods}))
+    non_finite = _non_finite(unit, states, qts, loss_final) if changes else []
+    if non_finite and not cfg.fallback_to_rtn:   # a diverged unit is never kept: an error, or the fall-backs below
+      raise ValueError(f'unit {unit.name}: {methods} ended with NaN or Inf in {", ".join(non_finite)} (loss '
+                       f'{loss_final:.6g}); lower the learning rate, or set QuantConfig.fallback_to_rtn=True to keep '
+                       f'RTN for such units (units finished before this one are in the checkpoint, if any)')
+    bad = bool(non_finite)
+    if loss_start is not None and cfg.fallback_to_rtn and not start_bad and (bad or not loss_final <= loss_start):
+      how = (f'with NaN or Inf in {", ".join(non_finite)}' if bad else
+             f'at loss {loss_final:.6g}, worse than its closed-form start {loss_start:.6g}')
+      warnings.warn(f'unit {unit.name}: training ended {how}; keeping the start for this unit')
+      qts, states, loss_final, kept_start, bad = start_qts, start_states, loss_start, True, False
+    if changes and cfg.fallback_to_rtn and (bad or not loss_final <= loss_rtn):
+      how = (f'ended with NaN or Inf in {", ".join(non_finite)}' if bad else
+             f'ended at loss {loss_final:.6g}, worse than its RTN start {loss_rtn:.6g}')
+      warnings.warn(f'unit {unit.name}: {methods} {how}; keeping RTN for this unit')
       qts, loss_final, fell_back = rtn_qts, loss_rtn, True
     names = unit.kernel_names()
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
@@ -318,10 +327,23 @@ class UnitReconstructor:
            'fell_back_to_rtn': fell_back, 'loss_curve': curve, 'new_train_step': new_step}
     if loss_start is not None:
       rep.update(loss_start=loss_start, kept_start=kept_start)
+    if non_finite:
+      rep['non_finite'] = non_finite
     if facts:
       rep['method_facts'] = facts
     kept = {n: jax.device_get(st) for n, st in zip(names, states)} if cfg.keep_states else {}
     return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept)
+
+
+def _non_finite(unit: Unit, states, qts, loss) -> list[str]:
+  """Names of the unit's kernels whose final state or QTensor scale holds NaN or Inf (['loss'] when only the block
+  loss does)."""
+  bad = []
+  for name, state, qt in zip(unit.kernel_names(), states, qts):
+    leaves = jax.tree.leaves(jax.device_get(state)) + [qt.scale]
+    if not all(np.isfinite(np.asarray(l)).all() for l in leaves if jnp.issubdtype(np.asarray(l).dtype, jnp.floating)):
+      bad.append(name)
+  return bad or ([] if np.isfinite(loss) else ['loss'])
 
 
 def _progress(iters, unit, cfg):

@@ -20,6 +20,7 @@ import importlib.util
 import os
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,37 +232,53 @@ def tokenizer_from_gguf(meta: dict):
   return tok
 
 
-def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
-  """Flax params of ``Llama(config)`` from dequantized GGUF tensors (torch layout (out, in); kernel = ``.T``)."""
-  c = config
-  try:
-    def kernel(name, n_heads=None):
-      w = tensors[name]
-      return jnp.asarray((w if n_heads is None else unpermute_qk(w, n_heads)).T)
+# GGUF (llama.cpp) tensor names -> Flax param paths of ``Llama``; ``blk.<i>.`` names live in ``layers_<i>``. GGUF
+# stores kernels transposed, (out, in), and the q/k rows permuted (``unpermute_qk``).
+_GGUF_TOP = {'token_embd.weight': ('embed_tokens', 'embedding'), 'output_norm.weight': ('norm', 'scale')}
+_GGUF_BLOCK = {
+    'attn_norm.weight': ('input_layernorm', 'scale'), 'attn_q.weight': ('attn', 'q_proj', 'kernel'),
+    'attn_k.weight': ('attn', 'k_proj', 'kernel'), 'attn_v.weight': ('attn', 'v_proj', 'kernel'),
+    'attn_output.weight': ('attn', 'o_proj', 'kernel'), 'ffn_norm.weight': ('post_attention_layernorm', 'scale'),
+    'ffn_gate.weight': ('mlp', 'gate_proj', 'kernel'), 'ffn_up.weight': ('mlp', 'up_proj', 'kernel'),
+    'ffn_down.weight': ('mlp', 'down_proj', 'kernel')}
 
-    params = {'embed_tokens': {'embedding': jnp.asarray(tensors['token_embd.weight'])},
-              'norm': {'scale': jnp.asarray(tensors['output_norm.weight'])}}
-    for i in range(c.n_layers):
-      blk = f'blk.{i}.'
-      params[f'layers_{i}'] = {
-          'input_layernorm': {'scale': jnp.asarray(tensors[blk + 'attn_norm.weight'])},
-          'attn': {'q_proj': {'kernel': kernel(blk + 'attn_q.weight', c.n_heads)},
-                   'k_proj': {'kernel': kernel(blk + 'attn_k.weight', c.n_kv_heads)},
-                   'v_proj': {'kernel': kernel(blk + 'attn_v.weight')},
-                   'o_proj': {'kernel': kernel(blk + 'attn_output.weight')}},
-          'post_attention_layernorm': {'scale': jnp.asarray(tensors[blk + 'ffn_norm.weight'])},
-          'mlp': {'gate_proj': {'kernel': kernel(blk + 'ffn_gate.weight')},
-                  'up_proj': {'kernel': kernel(blk + 'ffn_up.weight')},
-                  'down_proj': {'kernel': kernel(blk + 'ffn_down.weight')}}}
-  except KeyError as e:
-    raise ValueError(f'{path}: GGUF file lacks tensor {e.args[0]!r}') from e
+
+def gguf_tensor_names(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
+  """{GGUF tensor name: Flax param path} of every tensor ``Llama(config)`` reads, blocks 0 .. n_layers - 1."""
+  names = dict(_GGUF_TOP)
+  for i in range(config.n_layers):
+    names.update({f'blk.{i}.{name}': (f'layers_{i}',) + p for name, p in _GGUF_BLOCK.items()})
+  return names
+
+
+def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
+  """Flax params of ``Llama(config)`` from dequantized GGUF tensors (torch layout (out, in); kernel = ``.T``).
+
+  The file must hold exactly the tensors of ``gguf_tensor_names(config)``, each of the shape ``Llama(config)``
+  expects: a tensor that is missing, of another shape or unused (``blk.N`` with N >= ``llama.block_count``, an
+  unknown name) is a ValueError naming the file and the tensor.
+  """
   if 'output.weight' in tensors:
     raise ValueError(f'{path}: has an untied output.weight; this Llama ties the LM head to token_embd')
-  expected = jax.eval_shape(lambda: make_llama(c)[1])
-  got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-  if got != expected:
-    raise ValueError(f'{path}: tensor shapes do not match the config {c}')
-  return params
+  names = gguf_tensor_names(config)
+  unused = sorted(set(tensors) - set(names))
+  if unused:
+    raise ValueError(f'{path}: tensor {unused[0]!r} is not read by the {config.n_layers}-block Llama its metadata '
+                     f'describes (llama.block_count = {config.n_layers}; {len(unused)} unused tensors)')
+  expected = traverse_util.flatten_dict(jax.eval_shape(lambda: make_llama(config)[1]))
+  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
+  flat = {}
+  for name, param in names.items():
+    if name not in tensors:
+      raise ValueError(f'{path}: GGUF file lacks tensor {name!r}')
+    w, kernel = tensors[name], param[-1] == 'kernel'
+    want = expected[param].shape[::-1] if kernel else expected[param].shape
+    if w.shape != want:
+      raise ValueError(f'{path}: tensor {name!r} has shape {w.shape}, the config expects {want} ({config})')
+    if kernel:
+      w = (unpermute_qk(w, heads[param[-2]]) if param[-2] in heads else w).T
+    flat[param] = jnp.asarray(w)
+  return traverse_util.unflatten_dict(flat)
 
 
 def load_smollm2(path: str | None = None):
@@ -277,6 +294,8 @@ def load_smollm2(path: str | None = None):
     tokenizer = tokenizer_from_gguf(meta)
   except KeyError as e:
     raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
+  except Exception as e:  # tokenizers raises a bare Exception on inconsistent vocab / merges
+    raise ValueError(f'{path}: GGUF tokenizer metadata is invalid: {e}') from e
   return Llama(config), params_from_gguf(tensors, config, path), tokenizer, config
 
 
