@@ -7,9 +7,11 @@ from typing import Literal
 
 Granularity = Literal['per_tensor', 'per_channel', 'per_group']
 GridInit = Literal['minmax', 'mse']
+ScaleDtype = Literal['float32', 'float16', 'bfloat16']
 
 GRANULARITIES = ('per_tensor', 'per_channel', 'per_group')
 GRID_INITS = ('minmax', 'mse')
+SCALE_DTYPES = ('float32', 'float16', 'bfloat16')
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -28,6 +30,11 @@ class QuantSpec:
       with an integer zero point (the official FlexRound setting).
     grid_init: initial grid: ``minmax`` (the range [min(w, 0), max(w, 0)]) or ``mse`` (shrink the range by
       1 - 0.01 i, i = 0..79, keeping the one with the smallest mean |w_q - w|**2.4 per grid, as BRECQ's 'mse').
+    scale_dtype: the dtype a deployment format stores the grid step s1 in: 'float32' (default), 'float16' (GGUF
+      Q4_0/Q8_0, compressed-tensors) or 'bfloat16'. s1 is rounded to it (round to nearest, at least the dtype's
+      smallest positive value) wherever it is used, in ``fake_quant`` (straight-through gradient), ``finalize`` and
+      the grid search, so the grid a method learns is the grid that is deployed, bit for bit. The QTensor's
+      ``scale`` stays float32, holding values exactly representable in ``scale_dtype``.
   """
 
   bits: int = 4
@@ -35,6 +42,7 @@ class QuantSpec:
   group_size: int | None = None
   symmetric: bool = False
   grid_init: GridInit = 'minmax'
+  scale_dtype: ScaleDtype = 'float32'
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
@@ -51,6 +59,8 @@ class QuantSpec:
                        f'(got group_size={self.group_size} with {self.granularity!r})')
     if self.grid_init not in GRID_INITS:
       raise ValueError(f'QuantSpec.grid_init must be one of {GRID_INITS}, got {self.grid_init!r}')
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f'QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}')
     if not isinstance(self.symmetric, bool):
       raise ValueError(f'QuantSpec.symmetric must be a bool, got {self.symmetric!r}')
 

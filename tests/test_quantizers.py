@@ -25,7 +25,8 @@ def specs_and_kernels(draw):
   if granularity == 'per_group':
     group_size = draw(st.sampled_from((1, 2, 4, 5, 8)))   # 5 (and 8 for 4 or 12 inputs): a shorter last group
   spec = QuantSpec(bits=draw(st.integers(2, 8)), granularity=granularity, group_size=group_size,
-                   symmetric=draw(st.booleans()), grid_init=draw(st.sampled_from(['minmax', 'mse'])))
+                   symmetric=draw(st.booleans()), grid_init=draw(st.sampled_from(['minmax', 'mse'])),
+                   scale_dtype=draw(st.sampled_from(['float32', 'float16', 'bfloat16'])))
   seed = draw(st.integers(0, 2**16))
   scale = draw(st.sampled_from([1e-3, 0.05, 1.0, 30.0]))
   kernel = jax.random.normal(jax.random.key(seed), shape) * scale
@@ -89,6 +90,29 @@ def test_finalize_dequantize_equals_fake_quant_exactly(case):
       (rtn.finalize(kernel, r_state, spec), rtn.fake_quant(kernel, r_state, spec)),
   ]:
     np.testing.assert_array_equal(got.dequantize(), want)
+
+
+@given(specs_and_kernels())
+def test_scales_are_exactly_representable_in_the_scale_dtype(case):
+  """What a format stores (s1 in float16 / bfloat16) is the grid the method trained on, bit for bit."""
+  spec, kernel = case
+  dtype = jnp.dtype(spec.scale_dtype)
+  for qt in (flexround.finalize(kernel, perturbed_flexround_state(kernel, spec), spec),
+             rtn.finalize(kernel, rtn.init(kernel, spec), spec),
+             adaround.finalize(kernel, adaround.init(kernel, spec), spec)):
+    scale = np.asarray(qt.scale)
+    assert scale.dtype == np.float32 and (scale > 0).all()
+    np.testing.assert_array_equal(np.asarray(jnp.asarray(scale).astype(dtype).astype(jnp.float32)), scale)
+
+
+def test_scale_dtype_rounds_the_step_with_a_straight_through_gradient():
+  spec = QuantSpec(bits=4, granularity='per_channel', scale_dtype='float16')
+  log_s1 = jnp.log(jnp.array([0.0123456, 1e-9, 3.14159]))
+  s = _base.step_size(log_s1, spec)
+  np.testing.assert_array_equal(s, np.maximum(np.exp(np.asarray(log_s1)).astype(np.float16),
+                                              np.finfo(np.float16).smallest_subnormal).astype(np.float32))
+  grad = jax.grad(lambda t: _base.step_size(t, spec).sum())(log_s1)
+  np.testing.assert_allclose(grad, np.exp(np.asarray(log_s1)), rtol=1e-6)
 
 
 @given(specs_and_kernels())

@@ -49,14 +49,27 @@ def divide(x, divisor):
   return x / jax.lax.optimization_barrier(jnp.broadcast_to(divisor, jnp.shape(x)))
 
 
-def step_size(log_s1):
-  """The grid step s1 = exp(log_s1), materialised on its own (grid-shaped) so every method sees the same bits.
+def step_size(log_s1, spec: QuantSpec):
+  """The grid step s1 = exp(log_s1) in ``spec.scale_dtype``'s values, materialised on its own (grid-shaped) so every
+  method sees the same bits.
 
   XLA's CPU exp is not position-independent (a vectorised body and a scalar tail can differ by an ulp), so an
   exp fused into a kernel-shaped loop may not equal the grid-shaped one RTN stored. Computing it once, behind an
   optimisation barrier, makes RTN's stored scale and FlexRound's s1 the same computation.
   """
-  return jax.lax.optimization_barrier(jnp.exp(log_s1))
+  return scale_in_dtype(jax.lax.optimization_barrier(jnp.exp(log_s1)), spec)
+
+
+def scale_in_dtype(scale, spec: QuantSpec):
+  """``scale`` (float32) rounded to ``spec.scale_dtype`` (nearest, at least its smallest positive value), returned as
+  float32 with a straight-through gradient. ``s + (r - s)`` is exactly ``r``: r and s are within a factor 2, so
+  ``r - s`` is exact (Sterbenz) and the sum is the representable r."""
+  if spec.scale_dtype == 'float32':
+    return scale
+  dtype = jnp.dtype(spec.scale_dtype)
+  tiny = float(jnp.finfo(dtype).smallest_subnormal)
+  rounded = jnp.maximum(scale.astype(dtype), jnp.asarray(tiny, dtype)).astype(jnp.float32)
+  return scale + jax.lax.stop_gradient(rounded - scale)
 
 
 def integer_bounds(zero_point, spec: QuantSpec, n_in: int | None = None):
@@ -119,7 +132,7 @@ def _grid_from_range(x_min, x_max, spec: QuantSpec):
 
 
 def _rtn_error(x, log_scale, zero_point, spec: QuantSpec):
-  scale = _layout.expand(step_size(log_scale), spec, x.shape[-2])
+  scale = _layout.expand(step_size(log_scale, spec), spec, x.shape[-2])
   lo, hi = integer_bounds(zero_point, spec, x.shape[-2])
   x_hat = scale * jnp.clip(jnp.round(divide(x, scale)), lo, hi)
   return _layout.reduce_to_grid(jnp.abs(x_hat - x) ** LP_NORM_P, spec, jnp.mean)
@@ -167,5 +180,5 @@ def codes_on_learned_grid(q, state, spec: QuantSpec, n_in: int):
   """QTensor of centred integers ``q`` on the grid of a method that learns ``log_s1`` (FlexRound, LRQ): stored codes
   q + zero_point, scale ``step_size(log_s1)``, the fixed zero point."""
   codes = (q + _layout.expand(state['zero_point'], spec, n_in)).astype(code_dtype(spec))
-  return QTensor(codes=codes, scale=step_size(jnp.asarray(state['log_s1'], jnp.float32)),
+  return QTensor(codes=codes, scale=step_size(jnp.asarray(state['log_s1'], jnp.float32), spec),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)

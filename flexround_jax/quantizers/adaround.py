@@ -42,7 +42,7 @@ def rectified_sigmoid(v):
 def init(kernel, spec: QuantSpec) -> dict:
   _base.check_kernel(kernel, spec, values=True)
   log_scale, zero_point = _base.init_grid(kernel, spec)
-  scale = _base.step_size(log_scale)
+  scale = _base.step_size(log_scale, spec)
   x = _base.divide(kernel.astype(jnp.float32), _layout.expand(scale, spec, kernel.shape[-2]))
   frac = x - jnp.floor(x)
   v = -jnp.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
@@ -110,11 +110,14 @@ def method(lr: float = 1e-3, reg: float = 0.01, beta=(20.0, 2.0), warmup: float 
   the iterations without regulariser. Soft rounding while training, hard rounding when finalized."""
   _base.check_rate(lr, 'adaround lr')
   _base.check_rate(reg, 'adaround reg')
-  beta = tuple(float(b) for b in beta)
-  if len(beta) != 2:
-    raise ValueError(f'adaround beta must be (start, end), got {beta!r}')
-  if not 0.0 <= warmup < 1.0:
-    raise ValueError(f'adaround warmup must be in [0, 1), got {warmup!r}')
+  try:
+    beta = tuple(float(b) for b in beta)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'adaround beta must be (start, end) numbers, got {beta!r}') from e
+  if len(beta) != 2 or not np.isfinite(beta).all():
+    raise ValueError(f'adaround beta must be (start, end), two finite numbers, got {beta!r}')
+  if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0.0 <= warmup < 1.0:
+    raise ValueError(f'adaround warmup must be a number in [0, 1), got {warmup!r}')
   return Method(name='adaround', hparams={'lr': lr, 'reg': reg, 'beta': list(beta), 'warmup': warmup}, init=init,
                 fake_quant=ignoring_step(fake_quant),
                 finalize=finalize, trainable=TRAINABLE, optimizer=lambda iters: optax.adam(lr),

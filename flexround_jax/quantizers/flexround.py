@@ -60,7 +60,7 @@ def _codes(kernel, state, spec: QuantSpec, round_fn):
   rounding, so that at init (exp(0) = 1) it is exactly RTN's step.
   """
   n_in = kernel.shape[-2]
-  s1 = _layout.expand(_base.step_size(state['log_s1']), spec, n_in)
+  s1 = _layout.expand(_base.step_size(state['log_s1'], spec), spec, n_in)
   log_rest = state['log_s2'] + state['log_s3']
   if 'log_s4' in state:
     log_rest = log_rest + state['log_s4']

@@ -115,7 +115,7 @@ def _fit_group(w, grid, rows, group, *, size: int, spec: QuantSpec):
   start = group * spec.group_size
   one_group = spec.replace(granularity='per_channel', group_size=None)
   log_s, zp = _base.init_grid(jax.lax.dynamic_slice_in_dim(w, start, size), one_group)
-  s = _base.step_size(log_s)
+  s = _base.step_size(log_s, one_group)
   grid = tuple(jax.lax.dynamic_update_slice_in_dim(g, v, group, 0) for g, v in zip(grid, (s, zp)))
   fitted = _row_grid(s, zp, one_group, (size, w.shape[1]))
   rows = tuple(jax.lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, fitted))

@@ -41,7 +41,7 @@ def solve(kernel, spec: QuantSpec, hessian, *, inner: Method, gptq_knobs: dict) 
   dead = np.diag(np.asarray(hessian)) == 0
   w = jnp.where(jnp.asarray(dead)[:, None], 0.0, jnp.asarray(kernel, jnp.float32))
   log_s1, zero_point = _base.init_grid(w, spec)          # the grid GPTQ used (rtn.init of the same kernel)
-  if not np.array_equal(np.asarray(_base.step_size(log_s1)), np.asarray(out['scale'])):
+  if not np.array_equal(np.asarray(_base.step_size(log_s1, spec)), np.asarray(out['scale'])):
     raise ValueError('the GPTQ grid and the learned method\'s s1 differ; cannot start from GPTQ exactly')
   w_base = jnp.asarray(out['w_prerounding'], jnp.float32)   # float32 whatever the kernel: exactly GPTQ's codes
   state = dict(inner.init(w_base, spec))

@@ -93,7 +93,7 @@ def _codes(kernel, state, spec: QuantSpec, round_fn):
   otherwise multiply in bfloat16.
   """
   n_in = kernel.shape[-2]
-  s1 = _layout.expand(_base.step_size(state['log_s1']), spec, n_in)
+  s1 = _layout.expand(_base.step_size(state['log_s1'], spec), spec, n_in)
   low_rank = jnp.matmul(state['lrq_u'], state['lrq_l'], precision=jax.lax.Precision.HIGHEST)
   log_rest = low_rank + state['log_r'] + state['log_c']
   lo, hi = _base.integer_bounds(state['zero_point'], spec, n_in)

@@ -25,7 +25,7 @@ def init(kernel, spec: QuantSpec) -> dict:
   """Grid from ``spec.grid_init``; ``scale`` is FlexRound's initial s1, bit for bit."""
   _base.check_kernel(kernel, spec, values=True)
   log_scale, zero_point = _base.init_grid(kernel, spec)
-  return {'scale': _base.step_size(log_scale), 'zero_point': zero_point}
+  return {'scale': _base.step_size(log_scale, spec), 'zero_point': zero_point}
 
 
 def _codes(kernel, state, spec: QuantSpec, round_fn):
