@@ -250,3 +250,6 @@ def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
     state = integrity.orbax_read_state(restore, meta, path)
   params = jax.tree.map(np.asarray, state.get('params', {}))
   return params, qtensor_lib.from_tree(state.get('qtensors', {}), meta, path)
+
+
+from flexround_jax.export_gguf import save_gguf  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

@@ -21,6 +21,8 @@ from flexround_jax.engine import checkpoint
 from flexround_jax.qtensor import QTensor
 from flexround_jax.spec import QuantSpec
 
+import tiny_gguf
+
 
 # -------------------------------------------------------------------------------------------------- small model ----
 
@@ -472,57 +474,16 @@ def test_fuzz_checkpoint_single_byte_flips(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- GGUF ----
 
-def _write_gguf(path, params, config, block_count=None, extra=None, drop=None):
-  """A tiny Llama as llama.cpp's converter writes it: torch layout (out, in), q/k rows permuted for adjacent RoPE."""
-  import gguf
-  from flexround_jax.models import llama
-  to_gguf = lambda w, nh: w.reshape(nh, 2, w.shape[0] // nh // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
-  writer = gguf.GGUFWriter(path, 'llama')
-  for add, value in [('add_block_count', config.n_layers if block_count is None else block_count),
-                     ('add_context_length', config.max_seq_len), ('add_embedding_length', config.dim),
-                     ('add_feed_forward_length', config.ffn_dim), ('add_head_count', config.n_heads),
-                     ('add_head_count_kv', config.n_kv_heads), ('add_layer_norm_rms_eps', config.norm_eps),
-                     ('add_rope_freq_base', config.rope_base), ('add_rope_dimension_count', config.head_dim),
-                     ('add_vocab_size', config.vocab_size), ('add_bos_token_id', config.bos_token_id),
-                     ('add_eos_token_id', config.eos_token_id),
-                     ('add_token_list', ['a', 'b', 'ab'] + [f't{i}' for i in range(3, config.vocab_size)]),
-                     ('add_token_merges', ['a b'])]:
-    getattr(writer, add)(value)
-  for name, param in llama.gguf_tensor_names(config).items():
-    w = np.asarray(_get(params, param))
-    if param[-1] == 'kernel':
-      w = w.T if param[-2] not in heads else to_gguf(w.T, heads[param[-2]])
-    if name != drop:
-      writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
-  for name, w in (extra or {}).items():
-    writer.add_tensor(name, w)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-
-
-def _get(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
 @pytest.fixture(scope='module')
 def tiny_llama():
-  from flexround_jax.models import llama
-  config = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48)
-  rng = np.random.default_rng(0)   # random values of the right shapes (no init: its first compile takes seconds)
-  shapes = jax.eval_shape(lambda: llama.make_llama(config)[1])
-  return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+  return tiny_gguf.tiny_llama()
 
 
 def test_tiny_gguf_loads_exactly(tmp_path, tiny_llama):
   from flexround_jax.models import llama
   config, params = tiny_llama
   path = str(tmp_path / 'tiny.gguf')
-  _write_gguf(path, params, config)
+  tiny_gguf.write_gguf(path, params, config)
   _, loaded, _, loaded_config = llama.load_smollm2(path)
   assert loaded_config.n_layers == 2
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
@@ -543,6 +504,6 @@ def test_gguf_tensors_must_match_the_metadata(tmp_path, tiny_llama, case):
                       r"tensor 'blk\.1\.ffn_up\.weight' has shape \(48, 30\), the config expects \(48, 32\)"),
       'missing_tensor': ({'drop': 'output_norm.weight'}, r"lacks tensor 'output_norm\.weight'"),
   }[case]
-  _write_gguf(path, params, config, **kwargs)
+  tiny_gguf.write_gguf(path, params, config, **kwargs)
   with pytest.raises(ValueError, match=re.escape(path) + '.*' + message):
     llama.load_smollm2(path)

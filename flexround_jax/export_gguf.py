@@ -1,0 +1,173 @@
+"""GGUF export for llama.cpp: a Llama model loaded from GGUF, written back with its quantized kernels as Q4_0 / Q8_0.
+
+llama.cpp's Q4_0 and Q8_0 blocks are symmetric grids of 32 consecutive input weights with one float16 step ``d``:
+Q4_0 stores ``q = code + 8`` in [0, 15] (x = d * (q - 8)), Q8_0 the int8 code (x = d * code). A QTensor with
+``QuantSpec(bits=4 or 8, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')`` is exactly
+such a grid: its codes and steps are written as they are, so llama.cpp computes with the weights FlexRound learned,
+bit for bit (``gguf.quants.dequantize`` of every written tensor equals ``QTensor.dequantize``; checked on write).
+
+The blocks are packed here from our codes: ``gguf.quants.quantize`` chooses its own step (max |x| / -8) and cannot
+take a learned one. Everything else comes from the template (the GGUF the model was loaded from): every metadata
+key (tokenizer, RoPE, norms) and every tensor that is not a quantized kernel, in its source encoding when the
+params still equal the source exactly (norms F32, the embedding as in the source), else as F32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from flexround_jax import treepath
+from flexround_jax.qtensor import QTensor
+
+BLOCK = 32
+
+
+def _quant_types():
+  from gguf import GGMLQuantizationType  # pylint: disable=g-import-not-at-top
+  return {4: GGMLQuantizationType.Q4_0, 8: GGMLQuantizationType.Q8_0}
+
+
+def check_grid(name: str, qt: QTensor, n_in: int) -> None:
+  """Raises ValueError naming the tensor unless ``qt`` is exactly a Q4_0 / Q8_0 grid."""
+  spec = qt.spec
+  ok = (spec.bits in (4, 8) and spec.granularity == 'per_group' and spec.group_size == BLOCK and spec.symmetric and
+        spec.scale_dtype == 'float16')
+  if not ok:
+    raise ValueError(
+        f'kernel {name}: its grid (bits={spec.bits}, {spec.granularity}, group_size={spec.group_size}, '
+        f'symmetric={spec.symmetric}, scale_dtype={spec.scale_dtype}) cannot be stored as GGUF Q4_0 / Q8_0, which '
+        f"need QuantSpec(bits=4 or 8, granularity='per_group', group_size={BLOCK}, symmetric=True, "
+        f"scale_dtype='float16')")
+  if n_in % BLOCK:
+    raise ValueError(f'kernel {name}: {n_in} inputs are not a multiple of the GGUF block size {BLOCK}')
+  codes = np.asarray(qt.codes)
+  if spec.bits == 8 and codes.min() < -127:
+    # llama.cpp's int8 dot products take |code| with sign tricks that overflow at -128.
+    raise ValueError(f'kernel {name}: code -128 cannot be stored in Q8_0 (llama.cpp assumes codes in [-127, 127])')
+  if np.any(np.asarray(qt.zero_point) != 0):
+    raise ValueError(f'kernel {name}: non-zero zero points cannot be stored in Q4_0 / Q8_0')
+
+
+def pack_blocks(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+  """(rows, n_in) int codes and (rows, n_in / 32) steps -> (rows, n_in / 32 * block bytes) uint8 GGUF blocks."""
+  rows, n_in = codes.shape
+  blocks = codes.reshape(rows, n_in // BLOCK, BLOCK)
+  d = np.asarray(scale, np.float32).astype(np.float16).reshape(rows, n_in // BLOCK, 1).view(np.uint8)
+  if bits == 4:
+    q = (blocks.astype(np.int16) + 8).astype(np.uint8)
+    qs = q[..., :BLOCK // 2] | (q[..., BLOCK // 2:] << np.uint8(4))   # byte j: element j low, element j + 16 high
+  else:
+    qs = blocks.astype(np.int8).view(np.uint8)
+  return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
+
+
+def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: str, overwrite: bool = False) -> dict:
+  """Writes ``params`` (a Llama loaded from ``template_gguf`` by ``models.llama``) with ``qtensors`` as Q4_0 / Q8_0.
+
+  Args:
+    path: the .gguf file to write (through a temporary name, renamed when complete).
+    params: the Flax params of ``Llama`` (dequantized kernels or not: quantized kernels are written from qtensors).
+    qtensors: {kernel path ('layers_0/attn/q_proj/kernel'): QTensor} on Q4_0 / Q8_0 grids (see ``check_grid``).
+    template_gguf: the source GGUF: its metadata, tokenizer and non-quantized tensors are copied.
+    overwrite: replace an existing ``path``.
+
+  Returns:
+    {'tensors': {gguf name: type written}, 'file_bytes': size}.
+
+  Raises:
+    ValueError naming the tensor (grid the format cannot hold, shape mismatch, kernel not in the model) or the file,
+    and FileExistsError, before anything is written.
+  """
+  import gguf  # pylint: disable=g-import-not-at-top
+  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  if not os.path.isfile(template_gguf):
+    raise FileNotFoundError(f'template GGUF not found: {template_gguf}')
+  try:
+    reader = gguf.GGUFReader(template_gguf, 'r')
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+  except Exception as e:  # the reader raises assorted errors on damaged files
+    raise ValueError(f'{template_gguf} is not a readable GGUF file: {type(e).__name__}: {e}') from e
+  config = llama.config_from_gguf(meta, template_gguf)
+  names = llama.gguf_tensor_names(config)
+  flat = treepath.flatten(params)
+  by_param = {treepath.path_str(p): n for n, p in names.items()}
+  unknown = sorted(set(qtensors) - set(by_param))
+  if unknown:
+    raise ValueError(f'qtensors name {unknown[0]!r}, which is not a tensor of the Llama in {template_gguf}')
+  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
+  types = _quant_types()
+
+  def to_gguf_rows(w, param):   # Flax (in, out) kernel -> GGUF (out, in) rows, q/k rows permuted back
+    w = np.asarray(w).T
+    if param[-2] in heads:
+      nh = heads[param[-2]]
+      w = w.reshape(nh, 2, w.shape[0] // nh // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)   # unpermute_qk⁻¹
+    return np.ascontiguousarray(w)
+
+  # Everything is checked and encoded before the file is opened.
+  encoded, written = [], {}
+  template_tensors = {t.name: t for t in reader.tensors}
+  for name, param in names.items():
+    key = treepath.path_str(param)
+    if key not in flat:
+      raise ValueError(f'params lack {key} (GGUF tensor {name})')
+    t = template_tensors[name]
+    source = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape([int(s) for s in t.shape[::-1]])
+    is_kernel = param[-1] == 'kernel'
+    ours = to_gguf_rows(flat[key], param) if is_kernel else np.asarray(flat[key])
+    if ours.shape != source.shape:
+      raise ValueError(f'{key} has shape {np.shape(flat[key])}, {template_gguf} holds {name} as {source.shape}')
+    if key in qtensors:
+      qt = qtensors[key]
+      if tuple(qt.shape) != tuple(np.shape(flat[key])):
+        raise ValueError(f'QTensor {key} has shape {qt.shape}, the param {np.shape(flat[key])}')
+      check_grid(key, qt, qt.shape[0])
+      codes = to_gguf_rows(qt.codes, param)
+      scale = to_gguf_rows(np.asarray(qt.scale).reshape(-1, qt.shape[1]), param)
+      data = pack_blocks(codes, scale, qt.spec.bits)
+      expected = to_gguf_rows(np.asarray(qt.dequantize()), param)
+      if not np.array_equal(np.asarray(dequantize(data, types[qt.spec.bits]), np.float32).reshape(expected.shape),
+                            expected):
+        raise AssertionError(f'{key}: GGUF blocks do not dequantize to the QTensor (packing bug)')
+      encoded.append((name, data, types[qt.spec.bits]))
+    elif np.array_equal(source, ours):
+      encoded.append((name, t.data, t.tensor_type))
+    else:
+      encoded.append((name, ours.astype(np.float32), None))
+    written[name] = (encoded[-1][2] or gguf.GGMLQuantizationType.F32).name
+
+  quant = {types[qt.spec.bits] for qt in qtensors.values()}
+  file_type = None   # general.file_type says what most weights are, as llama-quantize sets it
+  if len(quant) == 1:
+    file_type = int({gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+                     gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[quant.pop()])
+  tmp = path + '.tmp'
+  try:
+    writer = gguf.GGUFWriter(tmp, meta['general.architecture'])
+    for key, field in reader.fields.items():
+      if key.startswith('GGUF.') or key == 'general.architecture':
+        continue
+      value = field.contents()
+      if key == 'general.file_type' and file_type is not None:
+        value, file_type = file_type, None
+      sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+      writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    if file_type is not None:
+      writer.add_file_type(file_type)
+    for name, data, qtype in encoded:
+      writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return {'tensors': written, 'file_bytes': os.path.getsize(path)}

@@ -1,0 +1,144 @@
+"""GGUF export: a 2-layer Llama written as Q4_0 / Q8_0, read back with the gguf package's own reader and dequantizer."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import flexround_jax as fr
+from flexround_jax import export, treepath
+from flexround_jax.models import llama
+from flexround_jax.quantizers import flexround, rtn
+
+import tiny_gguf
+
+
+def spec(bits):
+  return fr.QuantSpec(bits=bits, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  config, params = tiny_gguf.tiny_llama(dim=64, ffn_dim=96, head_dim=16)
+  params = jax.tree.map(lambda a: a * 0.05, params)
+  template = str(tmp_path_factory.mktemp('gguf') / 'source.gguf')
+  tiny_gguf.write_gguf(template, params, config)
+  return config, params, template
+
+
+def _qtensors(params, bits, learned=True):
+  """Every kernel on the Q grid; FlexRound with perturbed divisors (codes that RTN would not give) when learned."""
+  out = {}
+  for i, (name, kernel) in enumerate(sorted(treepath.flatten(params).items())):
+    if not name.endswith('/kernel'):
+      continue
+    s = spec(bits)
+    state = flexround.init(kernel, s)
+    if learned:
+      state['log_s2'] = state['log_s2'] + 0.3 * jax.random.normal(jax.random.key(i), kernel.shape)
+      state['log_s1'] = state['log_s1'] + 0.01
+      out[name] = flexround.finalize(kernel, state, s)
+    else:
+      out[name] = rtn.finalize(kernel, rtn.init(kernel, s), s)
+  return out
+
+
+@pytest.mark.parametrize('bits, learned', [(4, True), (4, False), (8, True)])
+def test_gguf_round_trip_is_exact(tmp_path, model, bits, learned):
+  import gguf
+  from gguf.quants import dequantize
+  config, params, template = model
+  qts = _qtensors(params, bits, learned)
+  if bits == 8:   # llama.cpp's Q8_0 assumes codes in [-127, 127]
+    qts = {k: qt.__class__(np.maximum(np.asarray(qt.codes), -127), qt.scale, qt.zero_point, qt.spec)
+           for k, qt in qts.items()}
+  fake_quant = fr.dequantize_params(params, qts)
+  path = str(tmp_path / 'q.gguf')
+  info = export.save_gguf(path, fake_quant, qts, template_gguf=template)
+  want = 'Q4_0' if bits == 4 else 'Q8_0'
+  assert {v for k, v in info['tensors'].items() if k.endswith(('q.weight', 'k.weight', 'down.weight'))} == {want}
+  assert info['tensors']['blk.0.attn_norm.weight'] == 'F32'
+
+  # The gguf package's own reader and dequantizer give exactly our dequantized kernels ...
+  reader = gguf.GGUFReader(path, 'r')
+  names = llama.gguf_tensor_names(config)
+  for t in reader.tensors:
+    key = treepath.path_str(names[t.name])
+    got = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape([int(s) for s in t.shape[::-1]])
+    if key in qts:
+      assert t.tensor_type.name == want
+      back = llama.unpermute_qk(got, {'q_proj': 4, 'k_proj': 2}[names[t.name][-2]]) \
+          if names[t.name][-2] in ('q_proj', 'k_proj') else got
+      np.testing.assert_array_equal(back.T, np.asarray(qts[key].dequantize()))
+  assert reader.fields['general.file_type'].contents() == (2 if bits == 4 else 7)
+  assert reader.fields['tokenizer.ggml.tokens'].contents()[:3] == ['a', 'b', 'ab']
+  # ... and the model loaded from the file is the fake-quant model, bit for bit.
+  _, loaded, _, loaded_config = llama.load_smollm2(path)
+  assert loaded_config == dataclasses.replace(config, norm_eps=float(np.float32(config.norm_eps)))   # GGUF: f32
+  jax.tree.map(np.testing.assert_array_equal, loaded, fake_quant)
+
+
+def test_grids_gguf_cannot_hold_are_refused_naming_the_tensor(tmp_path, model):
+  _, params, template = model
+  path = str(tmp_path / 'x.gguf')
+  for bad in [dict(granularity='per_channel', group_size=None), dict(symmetric=False), dict(group_size=64),
+              dict(scale_dtype='float32'), dict(bits=3)]:
+    qts = {}
+    for name, kernel in treepath.flatten(params).items():
+      if name == 'layers_1/mlp/up_proj/kernel':
+        s = spec(4).replace(**bad)
+        qts[name] = rtn.finalize(kernel, rtn.init(kernel, s), s)
+    with pytest.raises(ValueError, match='kernel layers_1/mlp/up_proj/kernel: its grid .* cannot be stored'):
+      export.save_gguf(path, params, qts, template_gguf=template)
+    assert not os.path.exists(path) and not os.path.exists(path + '.tmp')
+
+
+def test_q8_code_minus_128_is_refused(tmp_path, model):
+  _, params, template = model
+  kernel = params['layers_0']['mlp']['down_proj']['kernel']
+  qt = rtn.finalize(kernel, rtn.init(kernel, spec(8)), spec(8))
+  codes = np.asarray(qt.codes).copy()
+  codes[0, 0] = -128
+  qt = qt.__class__(codes, qt.scale, qt.zero_point, qt.spec)
+  with pytest.raises(ValueError, match='code -128 cannot be stored in Q8_0'):
+    export.save_gguf(str(tmp_path / 'x.gguf'), params, {'layers_0/mlp/down_proj/kernel': qt}, template_gguf=template)
+
+
+def test_bad_arguments_are_clear_errors_before_writing(tmp_path, model):
+  _, params, template = model
+  qts = _qtensors(params, 4, learned=False)
+  path = str(tmp_path / 'q.gguf')
+  with pytest.raises(FileNotFoundError, match='template GGUF not found'):
+    export.save_gguf(path, params, qts, template_gguf=str(tmp_path / 'missing.gguf'))
+  damaged = str(tmp_path / 'damaged.gguf')
+  with open(template, 'rb') as f:
+    head = f.read(300)
+  with open(damaged, 'wb') as f:
+    f.write(head)
+  with pytest.raises(ValueError, match='damaged.gguf'):
+    export.save_gguf(path, params, qts, template_gguf=damaged)
+  with pytest.raises(ValueError, match="'layers_9/mlp/up_proj/kernel', which is not a tensor"):
+    export.save_gguf(path, params, {'layers_9/mlp/up_proj/kernel': qts['layers_0/mlp/up_proj/kernel']},
+                     template_gguf=template)
+  assert not os.path.exists(path)
+  export.save_gguf(path, params, qts, template_gguf=template)
+  with pytest.raises(FileExistsError, match='overwrite=True'):
+    export.save_gguf(path, params, qts, template_gguf=template)
+  export.save_gguf(path, params, qts, template_gguf=template, overwrite=True)
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, model, monkeypatch):
+  import gguf
+  _, params, template = model
+  qts = _qtensors(params, 4, learned=False)
+  path = str(tmp_path / 'q.gguf')
+
+  def crash(self, *a, **kw):
+    raise OSError('disk full')
+
+  monkeypatch.setattr(gguf.GGUFWriter, 'write_tensors_to_file', crash)
+  with pytest.raises(OSError, match='disk full'):
+    export.save_gguf(path, params, qts, template_gguf=template)
+  assert os.listdir(tmp_path) == []

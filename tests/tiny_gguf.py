@@ -1,0 +1,51 @@
+"""A tiny Llama GGUF as llama.cpp's converter writes it (for loader and GGUF-export tests)."""
+
+import jax
+import numpy as np
+
+
+def get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def tiny_llama(dim=32, ffn_dim=48, head_dim=8, seed=0):
+  """(config, params) of a 2-layer Llama with random values of the right shapes (no init: its compile takes s)."""
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  config = llama.LlamaConfig(vocab_size=64, dim=dim, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=head_dim,
+                             ffn_dim=ffn_dim)
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: llama.make_llama(config)[1])
+  return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
+
+
+def write_gguf(path, params, config, block_count=None, extra=None, drop=None):
+  """Writes ``params`` as F32 tensors in torch layout (out, in), q/k rows permuted for adjacent RoPE."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  to_gguf = lambda w, nh: w.reshape(nh, 2, w.shape[0] // nh // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
+  writer = gguf.GGUFWriter(path, 'llama')
+  for add, value in [('add_block_count', config.n_layers if block_count is None else block_count),
+                     ('add_context_length', config.max_seq_len), ('add_embedding_length', config.dim),
+                     ('add_feed_forward_length', config.ffn_dim), ('add_head_count', config.n_heads),
+                     ('add_head_count_kv', config.n_kv_heads), ('add_layer_norm_rms_eps', config.norm_eps),
+                     ('add_rope_freq_base', config.rope_base), ('add_rope_dimension_count', config.head_dim),
+                     ('add_vocab_size', config.vocab_size), ('add_bos_token_id', config.bos_token_id),
+                     ('add_eos_token_id', config.eos_token_id),
+                     ('add_token_list', ['a', 'b', 'ab'] + [f't{i}' for i in range(3, config.vocab_size)]),
+                     ('add_token_merges', ['a b'])]:
+    getattr(writer, add)(value)
+  for name, param in llama.gguf_tensor_names(config).items():
+    w = np.asarray(get(params, param))
+    if param[-1] == 'kernel':
+      w = w.T if param[-2] not in heads else to_gguf(w.T, heads[param[-2]])
+    if name != drop:
+      writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+  for name, w in (extra or {}).items():
+    writer.add_tensor(name, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
