@@ -132,8 +132,34 @@ def image_ablate_table() -> str:
   return '\n'.join(lines)
 
 
+GGUF_ROWS = {   # row -> (what the file is, who made it)
+    'source_q4_1': ('source file (Q4_1, group 32, asymmetric; our float baseline)', 'SmolLM2 release'),
+    'llamacpp_q4_0': ('Q4_0 from the source', 'llama.cpp `llama-quantize`'),
+    'rtn_q4_0': ('Q4_0, RTN', 'flexround_jax `save_gguf`'),
+    'flexround_q4_0': ('Q4_0, FlexRound', 'flexround_jax `save_gguf`'),
+    'llamacpp_q8_0': ('Q8_0 from the source', 'llama.cpp `llama-quantize`'),
+    'rtn_q8_0': ('Q8_0, RTN', 'flexround_jax `save_gguf`'),
+}
+
+
+def gguf_table() -> str:
+  """One row per GGUF file: perplexity by llama.cpp and by our JAX model loaded from the same file."""
+  rows = {r['row']: r for r in _load('gguf_*.json')}
+  lines = ['| GGUF file | made by | size (MB) | llama.cpp `llama-perplexity` (2nd half of 512-token chunks) | '
+           'JAX, same file, same scoring | JAX, same file, our protocol |', '|---|---|---|---|---|---|']
+  for name, (what, who) in GGUF_ROWS.items():
+    if name not in rows:
+      lines.append(f'| {what} | {who} | not run yet | | | |')
+      continue
+    r = rows[name]
+    lines.append(f"| {what} | {who} | {r['file_bytes'] / 2**20:.0f} | {r['llama_cpp']['ppl']:.2f} ± "
+                 f"{r['llama_cpp']['ppl_stderr']:.2f} | {r['jax_same_file']['ppl_second_half']:.2f} | "
+                 f"{r['jax_same_file']['ppl_protocol']:.2f} |")
+  return '\n'.join(lines)
+
+
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
-          'image_iters': image_iters_table, 'image_ablate': image_ablate_table}
+          'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
