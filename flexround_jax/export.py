@@ -252,4 +252,6 @@ def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
   return params, qtensor_lib.from_tree(state.get('qtensors', {}), meta, path)
 
 
-from flexround_jax.export_gguf import save_gguf  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
+# The formats of other runtimes, each in its own module (pylint: disable=g-import-not-at-top,unused-import).
+from flexround_jax.export_compressed_tensors import save_compressed_tensors  # noqa: E402,F401
+from flexround_jax.export_gguf import save_gguf  # noqa: E402,F401
