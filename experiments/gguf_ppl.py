@@ -19,7 +19,7 @@ why Q4_0 is the test.
 Needs the llama.cpp binaries (``make llama-cpp``). Writes experiments/results/gguf_<row>.json; existing rows are skipped,
 and a FlexRound row resumes from its per-layer checkpoint in the workdir.
 
-  python experiments/gguf_ppl.py [--rows source_q4_1,llamacpp_q4_0,rtn_q4_0,flexround_q4_0] [--max-windows N]
+  python experiments/gguf_ppl.py [--rows source_q4_1,llamacpp_q4_0,rtn_q4_0,flexround_q4_0] [--chunks N]
 """
 
 from flexround_jax import cpu
@@ -50,9 +50,9 @@ LLAMA_CPP_BIN = os.path.join(ROOT, 'build', 'llama.cpp', 'build', 'bin')
 FLEXROUND_LR = 3e-3     # the SmolLM2 table's W4 rate (the official Llama-2-7B W4 rate)
 
 
-def llama_perplexity(bin_dir: str, model: str, text_file: str, threads: int) -> dict:
+def llama_perplexity(bin_dir: str, model: str, text_file: str, threads: int, chunks: int | None) -> dict:
   cmd = [os.path.join(bin_dir, 'llama-perplexity'), '-m', model, '-f', text_file, '-c', '512', '-b', '512',
-         '-t', str(threads)]
+         '-t', str(threads)] + (['--chunks', str(chunks)] if chunks else [])
   start = time.time()
   proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   log = proc.stdout + proc.stderr
@@ -100,7 +100,9 @@ def main():
   parser.add_argument('--rows', default=','.join(ROWS), help='comma-separated subset of ' + ','.join(ROWS))
   parser.add_argument('--llama-cpp-bin', default=LLAMA_CPP_BIN)
   parser.add_argument('--workdir', default=os.path.join(ROOT, 'work', 'gguf_ppl'))
-  parser.add_argument('--max-windows', type=int, default=None, help='JAX evaluations on a prefix (quick checks)')
+  parser.add_argument('--chunks', type=int, default=None,
+                      help='score the first N 512-token chunks / windows only, in llama.cpp and in JAX (default: all '
+                           '359; llama.cpp takes 3-10 s a chunk on 2 CPU cores)')
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   args = parser.parse_args()
   rows = args.rows.split(',')
@@ -135,14 +137,14 @@ def main():
         else:
           result.update(our_export(row, path, os.path.join(args.workdir, row)))
       result['file_bytes'] = os.path.getsize(path)
-      result['llama_cpp'] = llama_perplexity(args.llama_cpp_bin, path, text_file, args.threads)
+      result['llama_cpp'] = llama_perplexity(args.llama_cpp_bin, path, text_file, args.threads, args.chunks)
       module, params, _, _ = llama.load_smollm2(path)
       apply_fn = lambda p, t: module.apply({'params': p}, t)
       result['jax_same_file'] = {
-          'ppl_second_half': perplexity.perplexity(apply_fn, params, windows, max_windows=args.max_windows,
+          'ppl_second_half': perplexity.perplexity(apply_fn, params, windows, max_windows=args.chunks,
                                                    first=windows.shape[1] // 2)['ppl'],
-          'ppl_protocol': perplexity.perplexity(apply_fn, params, windows, max_windows=args.max_windows)['ppl'],
-          'n_windows': len(windows) if args.max_windows is None else args.max_windows}
+          'ppl_protocol': perplexity.perplexity(apply_fn, params, windows, max_windows=args.chunks)['ppl'],
+          'n_windows': len(windows) if args.chunks is None else args.chunks}
     result.update({'peak_rss_mb': round(rss.peak_mb, 1), 'commit': provenance.git_commit(),
                    'host': provenance.host_info()})
     os.makedirs(os.path.dirname(out), exist_ok=True)

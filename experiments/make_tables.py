@@ -145,14 +145,15 @@ GGUF_ROWS = {   # row -> (what the file is, who made it)
 def gguf_table() -> str:
   """One row per GGUF file: perplexity by llama.cpp and by our JAX model loaded from the same file."""
   rows = {r['row']: r for r in _load('gguf_*.json')}
-  lines = ['| GGUF file | made by | size (MB) | llama.cpp `llama-perplexity` (2nd half of 512-token chunks) | '
-           'JAX, same file, same scoring | JAX, same file, our protocol |', '|---|---|---|---|---|---|']
+  lines = ['| GGUF file | made by | size (MB) | chunks | llama.cpp `llama-perplexity` (2nd half of each chunk) | '
+           'JAX, same file, same scoring | JAX, same file, every token |', '|---|---|---|---|---|---|---|']
   for name, (what, who) in GGUF_ROWS.items():
     if name not in rows:
-      lines.append(f'| {what} | {who} | not run yet | | | |')
+      lines.append(f'| {what} | {who} | not run yet | | | | |')
       continue
     r = rows[name]
-    lines.append(f"| {what} | {who} | {r['file_bytes'] / 2**20:.0f} | {r['llama_cpp']['ppl']:.2f} ± "
+    lines.append(f"| {what} | {who} | {r['file_bytes'] / 2**20:.0f} | {r['llama_cpp']['n_chunks']} | "
+                 f"{r['llama_cpp']['ppl']:.2f} ± "
                  f"{r['llama_cpp']['ppl_stderr']:.2f} | {r['jax_same_file']['ppl_second_half']:.2f} | "
                  f"{r['jax_same_file']['ppl_protocol']:.2f} |")
   return '\n'.join(lines)
