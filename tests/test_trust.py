@@ -119,6 +119,19 @@ def test_resuming_with_a_changed_apply_fn_is_an_error(tmp_path):
     fr.quantize(params, apply_fn, calib, dataclasses.replace(cfg, eval_batch_size=32))
 
 
+def test_dry_run_checks_an_existing_checkpoint_like_the_run(tmp_path, capsys):
+  params, apply_fn, calib = tiny_models.mlp()
+  cfg = fr.QuantConfig(blocks=r'block_\d+', iters=3, batch_size=16, progress=False, checkpoint_dir=str(tmp_path))
+  fr.quantize(params, apply_fn, calib, cfg)
+  fr.quantize(params, apply_fn, calib, dataclasses.replace(cfg, dry_run=True))
+  assert 'this run resumes after 4 of 4 units' in capsys.readouterr().out
+  with pytest.raises(ValueError, match='different config'):
+    fr.quantize(params, apply_fn, calib, dataclasses.replace(cfg, dry_run=True, iters=4))
+  fresh = tmp_path / 'fresh'
+  fr.quantize(params, apply_fn, calib, dataclasses.replace(cfg, dry_run=True, checkpoint_dir=str(fresh)))
+  assert not fresh.exists()     # a dry run writes nothing
+
+
 # ------------------------------------------------------------------------------------------ chains from the program
 
 

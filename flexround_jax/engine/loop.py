@@ -92,8 +92,19 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
     if config.batch_size > n * jax.process_count():
       raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
     activations.Sampler.check(n, config.batch_size, config.sample_shards)
+  if config.checkpoint_dir and jax.process_count() > 1:
+    raise ValueError('QuantConfig.checkpoint_dir is not supported in multi-process runs yet')
   if config.dry_run:
     plan_lib.print_plan(plan, n, config)
+    if config.checkpoint_dir and os.path.isdir(os.path.join(config.checkpoint_dir, 'units')):
+      # A dry run validates what the run would do: an existing checkpoint must be this run's, and intact.
+      ckpt = _checkpointer(model_fn, tree, calib, config, activations.Placement(config.batch_size, config.num_devices))
+      try:
+        resumed = ckpt.restore(units)
+      finally:
+        ckpt.close()
+      if resumed is not None:
+        print(f'  checkpoint_dir {config.checkpoint_dir}: this run resumes after {resumed[0]} of {len(units)} units')
     return QuantizeResult(params=params, qtensors={}, report=[], plan=plan, config=config)
   tree_q, qtensors, report, states = _run(model_fn, tree, calib, units, config)
   return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config,
@@ -113,6 +124,14 @@ def dequantize_params(params, qtensors: dict[str, QTensor]):
   return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(tree)) if is_nnx else tree
 
 
+def _checkpointer(model_fn, fp_tree, calib, config: QuantConfig, placement: activations.Placement):
+  """The run's Checkpointer, its fingerprint taken from everything that can change the result."""
+  from . import checkpoint  # pylint: disable=g-import-not-at-top  (Orbax only when checkpointing)
+  digest = checkpoint.model_digest(model_fn, fp_tree, activations.take(calib, np.arange(1)))
+  return checkpoint.Checkpointer(config.checkpoint_dir,
+                                 checkpoint.fingerprint(fp_tree, calib, config, digest, placement.mesh.size))
+
+
 def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConfig):
   """The unit loop; returns (quantized tree, qtensors, report, kept states)."""
   placement = activations.Placement(config.batch_size, config.num_devices)
@@ -128,14 +147,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
       with open(log_file, 'a') as f:
         f.write(json.dumps({'time': time.time(), **record}) + '\n')
 
-  ckpt = None
-  if config.checkpoint_dir:
-    from . import checkpoint  # pylint: disable=g-import-not-at-top  (Orbax only when checkpointing)
-    if jax.process_count() > 1:
-      raise ValueError('QuantConfig.checkpoint_dir is not supported in multi-process runs yet')
-    digest = checkpoint.model_digest(model_fn, fp_tree, activations.take(calib, np.arange(1)))
-    ckpt = checkpoint.Checkpointer(config.checkpoint_dir,
-                                   checkpoint.fingerprint(fp_tree, calib, config, digest, placement.mesh.size))
+  ckpt = _checkpointer(model_fn, fp_tree, calib, config, placement) if config.checkpoint_dir else None
   recon = UnitReconstructor(config, placement, n, Compiled(), log)
   inputs_fns: dict[int, Callable] = {}
 
