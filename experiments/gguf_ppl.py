@@ -133,7 +133,8 @@ def main():
       else:
         path = os.path.join(args.workdir, f'{row}.gguf')
         if row.startswith('llamacpp_'):
-          result['quantize_wall_s'] = llama_quantize(args.llama_cpp_bin, source, path, row.split('_')[1].upper())
+          qtype = row.split('_', 1)[1].upper()     # llamacpp_q4_0 -> Q4_0
+          result['quantize_wall_s'] = llama_quantize(args.llama_cpp_bin, source, path, qtype)
         else:
           result.update(our_export(row, path, os.path.join(args.workdir, row)))
       result['file_bytes'] = os.path.getsize(path)
