@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -214,26 +213,12 @@ def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
   arrays, qmeta = qtensor_lib.to_tree(result.qtensors)
   state = {'params': treepath.unflatten(_flatten(result.params)), 'qtensors': arrays}
-  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
-  for stale in (tmp, old):
-    _remove(stale)
-  try:
+
+  def write(tmp):
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, args=integrity.orbax_save_args(state, {'format': FORMAT, **qmeta}))
-  except BaseException:
-    _remove(tmp)
-    raise
-  if os.path.lexists(path):
-    os.replace(path, old)
-  os.replace(tmp, path)
-  _remove(old)
 
-
-def _remove(path: str) -> None:
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path)
-  elif os.path.lexists(path):
-    os.remove(path)
+  integrity.write_in_place(path, write)
 
 
 def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:

@@ -38,7 +38,7 @@ import os
 import jax
 import numpy as np
 
-from flexround_jax import treepath
+from flexround_jax import integrity, treepath
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax.qtensor import QTensor
 
@@ -171,7 +171,6 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
     format cannot hold) and FileExistsError, before anything is written.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from flexround_jax.export import _remove  # pylint: disable=g-import-not-at-top
   from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
 
   directory = os.path.abspath(directory)
@@ -213,20 +212,13 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
   if modules:
     hf_json['quantization_config'] = quantization_config(modules, [names[p] for p in names if p in kernels])
 
-  tmp, old = f'{directory}.tmp-{os.getpid()}', f'{directory}.old-{os.getpid()}'
-  for stale in (tmp, old):
-    _remove(stale)
-  try:
+
+  def write(tmp):
     os.makedirs(tmp)
     save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(hf_json, f, indent=2, sort_keys=True)
-  except BaseException:
-    _remove(tmp)
-    raise
-  if os.path.lexists(directory):
-    os.replace(directory, old)
-  os.replace(tmp, directory)
-  _remove(old)
+
+  integrity.write_in_place(directory, write)
   return {'tensors': {n: str(t.dtype) for n, t in tensors.items()},
           'file_bytes': os.path.getsize(os.path.join(directory, 'model.safetensors'))}

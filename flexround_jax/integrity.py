@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -119,3 +121,28 @@ def orbax_read_state(restore, meta: dict, where: str) -> dict:
     raise ValueError(f'{where}: unreadable arrays ({type(e).__name__}: {e})') from e
   check(state, meta['arrays'], where)
   return state
+
+
+def write_in_place(path: str, write) -> None:
+  """Calls ``write(tmp)`` on a sibling '<path>.tmp-<pid>' and renames it to ``path`` (an existing ``path`` is moved
+  aside first and deleted last), so a crash never leaves a half-written file or folder at ``path``."""
+  tmp, old = f'{path}.tmp-{os.getpid()}', f'{path}.old-{os.getpid()}'
+  for stale in (tmp, old):
+    remove(stale)
+  try:
+    write(tmp)
+  except BaseException:
+    remove(tmp)
+    raise
+  if os.path.lexists(path):
+    os.replace(path, old)
+  os.replace(tmp, path)
+  remove(old)
+
+
+def remove(path: str) -> None:
+  """Deletes a file, link or folder if it exists."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path)
+  elif os.path.lexists(path):
+    os.remove(path)
