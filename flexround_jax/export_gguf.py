@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from flexround_jax import treepath
+from flexround_jax import integrity, treepath
 from flexround_jax.qtensor import QTensor
 
 BLOCK = 32
@@ -147,27 +147,26 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
   if len(quant) == 1:
     file_type = int({gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
                      gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[quant.pop()])
-  tmp = path + '.tmp'
-  try:
+
+  def write(tmp):
     writer = gguf.GGUFWriter(tmp, meta['general.architecture'])
+    pending = file_type
     for key, field in reader.fields.items():
       if key.startswith('GGUF.') or key == 'general.architecture':
         continue
       value = field.contents()
-      if key == 'general.file_type' and file_type is not None:
-        value, file_type = file_type, None
+      if key == 'general.file_type' and pending is not None:
+        value, pending = pending, None
       sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
       writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
-    if file_type is not None:
-      writer.add_file_type(file_type)
+    if pending is not None:
+      writer.add_file_type(pending)
     for name, data, qtype in encoded:
       writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+  integrity.write_in_place(path, write)
   return {'tensors': written, 'file_bytes': os.path.getsize(path)}
