@@ -25,7 +25,7 @@ import shutil
 import jax
 import numpy as np
 
-from flexround_jax import export, provenance, run as runner, tasks
+from flexround_jax import compile_cache, export, provenance, run as runner, tasks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
@@ -62,6 +62,7 @@ def main():
                            '2-core hosts; 1 is about 1.2x faster per step there, see the README benchmarks)')
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
   args = parser.parse_args()
+  compile_cache.enable(os.path.join(args.workdir, 'jax_cache'))   # identical layers compile once, across runs too
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   if args.curve:   # perplexity vs iterations: W4 per-channel FlexRound (the table's own run is the 250 point)

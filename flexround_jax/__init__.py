@@ -18,7 +18,7 @@ _PUBLIC = {
     'dequantize_params': 'flexround_jax.engine',
     'quantize': 'flexround_jax.engine',
 }
-_SUBMODULES = ('cpu', 'engine', 'export', 'methods', 'plots', 'quantizers', 'run', 'tasks')
+_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', 'quantizers', 'run', 'tasks')
 
 __all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'quantizers']
 __version__ = '0.2.0'

@@ -24,7 +24,7 @@ from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top,w
 from absl import logging as absl_logging  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from flexround_jax import provenance, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from flexround_jax import compile_cache, provenance, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 from flexround_jax.engine import QuantConfig, quantize  # noqa: E402  pylint: disable=g-import-not-at-top
 from flexround_jax.config_base import RUNNER_FIELDS  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -97,6 +97,7 @@ def main(argv):
     print('usage: python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.weight.bits=3]',
           file=sys.stderr)
     sys.exit(2)
+  compile_cache.enable(os.path.join(os.path.abspath(_WORKDIR.value), 'jax_cache'))   # a re-run skips compiles
   results = run(_CONFIG.value, _WORKDIR.value)
   print(json.dumps({k: results[k] for k in ('task', 'method', 'bits', 'fp', 'quantized', 'quantize_wall_s')},
                    indent=2, default=float))

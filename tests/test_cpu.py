@@ -44,3 +44,23 @@ def test_use_all_cores_after_jax_started_is_an_error():
     cpu.use_all_cores(5)
   with pytest.raises(ValueError, match='positive integer'):
     cpu.use_all_cores(0)
+
+
+def test_compile_cache_stores_compiled_programs_for_the_next_process(tmp_path):
+  code = ('import jax, jax.numpy as jnp\n'
+          'from flexround_jax import compile_cache\n'
+          f'compile_cache.enable({str(tmp_path / "cache")!r}, min_compile_seconds=0)\n'
+          'print(float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((8, 8))).sum()))')
+  first = _python(code)
+  entries = os.listdir(tmp_path / 'cache')
+  assert entries
+  assert _python(code) == first
+  assert sorted(os.listdir(tmp_path / 'cache')) == sorted(entries)   # the second process found them all
+
+
+@pytest.mark.parametrize('kwargs', [{'path': ''}, {'path': None}, {'path': 'x', 'min_compile_seconds': -1},
+                                    {'path': 'x', 'min_compile_seconds': True}])
+def test_compile_cache_rejects_bad_arguments(kwargs):
+  from flexround_jax import compile_cache
+  with pytest.raises(ValueError, match='compile_cache.enable'):
+    compile_cache.enable(**kwargs)

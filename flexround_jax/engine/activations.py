@@ -156,6 +156,10 @@ class Sampler:
     return np.concatenate([j * self.part + np.sort(rng.choice(self.part, self.b, replace=self.replace))
                            for j, rng in enumerate(self.rngs)])
 
+  def fill(self):
+    """Indices of a placeholder minibatch (the padded steps of a last, shorter chunk); draws nothing."""
+    return np.zeros(self.b * len(self.rngs), np.int64)
+
 
 class Placement:
   """The data meshes of a run and how host arrays get onto them.
@@ -196,13 +200,14 @@ class Placement:
   def replicated(self, tree):
     return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
-  def global_batch(self, arrays: list):
-    """This process's part of a minibatch -> global arrays split over ``mesh`` along axis 0."""
+  def global_batch(self, arrays: list, axis: int = 0):
+    """This process's part of a minibatch -> global arrays split over ``mesh`` along the sample ``axis``."""
+    spec = P(*([None] * axis + ['data']))
     if jax.process_count() == 1:
-      sharding = NamedSharding(self.mesh, P('data'))
+      sharding = NamedSharding(self.mesh, spec)
       return [jax.device_put(a, sharding) for a in arrays]
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return [multihost_utils.host_local_array_to_global_array(a, self.mesh, P('data')) for a in arrays]
+    return [multihost_utils.host_local_array_to_global_array(a, self.mesh, spec) for a in arrays]
 
   def global_replicated(self, array):
     if jax.process_count() == 1:

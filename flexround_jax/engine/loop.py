@@ -182,7 +182,9 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     fp_unit = treepath.get_subtree(fp_tree, unit.prefix)
     y_fp = recon.forward(unit, fp_unit, x_fp)
     log(event='unit_start', unit=unit.name, index=unit.index)
-    result = recon.reconstruct(unit, fp_unit, x_q, x_fp, y_fp)
+    nxt = units[unit.index + 1] if unit.index + 1 < len(units) else None
+    chain = nxt is not None and nxt.chain_from_previous
+    result = recon.reconstruct(unit, fp_unit, x_q, x_fp, y_fp, keep_outputs=chain)
     result.report['seconds'] = round(time.time() - t0, 3)
     report.append(result.report)
     log(event='unit_end', **result.report)
@@ -192,9 +194,8 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
                                          for k, name in zip(unit.kernels, unit.kernel_names())})
     tree_q = treepath.set_leaf(tree_q, tuple(unit.prefix), q_unit)
 
-    nxt = units[unit.index + 1] if unit.index + 1 < len(units) else None
-    if nxt is not None and nxt.chain_from_previous:
-      out_q = recon.forward(unit, q_unit, x_q)
+    if chain:   # the final loss pass computed the outputs, unless the unit fell back to other kernels
+      out_q = result.outputs if result.outputs is not None else recon.forward(unit, q_unit, x_q)
       x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
       x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
       out_q.close()

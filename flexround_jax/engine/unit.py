@@ -17,6 +17,7 @@ key, so identical blocks compile once and nothing outlives the call.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from typing import Any, Callable
 
@@ -77,12 +78,16 @@ def make_optimizer(unit: Unit, iters: int):
 
 
 def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
-  """(jitted step, optimizer) for ``unit``.
+  """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch.
 
-  ``step(trainable, opt_state, frozen, unit_params, x, y, x0_fp, key, step_index) -> (trainable, opt_state, loss)``
-  with ``trainable`` / ``frozen`` lists of per-kernel dicts (``Method.split``), ``x`` the unit's batched inputs,
-  ``y`` the float targets, ``x0_fp`` the float model's first input (used when ``drop_prob > 0``), ``key`` the
-  step's PRNG key and ``step_index`` an int32 scalar. Buffers of ``trainable`` and ``opt_state`` are donated.
+  ``steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first, n_valid)
+  -> (trainable, opt_state, losses)`` runs K = ``len(ys[0])`` steps in one ``lax.scan``: step ``k`` trains on the
+  minibatch ``xs[j][k]`` / ``ys[j][k]`` (``x0s[k]``: the float model's first input, used when ``drop_prob > 0``;
+  any (K,) array otherwise), with PRNG key ``fold_in(key, first + k)`` and schedule step ``first + k``. Steps
+  ``k >= n_valid`` leave the state unchanged (their loss is 0), so a last, shorter chunk reuses the same compiled
+  function. ``trainable`` / ``frozen`` are lists of per-kernel dicts (``Method.split``); the buffers of
+  ``trainable`` and ``opt_state`` are donated. Step k computes exactly what a one-step function called with the
+  same minibatch, key and step index computes.
   """
   opt = make_optimizer(unit, iters)
   penalized = [m for m in dict.fromkeys(unit.methods) if m.penalty is not None]
@@ -100,12 +105,25 @@ def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable,
       loss = loss + m.penalty([st for st, mk in zip(states, unit.methods) if mk is m], step_index, iters)
     return loss
 
-  def step(trainable, opt_state, frozen, unit_params, x, y, x0_fp, key, step_index):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, unit_params, x, y, x0_fp, key, step_index)
-    updates, opt_state = opt.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
+  def steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first, n_valid):
+    def body(carry, batch):
+      k, x, y, x0_fp = batch
+      step_index = first + k
 
-  return jax.jit(step, donate_argnums=(0, 1)), opt
+      def step(carry):
+        trainable, opt_state = carry
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, unit_params, x, y, x0_fp,
+                                                  jax.random.fold_in(key, step_index), step_index)
+        updates, opt_state = opt.update(grads, opt_state, trainable)
+        return (optax.apply_updates(trainable, updates), opt_state), loss
+
+      return jax.lax.cond(k < n_valid, step, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
+
+    k = jnp.arange(len(ys[0]), dtype=jnp.int32)
+    (trainable, opt_state), losses = jax.lax.scan(body, (trainable, opt_state), (k, xs, ys, x0s))
+    return trainable, opt_state, losses
+
+  return jax.jit(steps, donate_argnums=(0, 1)), opt
 
 
 class Compiled:
@@ -123,9 +141,13 @@ class Compiled:
   def forward(self, unit: Unit):
     return self._get(('forward', unit.static_key), lambda: jax.jit(unit.apply))[0]
 
-  def loss_eval(self, unit: Unit):
-    return self._get(('loss', unit.static_key),
-                     lambda: jax.jit(lambda params, dyn, y: per_sample_loss(unit.apply(params, dyn), y)))[0]
+  def loss_eval(self, unit: Unit, with_outputs: bool = False):
+    """jitted ``(params, dyn, y) -> per-sample loss`` (``with_outputs``: ``(loss, output leaves)``)."""
+    def fn(params, dyn, y):
+      out = unit.apply(params, dyn)
+      loss = per_sample_loss(out, y)
+      return (loss, jax.tree.leaves(out)) if with_outputs else loss
+    return self._get(('loss', unit.static_key, with_outputs), lambda: jax.jit(fn))[0]
 
   def train_step(self, unit: Unit, iters: int, drop_prob: float):
     """((step, optimizer), newly built?)"""
@@ -165,9 +187,12 @@ def _hessian_fn(unit: Unit, index: int):   # the kernel's module must take its i
 
 @dataclasses.dataclass
 class UnitResult:
+  """``outputs``: with ``reconstruct(keep_outputs=True)``, the unit's outputs on the cached inputs with the kept
+  kernels (None when they were not computed in the final loss pass, e.g. after a fall-back)."""
   qtensors: dict[str, QTensor]
   report: dict
   states: dict[str, dict]
+  outputs: ActivationStore | None = None
 
 
 class UnitReconstructor:
@@ -187,15 +212,22 @@ class UnitReconstructor:
     store = ActivationStore(self.n, self.config.spill_dir)
     return self.placement.map(self.compiled.forward(unit), unit_params, list(x.arrays), store, self.chunk)
 
-  def eval_loss(self, unit: Unit, fp_unit, qts, x: ActivationStore, y: ActivationStore) -> float:
-    """Mean per-sample block loss over the whole calibration set with the finalized kernels ``qts``."""
-    params = with_kernels(fp_unit, unit, [qt.dequantize() for qt in qts])
-    fn = self.compiled.loss_eval(unit)
+  def eval_loss(self, unit: Unit, fp_unit, qts, x: ActivationStore, y: ActivationStore,
+                outputs: ActivationStore | None = None) -> float:
+    """Mean per-sample block loss over the whole calibration set with the finalized kernels ``qts`` (dequantized
+    in the kernels' dtype, as ``dequantize_params`` does); with ``outputs``, the unit's outputs go there too (the
+    quantized model's inputs of the next unit, from the same pass)."""
+    views = kernel_views(unit, fp_unit)
+    params = with_kernels(fp_unit, unit, [qt.dequantize(v.dtype) for qt, v in zip(qts, views)])
+    fn = self.compiled.loss_eval(unit, with_outputs=outputs is not None)
     total = 0.0
-    for _, n_valid, chunk in activations.chunks(list(x.arrays) + list(y.arrays), self.chunk):
+    for start, n_valid, chunk in activations.chunks(list(x.arrays) + list(y.arrays), self.chunk):
       chunk = self.placement.local(chunk)
-      per_sample = np.asarray(fn(params, chunk[:len(x.arrays)], chunk[len(x.arrays):]))
-      total += float(per_sample[:n_valid].astype(np.float64).sum())
+      per_sample = fn(params, chunk[:len(x.arrays)], chunk[len(x.arrays):])
+      if outputs is not None:
+        per_sample, out = per_sample
+        outputs.write(start, n_valid, [np.asarray(o) for o in out])
+      total += float(np.asarray(per_sample)[:n_valid].astype(np.float64).sum())
     total = activations.sum_over_processes(total)
     return total / (self.n * jax.process_count())
 
@@ -240,55 +272,68 @@ class UnitReconstructor:
     return states, facts
 
   def train(self, unit: Unit, fp_unit, states, x_q, x_fp, y_fp, iters: int):
-    """``iters`` optax steps on the unit's trainable state; returns (states, loss curve, newly compiled?)."""
+    """``iters`` optax steps on the unit's trainable state; returns (states, loss curve, newly compiled?).
+
+    Steps run ``every`` at a time in one dispatch (``make_train_step``); the next chunk's minibatches are gathered
+    on the host while the devices run the current one.
+    """
     cfg = self.config
     split = [m.split(st) for m, st in zip(unit.methods, states)]
     trainable, frozen = [s[0] for s in split], [s[1] for s in split]
-    (step, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
+    (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
     trainable, frozen, unit_params = self.placement.replicated((trainable, frozen, fp_unit))
     opt_state = self.placement.replicated(opt.init(trainable))
     sampler = activations.Sampler(self.n, cfg.batch_size, cfg.sample_shards, cfg.seed, unit.index)
     key = jax.random.fold_in(jax.random.key(cfg.seed), unit.index)
     bar = _progress(iters, unit, cfg)
-    every = max(1, min(50, iters // 20))
-    recent, curve = [], []
-    for i in range(iters):
-      idx = sampler(i)
-      x_batch = self.placement.global_batch([a[idx] for a in x_q.arrays])
-      y_batch = self.placement.global_batch([a[idx] for a in y_fp.arrays])
+    every = steps_per_dispatch(iters)
+    curve, pending = [], None
+
+    def report(first, n_valid, losses):
+      value = float(np.mean(np.asarray(losses)[:n_valid].astype(np.float64)))
+      curve.append([first + n_valid, value])
+      if bar is not None:
+        bar.set_postfix(loss=f'{value:.4g}')
+        bar.update(n_valid)
+      if len(curve) % 5 == 0 or first + n_valid == iters:
+        self.log(event='step', unit=unit.name, step=first + n_valid, loss=value)
+
+    for first in range(0, iters, every):
+      n_valid = min(every, iters - first)
+      idx = np.stack([sampler(i) for i in range(first, first + n_valid)]
+                     + [sampler.fill()] * (every - n_valid))             # (K, batch) sample indices
+      xs = self.placement.global_batch([a[idx] for a in x_q.arrays], axis=1)
+      ys = self.placement.global_batch([a[idx] for a in y_fp.arrays], axis=1)
       if cfg.drop_prob > 0:
-        x0_fp = self.placement.global_batch([x_fp.arrays[0][idx]])[0]
+        x0s = self.placement.global_batch([x_fp.arrays[0][idx]], axis=1)[0]
       else:
-        x0_fp = self.placement.global_replicated(np.zeros((), np.float32))
-      trainable, opt_state, loss = step(trainable, opt_state, frozen, unit_params, x_batch, y_batch, x0_fp,
-                                        jax.random.fold_in(key, i), jnp.int32(i))
-      recent.append(loss)
-      if (i + 1) % every == 0 or i + 1 == iters:
-        value = float(np.mean([float(l) for l in recent]))
-        recent = []
-        curve.append([i + 1, value])
-        if bar is not None:
-          bar.set_postfix(loss=f'{value:.4g}')
-          bar.update(every if (i + 1) % every == 0 else (i + 1) % every)
-        if (i + 1) % (every * 5) == 0 or i + 1 == iters:
-          self.log(event='step', unit=unit.name, step=i + 1, loss=value)
+        x0s = self.placement.global_replicated(np.zeros((every,), np.float32))
+      trainable, opt_state, losses = steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key,
+                                           jnp.int32(first), jnp.int32(n_valid))
+      if pending is not None:   # read the previous chunk's losses while this one runs
+        report(*pending)
+      pending = (first, n_valid, losses)
+    if pending is not None:
+      report(*pending)
     if bar is not None:
       bar.close()
     trainable, frozen = jax.device_get((trainable, frozen))
     return [{**f, **t} for t, f in zip(trainable, frozen)], curve, new
 
   def reconstruct(self, unit: Unit, fp_unit, x_q: ActivationStore, x_fp: ActivationStore,
-                  y_fp: ActivationStore) -> UnitResult:
-    """Quantizes the unit's kernels (see the module docstring); ``fp_unit`` is the unit's float params subtree."""
+                  y_fp: ActivationStore, keep_outputs: bool = False) -> UnitResult:
+    """Quantizes the unit's kernels (see the module docstring); ``fp_unit`` is the unit's float params subtree.
+    ``keep_outputs``: also return the unit's outputs with the kept kernels, from the final loss pass."""
     cfg = self.config
     views = kernel_views(unit, fp_unit)
     rtn_states = [rtn.init(v, s) for v, s in zip(views, unit.specs)]
     rtn_qts = [rtn.finalize(v, st, s) for v, st, s in zip(views, rtn_states, unit.specs)]
-    loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp)
     trains = any(m.trains for m in unit.methods)
     iters = cfg.iters if trains else 0
     changes = iters > 0 or any(m.solve is not None for m in unit.methods)   # iters = 0: RTN (or a closed form)
-    qts, curve, states, facts, new_step = rtn_qts, [], rtn_states, {}, False
+    outputs = ActivationStore(self.n, cfg.spill_dir) if keep_outputs else None
+    loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp, None if changes else outputs)
+    qts, curve, states, facts, new_step, seconds_train = rtn_qts, [], rtn_states, {}, False, 0.0
     loss_start, kept_start = None, False
     if changes:
       states, facts = self.solve(unit, fp_unit, x_q)
@@ -299,9 +344,11 @@ class UnitReconstructor:
         loss_start = self.eval_loss(unit, fp_unit, start_qts, x_q, y_fp)
         start_bad = _non_finite(unit, start_states, start_qts, loss_start)   # a non-finite start is never kept
       if iters > 0:
+        t_train = time.perf_counter()
         states, curve, new_step = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
+        seconds_train = time.perf_counter() - t_train
       qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
-    loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp) if changes else loss_rtn
+    loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs) if changes else loss_rtn
     loss_trained, fell_back = loss_final, False
     methods = ', '.join(sorted({m.name for m in unit.methods}))
     non_finite = _non_finite(unit, states, qts, loss_final) if changes else []
@@ -315,16 +362,19 @@ class UnitReconstructor:
              f'at loss {loss_final:.6g}, worse than its closed-form start {loss_start:.6g}')
       warnings.warn(f'unit {unit.name}: training ended {how}; keeping the start for this unit')
       qts, states, loss_final, kept_start, bad = start_qts, start_states, loss_start, True, False
+      outputs = _discard(outputs)
     if changes and cfg.fallback_to_rtn and (bad or not loss_final <= loss_rtn):
       how = (f'ended with NaN or Inf in {", ".join(non_finite)}' if bad else
              f'ended at loss {loss_final:.6g}, worse than its RTN start {loss_rtn:.6g}')
       warnings.warn(f'unit {unit.name}: {methods} {how}; keeping RTN for this unit')
       qts, loss_final, fell_back = rtn_qts, loss_rtn, True
+      outputs = _discard(outputs)
     names = unit.kernel_names()
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
            'bits': sorted({s.bits for s in unit.specs}), 'methods': sorted({m.name for m in unit.methods}),
            'loss_rtn': loss_rtn, 'loss_final': loss_final, 'loss_trained': loss_trained, 'iters': iters,
-           'fell_back_to_rtn': fell_back, 'loss_curve': curve, 'new_train_step': new_step}
+           'fell_back_to_rtn': fell_back, 'loss_curve': curve, 'new_train_step': new_step,
+           'seconds_train': round(seconds_train, 3)}
     if loss_start is not None:
       rep.update(loss_start=loss_start, kept_start=kept_start)
     if non_finite:
@@ -332,7 +382,17 @@ class UnitReconstructor:
     if facts:
       rep['method_facts'] = facts
     kept = {n: jax.device_get(st) for n, st in zip(names, states)} if cfg.keep_states else {}
-    return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept)
+    return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept, outputs=outputs)
+
+
+def _discard(store: ActivationStore | None) -> None:
+  if store is not None:
+    store.close()
+
+
+def steps_per_dispatch(iters: int) -> int:
+  """Training steps per dispatch (and per point of the loss curve): about 20 chunks per unit, at most 50 steps."""
+  return max(1, min(50, iters // 20))
 
 
 def _non_finite(unit: Unit, states, qts, loss) -> list[str]:
