@@ -3,10 +3,13 @@
 For a standard ResNet basic block (64 channels, 32x32, batch 32), a 512-wide transformer layer (8 heads,
 sequence 128, batch 8) and a SmolLM2-135M decoder layer (width 576, 9 query / 3 KV heads, SwiGLU 1536, sequence
 512, batch 2: the LLM experiment's step), measures the jitted FlexRound training step (fake-quantize every
-kernel, forward, backward, Adam) with the calibration batch on 1 device and sharded over N devices (N = CPU
-cores, simulated CPU devices), and compares the achieved GFLOP/s (XLA's own flop count of the step) with a
-same-process float32 matmul peak. The SmolLM2 layer is timed per-channel and per-group 128 (576 inputs: 4 x 128
-+ 64), so the cost of per-group grids is a ratio within one run. Writes benchmarks/results/engine_<host>.json.
+kernel, forward, backward, Adam; K steps per dispatch as the engine runs them, K = 12 for a 250-step unit) with the
+calibration batch on 1 device and sharded over N devices (N = CPU cores, simulated CPU devices), and compares the
+achieved GFLOP/s (XLA's own flop count of one step) with a same-process float32 matmul peak. For the SmolLM2 layer
+it also times, in the same process, one step per dispatch and the attention layout used before issue 18 (the
+baselines of the speed-ups), and batches 4 and 8. The SmolLM2 layer is timed per-channel and per-group 128 (576
+inputs: 4 x 128 + 64), so the cost of per-group grids is a ratio within one run. Writes
+benchmarks/results/engine_<backend>.json.
 
   python benchmarks/bench_engine.py [--devices N] [--repeats 20]
 """
@@ -14,6 +17,7 @@ same-process float32 matmul peak. The SmolLM2 layer is timed per-channel and per
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -84,7 +88,42 @@ def matmul_peak(repeats):
   return 2 * 2048 ** 3 / t / 1e9
 
 
-def bench_block(name, block, x, n_devices, repeats, spec):
+class UnfoldedAttention(llama.Attention):
+  """The attention layout before issue 18 ('btkgd,bskd->bkgts': query groups as a separate axis), kept here only
+  as the in-process baseline of the folded layout in ``llama.Attention``."""
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b, t, _ = x.shape
+    groups = c.n_heads // c.n_kv_heads
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    q = dense(c.n_heads * c.head_dim, 'q_proj')(x).reshape(b, t, c.n_heads, c.head_dim)
+    k = dense(c.n_kv_heads * c.head_dim, 'k_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+    v = dense(c.n_kv_heads * c.head_dim, 'v_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+    q, k = llama.rope(q, c.rope_base), llama.rope(k, c.rope_base)
+    q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim)
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, k) / np.sqrt(c.head_dim).astype(np.float32)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+    out = jnp.einsum('bkgts,bskd->btkgd', jax.nn.softmax(scores, axis=-1), v).reshape(b, t, -1)
+    return dense(c.dim, 'o_proj')(out)
+
+
+class UnfoldedDecoderLayer(llama.DecoderLayer):
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    x = x + UnfoldedAttention(c, name='attn')(nn.RMSNorm(epsilon=c.norm_eps, name='input_layernorm')(x))
+    return x + llama.MLP(c, name='mlp')(nn.RMSNorm(epsilon=c.norm_eps, name='post_attention_layernorm')(x))
+
+
+STEPS_PER_DISPATCH = fr.engine.unit.steps_per_dispatch(250)   # what a 250-step unit (the LLM table) uses
+
+
+def bench_block(name, block, x, n_devices, repeats, spec, k_steps=STEPS_PER_DISPATCH):
+  """Per-step time of the engine's jitted K-step training function (K = ``k_steps`` steps per dispatch, the
+  minibatches already on the devices) and the forward of the float block over the batch."""
   model = Wrap(block)
   params = model.init(jax.random.key(1), x[:1])['params']
   apply_fn = lambda p, b: model.apply({'params': p}, b)
@@ -96,27 +135,33 @@ def bench_block(name, block, x, n_devices, repeats, spec):
   split = [m.split(m.start(v, s)) for m, v, s in zip(unit.methods, views, unit.specs)]
   trainable, frozen = [t for t, _ in split], [f for _, f in split]
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_devices]), ('data',))
-  repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  step, opt = fr.engine.make_train_step(unit, cfg.iters, drop_prob=0.0)
+  repl, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, 'data'))
+  steps, opt = fr.engine.make_train_step(unit, cfg.iters, drop_prob=0.0)
   trainable, frozen, fp_unit = jax.device_put((trainable, frozen, fp_unit), repl)
   opt_state = jax.device_put(opt.init(trainable), repl)
   y = apply_fn(params, x)
-  xb, yb = [jax.device_put(x, shard)], [jax.device_put(y, shard)]
-  extra = (jax.device_put(np.zeros((), np.float32), repl), jax.random.key(0), jnp.int32(0))
+  xs = [jax.device_put(jnp.stack([x] * k_steps), shard)]
+  ys = [jax.device_put(jnp.stack([y] * k_steps), shard)]
+  extra = (jax.device_put(np.zeros((k_steps,), np.float32), repl), jax.random.key(0), jnp.int32(0),
+           jnp.int32(k_steps))
   state = {'t': trainable, 'o': opt_state}
 
   def call():
-    t, o, loss = step(state['t'], state['o'], frozen, fp_unit, xb, yb, *extra)
+    t, o, losses = steps(state['t'], state['o'], frozen, fp_unit, xs, ys, *extra)
     state['t'], state['o'] = t, o
-    return loss
+    return losses
 
-  lowered = step.lower(trainable, opt_state, frozen, fp_unit, xb, yb, *extra)
+  one = fr.engine.make_train_step(unit, cfg.iters, drop_prob=0.0)[0]   # for XLA's flop count of one step
+  lowered = one.lower(trainable, opt_state, frozen, fp_unit, [xs[0][:1]], [ys[0][:1]], extra[0][:1], *extra[1:])
   cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   flops = float(cost.get('flops', 0.0)) * (n_devices if n_devices > 1 else 1)
-  t = median_time(call, repeats)
+  t = median_time(call, max(3, repeats // k_steps)) / k_steps
+  forward = jax.jit(apply_fn)
+  t_fwd = median_time(lambda: forward(params, x), repeats)
   granularity = spec.granularity + (str(spec.group_size) if spec.group_size else '')
-  return {'block': name, 'granularity': granularity, 'devices': n_devices, 'step_ms': round(t * 1e3, 2),
+  return {'block': name, 'granularity': granularity, 'devices': n_devices, 'batch': int(x.shape[0]),
+          'steps_per_dispatch': k_steps, 'step_ms': round(t * 1e3, 2), 'forward_ms': round(t_fwd * 1e3, 2),
           'gflop_per_step': round(flops / 1e9, 3), 'gflops': round(flops / t / 1e9, 1)}
 
 
@@ -134,26 +179,45 @@ def main():
            ('smollm2_layer_576_seq512_b2', smollm2, smollm2_x, per_channel),
            ('smollm2_layer_576_seq512_b2', smollm2, smollm2_x, per_group)]
   rows = []
+
+  def add(row):
+    row['fraction_of_matmul_peak'] = round(row['gflops'] / peak, 3)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
   for name, block, x, spec in cases:
     for n in sorted({1, args.devices}):
-      row = bench_block(name, block, x, n, repeats, spec)
-      row['fraction_of_matmul_peak'] = round(row['gflops'] / peak, 3)
-      rows.append(row)
-      print(json.dumps(row))
+      add(bench_block(name, block, x, n, repeats, spec))
+  # The SmolLM2 layer, 1 device: one step per dispatch (before issue 18), the unfolded attention layout (before
+  # issue 18), and larger batches.
+  smollm2_unfolded = UnfoldedDecoderLayer(smollm2.config)
+  add(bench_block('smollm2_layer_576_seq512_b2', smollm2, smollm2_x, 1, repeats, per_channel, k_steps=1))
+  add({**bench_block('smollm2_layer_576_seq512_b2', smollm2_unfolded, smollm2_x, 1, repeats, per_channel),
+       'attention': 'unfolded'})
+  for batch in (4, 8):
+    x = jax.random.normal(jax.random.key(5), (batch, 512, 576))
+    add(bench_block(f'smollm2_layer_576_seq512_b{batch}', smollm2, x, 1, repeats, per_channel))
 
-  def step_ms(name, granularity, devices):
+  def step_ms(name, granularity, devices, **match):
     return next(r['step_ms'] for r in rows
-                if (r['block'], r['granularity'], r['devices']) == (name, granularity, devices))
+                if (r['block'], r['granularity'], r['devices']) == (name, granularity, devices)
+                and r['steps_per_dispatch'] == match.get('k', STEPS_PER_DISPATCH)
+                and r.get('attention') == match.get('attention'))
 
   for name, granularity in dict.fromkeys((r['block'], r['granularity']) for r in rows):
-    ratio = step_ms(name, granularity, 1) / step_ms(name, granularity, args.devices)
-    print(f'{name} {granularity}: {args.devices} devices vs 1: {ratio:.2f}x faster')
+    if any((r['block'], r['granularity'], r['devices']) == (name, granularity, args.devices) for r in rows):
+      ratio = step_ms(name, granularity, 1) / step_ms(name, granularity, args.devices)
+      print(f'{name} {granularity}: {args.devices} devices vs 1: {ratio:.2f}x faster')
   for n in sorted({1, args.devices}):
     ratio = step_ms('smollm2_layer_576_seq512_b2', 'per_group128', n) / step_ms('smollm2_layer_576_seq512_b2',
                                                                                'per_channel', n)
     print(f'smollm2 layer, {n} device(s): per-group 128 step / per-channel step = {ratio:.2f}')
+  base = step_ms('smollm2_layer_576_seq512_b2', 'per_channel', 1)
+  print(f'smollm2 layer, 1 device: 1 step per dispatch / {STEPS_PER_DISPATCH} = '
+        f'{step_ms("smollm2_layer_576_seq512_b2", "per_channel", 1, k=1) / base:.2f}; unfolded attention / folded = '
+        f'{step_ms("smollm2_layer_576_seq512_b2", "per_channel", 1, attention="unfolded") / base:.2f}')
   out = {'machine': {**provenance.host_info(), 'jax': jax.__version__},
-         'matmul_2048_f32_gflops': round(peak, 1), 'rows': rows}
+         'matmul_2048_f32_gflops': round(peak, 1), 'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), 'rows': rows}
   os.makedirs(os.path.join(os.path.dirname(__file__), 'results'), exist_ok=True)
   path = os.path.join(os.path.dirname(__file__), 'results', f'engine_{jax.default_backend()}.json')
   with open(path, 'w') as f:

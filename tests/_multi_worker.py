@@ -1,5 +1,6 @@
 """Subprocess worker for multi-device / multi-process tests. Usage:
   python _multi_worker.py devices OUT.npz              (one process, 8 CPU devices: 1-device vs 8-device runs)
+  python _multi_worker.py model OUT.npz                (8 CPU devices as 2 data x 4 model vs 1 device)
   python _multi_worker.py process PID NPROC PORT OUT   (jax.distributed; each process holds its shard of the data)
   python _multi_worker.py resume CKPT OUT              (a checkpointed run; may be SIGKILLed and rerun)
 """
@@ -8,7 +9,7 @@ import os
 import sys
 
 mode = sys.argv[1]
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + ('8' if mode == 'devices' else '2')
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + ('8' if mode in ('devices', 'model') else '2')
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
@@ -39,6 +40,16 @@ if mode == 'devices':
     for n in (1, 8):
       r = fr.quantize(params, apply_fn, calib, config(blocks=blocks, num_devices=n))
       out.update({f'{name}/{n}/{k}': v for k, v in codes(r, apply_fn, params, calib).items()})
+  np.savez(sys.argv[2], **out)
+
+elif mode == 'model':
+  out = {}
+  for name, make, blocks in [('mlp', tiny_models.mlp, r'block_\d+'), ('cnn', tiny_models.cnn, r'ResBlock_\d+')]:
+    params, apply_fn, calib = make()
+    for tag, kw in (('1', {'num_devices': 1}), ('2x4', {'num_devices': 8, 'model_devices': 4})):
+      r = fr.quantize(params, apply_fn, calib, config(blocks=blocks, **kw))
+      out.update({f'{name}/{tag}/{k}': v for k, v in codes(r, apply_fn, params, calib).items()})
+      out.update({f'{name}/{tag}/bytes:{u["unit"]}': np.int64(u['state_bytes_per_device']) for u in r.report})
   np.savez(sys.argv[2], **out)
 
 elif mode == 'process':

@@ -59,6 +59,24 @@ def test_eight_devices_match_one_device(tmp_path):
     _compare(one, eight, first)
 
 
+def test_model_axis_two_data_by_four_model_matches_one_device_with_a_quarter_of_the_state(tmp_path):
+  """8 CPU devices as a (2 data, 4 model) mesh: each block's kernels, quantizer state and Adam moments split
+  along the output channel over 4 devices; the codes are those of the 1-device run (same tolerance as data
+  parallelism: only the order of sums changes) and each device holds about a quarter of the block state."""
+  out = tmp_path / 'model.npz'
+  _run('model', out)
+  res = np.load(out)
+  for model, first in (('mlp', ['Dense_0', 'block_0']), ('cnn', ['Conv_0', 'ResBlock_0'])):
+    one = {k.split('/', 2)[2]: res[k] for k in res if k.startswith(f'{model}/1/') and '/bytes:' not in k}
+    split = {k.split('/', 2)[2]: res[k] for k in res if k.startswith(f'{model}/2x4/') and '/bytes:' not in k}
+    _compare(one, split, first)
+    blocks = [k.split(':', 1)[1] for k in res if k.startswith(f'{model}/1/bytes:') and 'block' in k.lower()]
+    assert blocks
+    for unit in blocks:
+      ratio = int(res[f'{model}/2x4/bytes:{unit}']) / int(res[f'{model}/1/bytes:{unit}'])
+      assert 0.25 <= ratio < 0.3, (model, unit, ratio)   # replicated: biases, norm scales, per-tensor steps
+
+
 def test_two_processes_match_one_process(tmp_path):
   """jax.distributed with gloo on 127.0.0.1: each process holds half of the calibration data."""
   port = _free_port()

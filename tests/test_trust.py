@@ -32,6 +32,7 @@ CHANGED = {
     'log_dir': '/logs',
     'dry_run': True,
     'num_devices': 2,
+    'model_devices': 2,
     'spill_dir': '/spill',
     'fallback_to_rtn': False,
     'progress': False,

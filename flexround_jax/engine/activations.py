@@ -162,21 +162,29 @@ class Sampler:
 
 
 class Placement:
-  """The data meshes of a run and how host arrays get onto them.
+  """The meshes of a run and how host arrays get onto them.
 
-  ``mesh`` spans the devices of every process (training steps: the global minibatch is split over it, parameters
-  replicated); ``local_mesh`` this process's devices (chunked forwards over this process's samples).
+  ``mesh`` spans the devices of every process, shaped (data, model): a training step's global minibatch is split
+  over 'data'; the block's params and quantizer state are split over 'model' along their last (output-channel)
+  axis (``state``), or replicated when ``model_devices`` is 1. ``local_mesh`` is this process's part (chunked
+  forwards over this process's samples). The 'model' axis lies within one process.
   """
 
-  def __init__(self, batch_size: int, num_devices: int | None):
+  def __init__(self, batch_size: int, num_devices: int | None, model_devices: int = 1):
     devices = jax.devices()
     local = jax.local_devices()
+    if model_devices > len(local):
+      raise ValueError(f'QuantConfig.model_devices={model_devices} is more than the {len(local)} devices of this '
+                       f'process')
     n_local = len(local) if num_devices is None else min(num_devices, len(local))
+    n_data = max(1, n_local // model_devices)
     per_proc_batch = batch_size // max(1, jax.process_count())
-    while per_proc_batch % n_local:   # the batch must split evenly over the devices
-      n_local -= 1
+    while per_proc_batch % n_data:   # the batch must split evenly over the data axis
+      n_data -= 1
+    n_local = n_data * model_devices
     local = local[:n_local]
-    self.local_mesh = jax.sharding.Mesh(np.array(local), ('data',))
+    shape = (n_data, model_devices)
+    self.local_mesh = jax.sharding.Mesh(np.array(local).reshape(shape), ('data', 'model'))
     if jax.process_count() == 1:
       self.mesh = self.local_mesh
     else:
@@ -184,8 +192,33 @@ class Placement:
       for d in devices:
         by_proc.setdefault(d.process_index, []).append(d)
       chosen = [d for p in sorted(by_proc) for d in by_proc[p][:n_local]]
-      self.mesh = jax.sharding.Mesh(np.array(chosen), ('data',))
-    self.n_local_devices = n_local
+      self.mesh = jax.sharding.Mesh(np.array(chosen).reshape(-1, model_devices), ('data', 'model'))
+    self.n_local_devices = n_data   # devices a chunk of samples is split over
+    self.model_devices = model_devices
+
+  @classmethod
+  def of(cls, config) -> Placement:
+    """The placement a QuantConfig asks for."""
+    return cls(config.batch_size, config.num_devices, config.model_devices)
+
+  def state(self, tree):
+    """A block's params, quantizer state or optimizer state on ``mesh``: an array whose last axis splits evenly
+    over the 'model' axis is split along it (a kernel's output channels, and its per-channel and per-group state);
+    any other array (norm scales, per-tensor steps, s4, scalars) is replicated."""
+    m = self.model_devices
+
+    def put(x):
+      shape = np.shape(x)
+      split = m > 1 and len(shape) >= 2 and shape[-1] % m == 0
+      spec = P(*([None] * (len(shape) - 1) + ['model'])) if split else P()
+      return jax.device_put(x, NamedSharding(self.mesh, spec))
+    return jax.tree.map(put, tree)
+
+  def bytes_per_device(self, tree) -> int:
+    """Bytes of ``tree``'s arrays held by this process's first device."""
+    device = self.local_mesh.devices.flat[0]
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)
+               for s in leaf.addressable_shards if s.device == device)
 
   def chunk_size(self, eval_batch_size: int) -> int:
     """Samples per chunked forward: a multiple of the local devices."""

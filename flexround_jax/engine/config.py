@@ -103,7 +103,12 @@ class QuantConfig:
     checkpoint_dir: absolute or relative folder; after every block an Orbax checkpoint lets a rerun resume.
     log_dir: folder for the JSONL log (default: checkpoint_dir, or none).
     dry_run: print the plan (blocks, kernels, bits, methods, sizes, activation memory) and stop.
-    num_devices: devices of the data mesh (None: all devices, reduced to a divisor of batch_size).
+    num_devices: devices of the run's mesh (None: all devices; the data axis is reduced to a divisor of
+      batch_size).
+    model_devices: devices each block's kernels, quantizer state and optimizer moments are split over, along the
+      output channel (the mesh's 'model' axis; FSDP-style, so per-channel and per-group grids stay local). The
+      calibration batch is split over the remaining num_devices / model_devices ('data'). 1: every device holds the
+      whole block (plain data parallelism). Within one process.
     spill_dir: keep the activation cache in memory-mapped files there instead of RAM.
     fallback_to_rtn: a block that ends worse than its RTN start keeps RTN, and one trained from a closed-form start
       (GPTQ) that ends worse than that start keeps the start (with a warning; ``kept_start`` in the report).
@@ -128,6 +133,7 @@ class QuantConfig:
   log_dir: str | None = None
   dry_run: bool = False
   num_devices: int | None = None
+  model_devices: int = 1
   spill_dir: str | None = None
   fallback_to_rtn: bool = True
   progress: bool = True
@@ -175,6 +181,11 @@ class QuantConfig:
     if self.num_devices is not None and (isinstance(self.num_devices, bool) or not isinstance(self.num_devices, int)
                                          or self.num_devices < 1):
       raise ValueError(f'QuantConfig.num_devices must be a positive integer or None, got {self.num_devices!r}')
+    if isinstance(self.model_devices, bool) or not isinstance(self.model_devices, int) or self.model_devices < 1:
+      raise ValueError(f'QuantConfig.model_devices must be a positive integer, got {self.model_devices!r}')
+    if self.num_devices is not None and self.num_devices % self.model_devices:
+      raise ValueError(f'QuantConfig.num_devices={self.num_devices} is not a multiple of '
+                       f'model_devices={self.model_devices}')
     for name in ('dry_run', 'fallback_to_rtn', 'progress', 'keep_states'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'QuantConfig.{name} must be a bool, got {getattr(self, name)!r}')

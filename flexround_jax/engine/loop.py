@@ -98,7 +98,7 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
     plan_lib.print_plan(plan, n, config)
     if config.checkpoint_dir and os.path.isdir(os.path.join(config.checkpoint_dir, 'units')):
       # A dry run validates what the run would do: an existing checkpoint must be this run's, and intact.
-      ckpt = _checkpointer(model_fn, tree, calib, config, activations.Placement(config.batch_size, config.num_devices))
+      ckpt = _checkpointer(model_fn, tree, calib, config, activations.Placement.of(config))
       try:
         resumed = ckpt.restore(units)
       finally:
@@ -134,7 +134,7 @@ def _checkpointer(model_fn, fp_tree, calib, config: QuantConfig, placement: acti
 
 def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConfig):
   """The unit loop; returns (quantized tree, qtensors, report, kept states)."""
-  placement = activations.Placement(config.batch_size, config.num_devices)
+  placement = activations.Placement.of(config)
   n = activations.num_samples(calib)
   log_file = None
   log_dir = config.log_dir or config.checkpoint_dir

@@ -249,7 +249,7 @@ def _check_batch_sizes(model_fn, tree, calib, units: list[Unit], config: QuantCo
   model forward up to the last unit on chunks of ``eval_batch_size`` samples, and each trained unit on minibatches
   of ``batch_size``. A model that fails only at those sizes (the probes are 1 and 2 samples) fails here, before any
   long work."""
-  chunk = activations.Placement(config.batch_size, config.num_devices).chunk_size(config.eval_batch_size)
+  chunk = activations.Placement.of(config).chunk_size(config.eval_batch_size)
   like = lambda x, size: jax.ShapeDtypeStruct((size,) + tuple(np.shape(x)[1:]), x.dtype)
 
   def forward(t, batch):   # as the run's forwards: the model stops at the unit, here the last one

@@ -281,8 +281,9 @@ class UnitReconstructor:
     split = [m.split(st) for m, st in zip(unit.methods, states)]
     trainable, frozen = [s[0] for s in split], [s[1] for s in split]
     (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
-    trainable, frozen, unit_params = self.placement.replicated((trainable, frozen, fp_unit))
-    opt_state = self.placement.replicated(opt.init(trainable))
+    trainable, frozen, unit_params = self.placement.state((trainable, frozen, fp_unit))
+    opt_state = self.placement.state(opt.init(trainable))
+    self.state_bytes = self.placement.bytes_per_device((trainable, frozen, unit_params, opt_state))
     sampler = activations.Sampler(self.n, cfg.batch_size, cfg.sample_shards, cfg.seed, unit.index)
     key = jax.random.fold_in(jax.random.key(cfg.seed), unit.index)
     bar = _progress(iters, unit, cfg)
@@ -375,6 +376,8 @@ class UnitReconstructor:
            'loss_rtn': loss_rtn, 'loss_final': loss_final, 'loss_trained': loss_trained, 'iters': iters,
            'fell_back_to_rtn': fell_back, 'loss_curve': curve, 'new_train_step': new_step,
            'seconds_train': round(seconds_train, 3)}
+    if iters > 0:   # params, quantizer state and optimizer moments of the block on one device while training
+      rep['state_bytes_per_device'] = self.state_bytes
     if loss_start is not None:
       rep.update(loss_start=loss_start, kept_start=kept_start)
     if non_finite:
@@ -428,7 +431,7 @@ def reconstruct_unit(unit: Unit, fp_unit, x_q: list, y_fp: list, config: QuantCo
   if any(m.trains for m in unit.methods) and config.iters > 0 and config.batch_size > n:
     raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} samples given')
   stores = [ActivationStore.from_arrays(list(a), config.spill_dir) for a in (x_q, x_fp or x_q, y_fp)]
-  recon = UnitReconstructor(config, Placement(config.batch_size, config.num_devices), n)
+  recon = UnitReconstructor(config, Placement.of(config), n)
   try:
     return recon.reconstruct(unit, fp_unit, *stores)
   finally:
