@@ -7,9 +7,10 @@
 and a factory ``method(**knobs) -> base.Method`` that the engine runs (``flexround_jax.methods`` lists them).
 Methods: ``rtn`` (round-to-nearest), ``adaround`` (Nagel et al. 2020), ``flexround`` (Lee et al. 2023), ``lrq``
 (FlexRound with a low-rank S2, Lee et al. 2024), ``gptq`` (Frantar et al. 2023, closed form), and ``gptq_start``
-(a learned method started from the GPTQ solution).
+(a learned method started from the GPTQ solution). ``activation``: activation quantizers (QDrop's LSQ step, dynamic
+per-token), the same idea over activation tensors.
 """
 
-from flexround_jax.quantizers import adaround, base, flexround, gptq, gptq_start, lrq, rtn
+from flexround_jax.quantizers import activation, adaround, base, flexround, gptq, gptq_start, lrq, rtn
 
-__all__ = ['adaround', 'base', 'flexround', 'gptq', 'gptq_start', 'lrq', 'rtn']
+__all__ = ['activation', 'adaround', 'base', 'flexround', 'gptq', 'gptq_start', 'lrq', 'rtn']
