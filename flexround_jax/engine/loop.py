@@ -38,9 +38,11 @@ class QuantizeResult:
     qtensors: {'/'-joined kernel path: QTensor} for every quantized kernel (Dense-like kernels of rank > 2, e.g.
       DenseGeneral, are quantized as their 2-D (in, out) view; ``dequantize_params`` reshapes them back).
     report: per unit: unit, kind, kernels, bits, methods, loss_rtn (loss at the RTN start), loss_final (of the
-      kept kernels), loss_trained (before any fall-back), iters, seconds, fell_back_to_rtn, loss_curve ([step,
-      mean training loss] pairs), new_train_step (whether the unit compiled its own step), method_facts (per kernel,
-      from methods that report, e.g. GPTQ's damping).
+      kept kernels), loss_trained (before any fall-back), iters, seconds (the whole unit), seconds_train (its
+      optimizer steps, compilation included when new_train_step), fell_back_to_rtn, loss_curve ([step, mean
+      training loss] pairs, one per dispatch of K steps), new_train_step (whether the unit compiled its own step),
+      state_bytes_per_device (params, quantizer and optimizer state of the unit on one device while training),
+      method_facts (per kernel, from methods that report, e.g. GPTQ's damping).
     plan: the units, kernels and sizes, as printed by ``dry_run``.
     config: the QuantConfig.
     states: with ``QuantConfig.keep_states``, the final quantizer state of every kernel (FlexRound: log_s1..4),
