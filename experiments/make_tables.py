@@ -159,8 +159,42 @@ def gguf_table() -> str:
   return '\n'.join(lines)
 
 
+BENCH = os.path.join(HERE, '..', 'benchmarks', 'results')
+BENCH_BLOCKS = {'resnet_basic_block_64x32x32_b32': 'ResNet basic block, 64 ch, 32×32',
+                'transformer_512_seq128_b8': 'transformer layer, width 512, seq 128',
+                'smollm2_layer_576_seq512': 'SmolLM2 decoder layer, seq 512'}
+
+
+def bench_table() -> str:
+  """benchmarks/results/engine_cpu.json (and torch_step_cpu.json): the training step per block, with the in-process
+  baselines, against the same-process matmul peak."""
+  bench = json.load(open(os.path.join(BENCH, 'engine_cpu.json')))
+  peak = bench['matmul_2048_f32_gflops']
+  lines = [f"Host: {bench['machine']['cpu']}, {bench['machine']['cpu_count']} cores, jax {bench['machine']['jax']}; "
+           f'float32 matmul peak {peak:.0f} GFLOP/s in the same process.', '',
+           '| block | grid | batch | devices | steps per dispatch | step | forward | GFLOP/step | GFLOP/s | '
+           'of matmul peak |', '|---|---|---|---|---|---|---|---|---|---|']
+  for r in bench['rows']:
+    name = next(v for k, v in BENCH_BLOCKS.items() if r['block'].startswith(k))
+    if r.get('attention'):
+      name += f" ({r['attention']} attention, before issue 18)"
+    elif r['steps_per_dispatch'] == 1 and r['block'].startswith('smollm2'):
+      name += ' (one step per dispatch, before issue 18)'
+    lines.append(f"| {name} | {r['granularity'].replace('_', '-')} | {r['batch']} | {r['devices']} | "
+                 f"{r['steps_per_dispatch']} | {r['step_ms']:.0f} ms | {r['forward_ms']:.0f} ms | "
+                 f"{r['gflop_per_step']:.1f} | {r['gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f} % |")
+  torch_path = os.path.join(BENCH, 'torch_step_cpu.json')
+  if os.path.exists(torch_path):
+    t = json.load(open(torch_path))
+    lines.append(f"| SmolLM2 decoder layer, official PyTorch FlexRound loop ({t['framework']}, "
+                 f"{t['threads']} threads) | per-channel | {t['block'].rsplit('_b', 1)[1]} | - | 1 | "
+                 f"{t['step_ms']:.0f} ms | | | | |")
+  return '\n'.join(lines)
+
+
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
-          'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table}
+          'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
+          'bench': bench_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),

@@ -106,8 +106,7 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
   def to_gguf_rows(w, param):   # Flax (in, out) kernel -> GGUF (out, in) rows, q/k rows permuted back
     w = np.asarray(w).T
     if param[-2] in heads:
-      nh = heads[param[-2]]
-      w = w.reshape(nh, 2, w.shape[0] // nh // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)   # unpermute_qk⁻¹
+      w = llama.permute_qk(w, heads[param[-2]])
     return np.ascontiguousarray(w)
 
   # Everything is checked and encoded before the file is opened.

@@ -59,6 +59,7 @@ def test_unpermuted_qk_with_rotate_half_matches_adjacent_pair_rope():
   x = jax.random.normal(k3, (1, t, d))
   to_gguf = lambda w: w.reshape(nh, 2, hd // 2, d).swapaxes(1, 2).reshape(nh * hd, d)  # convert_hf_to_gguf.py
   np.testing.assert_array_equal(llama.unpermute_qk(to_gguf(w_q), nh), w_q)
+  np.testing.assert_array_equal(llama.permute_qk(w_q, nh), to_gguf(w_q))   # the export's direction
 
   def adjacent_rope(v):  # v (1, T, nh, hd), rotates (v[2i], v[2i+1]) by pos * base^(-2i/hd)
     ang = jnp.arange(t)[:, None] * base ** (-jnp.arange(0, hd, 2) / hd)

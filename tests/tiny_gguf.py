@@ -24,7 +24,6 @@ def write_gguf(path, params, config, block_count=None, extra=None, drop=None):
   """Writes ``params`` as F32 tensors in torch layout (out, in), q/k rows permuted for adjacent RoPE."""
   import gguf  # pylint: disable=g-import-not-at-top
   from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
-  to_gguf = lambda w, nh: w.reshape(nh, 2, w.shape[0] // nh // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
   heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
   writer = gguf.GGUFWriter(path, 'llama')
   for add, value in [('add_block_count', config.n_layers if block_count is None else block_count),
@@ -40,7 +39,7 @@ def write_gguf(path, params, config, block_count=None, extra=None, drop=None):
   for name, param in llama.gguf_tensor_names(config).items():
     w = np.asarray(get(params, param))
     if param[-1] == 'kernel':
-      w = w.T if param[-2] not in heads else to_gguf(w.T, heads[param[-2]])
+      w = w.T if param[-2] not in heads else llama.permute_qk(w.T, heads[param[-2]])
     if name != drop:
       writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
   for name, w in (extra or {}).items():

@@ -175,6 +175,13 @@ def unpermute_qk(w, n_heads: int):
   return w.reshape(n_heads, hd // 2, 2, dim).swapaxes(1, 2).reshape(rows, dim)
 
 
+def permute_qk(w, n_heads: int):
+  """llama.cpp's q/k row permutation (the inverse of ``unpermute_qk``): HF rows -> GGUF rows."""
+  rows, dim = w.shape
+  hd = rows // n_heads
+  return w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2).reshape(rows, dim)
+
+
 def _read_gguf(path: str):
   """GGUF file -> (metadata dict, {tensor name: float32 array, torch layout}); ValueError naming the file if bad."""
   _require('gguf', 'gguf==0.19.0')
