@@ -176,10 +176,8 @@ def bench_table() -> str:
            'of matmul peak |', '|---|---|---|---|---|---|---|---|---|---|']
   for r in bench['rows']:
     name = next(v for k, v in BENCH_BLOCKS.items() if r['block'].startswith(k))
-    if r.get('attention'):
-      name += f" ({r['attention']} attention, before issue 18)"
-    elif r['steps_per_dispatch'] == 1 and r['block'].startswith('smollm2'):
-      name += ' (one step per dispatch, before issue 18)'
+    if r.get('baseline'):
+      name += f" ({r['baseline']}: before issue 18)"
     lines.append(f"| {name} | {r['granularity'].replace('_', '-')} | {r['batch']} | {r['devices']} | "
                  f"{r['steps_per_dispatch']} | {r['step_ms']:.0f} ms | {r['forward_ms']:.0f} ms | "
                  f"{r['gflop_per_step']:.1f} | {r['gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f} % |")

@@ -259,23 +259,23 @@ def _unit_and_step(iters=20):
   y = jax.random.normal(jax.random.key(4), (6, 8, 32))
   step, opt = fr.engine.make_train_step(unit, iters, drop_prob=0.0)
 
-  def run(k_steps, n_valid, first, chunk):
+  def run(k_steps, first, chunk):
     tr = jax.tree.map(jnp.copy, chunk['t'])
     o = jax.tree.map(jnp.copy, chunk['o'])
     sl = slice(first, first + k_steps)
     return step(tr, o, frozen, fp_unit, [x[sl]], [y[sl]], jnp.zeros((k_steps,)), jax.random.key(0),
-                jnp.int32(first), jnp.int32(n_valid))
+                jnp.int32(first))
   return trainable, opt.init(trainable), run
 
 
 def test_k_steps_per_dispatch_equal_one_step_at_a_time():
   trainable, opt_state, run = _unit_and_step()
   chunk = {'t': trainable, 'o': opt_state}
-  t6, o6, losses6 = run(6, 6, 0, chunk)
+  t6, o6, losses6 = run(6, 0, chunk)
   one = chunk
   losses1 = []
   for i in range(6):
-    t, o, l = run(1, 1, i, one)
+    t, o, l = run(1, i, one)
     one = {'t': t, 'o': o}
     losses1.append(float(l[0]))
   chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
@@ -284,20 +284,9 @@ def test_k_steps_per_dispatch_equal_one_step_at_a_time():
   assert len(set(np.asarray(losses6).tolist())) == 6   # six different minibatches, six different losses
 
 
-def test_padded_steps_of_a_last_chunk_change_nothing():
-  trainable, opt_state, run = _unit_and_step()
-  chunk = {'t': trainable, 'o': opt_state}
-  t_pad, o_pad, losses_pad = run(4, 2, 0, chunk)     # 4-step chunk, only 2 valid
-  t2, o2, losses2 = run(2, 2, 0, chunk)
-  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
-  jax.tree.map(close, (t_pad, o_pad), (t2, o2))
-  np.testing.assert_array_equal(np.asarray(losses_pad)[2:], 0.0)
-  close(np.asarray(losses_pad)[:2], losses2)
-
-
 def test_loss_curve_has_one_point_per_dispatch_and_training_time_is_reported():
   _, _, _, result = _run('mlp', 'flexround', iters=45)
-  every = fr.engine.unit.steps_per_dispatch(45)
+  every = fr.engine.unit.curve_interval(45)
   for r in result.report:
     assert [c[0] for c in r['loss_curve']] == list(range(every, 45, every)) + [45]
     assert 0 < r['seconds_train'] <= r['seconds']

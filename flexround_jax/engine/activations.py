@@ -156,10 +156,6 @@ class Sampler:
     return np.concatenate([j * self.part + np.sort(rng.choice(self.part, self.b, replace=self.replace))
                            for j, rng in enumerate(self.rngs)])
 
-  def fill(self):
-    """Indices of a placeholder minibatch (the padded steps of a last, shorter chunk); draws nothing."""
-    return np.zeros(self.b * len(self.rngs), np.int64)
-
 
 class Placement:
   """The meshes of a run and how host arrays get onto them.

@@ -80,14 +80,13 @@ def make_optimizer(unit: Unit, iters: int):
 def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
   """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch.
 
-  ``steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first, n_valid)
-  -> (trainable, opt_state, losses)`` runs K = ``len(ys[0])`` steps in one ``lax.scan``: step ``k`` trains on the
-  minibatch ``xs[j][k]`` / ``ys[j][k]`` (``x0s[k]``: the float model's first input, used when ``drop_prob > 0``;
-  any (K,) array otherwise), with PRNG key ``fold_in(key, first + k)`` and schedule step ``first + k``. Steps
-  ``k >= n_valid`` leave the state unchanged (their loss is 0), so a last, shorter chunk reuses the same compiled
-  function. ``trainable`` / ``frozen`` are lists of per-kernel dicts (``Method.split``); the buffers of
-  ``trainable`` and ``opt_state`` are donated. Step k computes exactly what a one-step function called with the
-  same minibatch, key and step index computes.
+  ``steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first) -> (trainable, opt_state, losses)``
+  runs K = ``len(ys[0])`` steps (K > 1: one ``lax.scan``): step ``k`` trains on the minibatch ``xs[j][k]`` /
+  ``ys[j][k]`` (``x0s[k]``: the float model's first input, used when ``drop_prob > 0``; any (K,) array otherwise),
+  with PRNG key ``fold_in(key, first + k)`` and schedule step ``first + k``. Each K compiles once (the engine uses
+  one K per unit plus the remainder of ``iters``). ``trainable`` / ``frozen`` are lists of per-kernel dicts
+  (``Method.split``); the buffers of ``trainable`` and ``opt_state`` are donated. Step k computes what a one-step
+  call with the same minibatch, key and step index computes (tests/test_engine.py).
   """
   opt = make_optimizer(unit, iters)
   penalized = [m for m in dict.fromkeys(unit.methods) if m.penalty is not None]
@@ -105,19 +104,22 @@ def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable,
       loss = loss + m.penalty([st for st, mk in zip(states, unit.methods) if mk is m], step_index, iters)
     return loss
 
-  def steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first, n_valid):
+  def one_step(trainable, opt_state, frozen, unit_params, x, y, x0_fp, key, step_index):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, unit_params, x, y, x0_fp,
+                                              jax.random.fold_in(key, step_index), step_index)
+    updates, opt_state = opt.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  def steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first):
+    if len(ys[0]) == 1:   # one step per dispatch: no loop around it (see steps_per_dispatch)
+      trainable, opt_state, loss = one_step(trainable, opt_state, frozen, unit_params, [a[0] for a in xs],
+                                            [a[0] for a in ys], x0s[0], key, first)
+      return trainable, opt_state, loss[None]
+
     def body(carry, batch):
       k, x, y, x0_fp = batch
-      step_index = first + k
-
-      def step(carry):
-        trainable, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, unit_params, x, y, x0_fp,
-                                                  jax.random.fold_in(key, step_index), step_index)
-        updates, opt_state = opt.update(grads, opt_state, trainable)
-        return (optax.apply_updates(trainable, updates), opt_state), loss
-
-      return jax.lax.cond(k < n_valid, step, lambda c: (c, jnp.zeros((), jnp.float32)), carry)
+      trainable, opt_state, loss = one_step(*carry, frozen, unit_params, x, y, x0_fp, key, first + k)
+      return (trainable, opt_state), loss
 
     k = jnp.arange(len(ys[0]), dtype=jnp.int32)
     (trainable, opt_state), losses = jax.lax.scan(body, (trainable, opt_state), (k, xs, ys, x0s))
@@ -274,8 +276,8 @@ class UnitReconstructor:
   def train(self, unit: Unit, fp_unit, states, x_q, x_fp, y_fp, iters: int):
     """``iters`` optax steps on the unit's trainable state; returns (states, loss curve, newly compiled?).
 
-    Steps run ``every`` at a time in one dispatch (``make_train_step``); the next chunk's minibatches are gathered
-    on the host while the devices run the current one.
+    Steps run ``steps_per_dispatch`` at a time in one dispatch (``make_train_step``); the next chunk's minibatches
+    are gathered on the host while the devices run the current one.
     """
     cfg = self.config
     split = [m.split(st) for m, st in zip(unit.methods, states)]
@@ -287,30 +289,34 @@ class UnitReconstructor:
     sampler = activations.Sampler(self.n, cfg.batch_size, cfg.sample_shards, cfg.seed, unit.index)
     key = jax.random.fold_in(jax.random.key(cfg.seed), unit.index)
     bar = _progress(iters, unit, cfg)
-    every = steps_per_dispatch(iters)
-    curve, pending = [], None
+    every, interval = steps_per_dispatch(iters, unit), curve_interval(iters)
+    curve, pending, recent = [], None, []
 
     def report(first, n_valid, losses):
-      value = float(np.mean(np.asarray(losses)[:n_valid].astype(np.float64)))
-      curve.append([first + n_valid, value])
+      recent.extend(np.asarray(losses)[:n_valid].astype(np.float64).tolist())
+      done = first + n_valid
+      if done % interval and done != iters:
+        return
+      value = float(np.mean(recent))
+      recent.clear()
+      curve.append([done, value])
       if bar is not None:
         bar.set_postfix(loss=f'{value:.4g}')
-        bar.update(n_valid)
-      if len(curve) % 5 == 0 or first + n_valid == iters:
-        self.log(event='step', unit=unit.name, step=first + n_valid, loss=value)
+        bar.update(done - (curve[-2][0] if len(curve) > 1 else 0))
+      if len(curve) % 5 == 0 or done == iters:
+        self.log(event='step', unit=unit.name, step=done, loss=value)
 
     for first in range(0, iters, every):
-      n_valid = min(every, iters - first)
-      idx = np.stack([sampler(i) for i in range(first, first + n_valid)]
-                     + [sampler.fill()] * (every - n_valid))             # (K, batch) sample indices
+      n_valid = min(every, iters - first)   # the last chunk may be shorter: its own (cached) compile
+      idx = np.stack([sampler(i) for i in range(first, first + n_valid)])   # (K, batch) sample indices
       xs = self.placement.global_batch([a[idx] for a in x_q.arrays], axis=1)
       ys = self.placement.global_batch([a[idx] for a in y_fp.arrays], axis=1)
       if cfg.drop_prob > 0:
         x0s = self.placement.global_batch([x_fp.arrays[0][idx]], axis=1)[0]
       else:
-        x0s = self.placement.global_replicated(np.zeros((every,), np.float32))
+        x0s = self.placement.global_replicated(np.zeros((n_valid,), np.float32))
       trainable, opt_state, losses = steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key,
-                                           jnp.int32(first), jnp.int32(n_valid))
+                                           jnp.int32(first))
       if pending is not None:   # read the previous chunk's losses while this one runs
         report(*pending)
       pending = (first, n_valid, losses)
@@ -393,9 +399,18 @@ def _discard(store: ActivationStore | None) -> None:
     store.close()
 
 
-def steps_per_dispatch(iters: int) -> int:
-  """Training steps per dispatch (and per point of the loss curve): about 20 chunks per unit, at most 50 steps."""
+def curve_interval(iters: int) -> int:
+  """Steps per point of the loss curve: about 20 points per unit, at most 50 steps apart."""
   return max(1, min(50, iters // 20))
+
+
+def steps_per_dispatch(iters: int, unit: Unit | None = None) -> int:
+  """Training steps per dispatch: ``curve_interval(iters)``, run as a ``lax.scan``; 1 for units with convolutions
+  on CPU, where XLA runs a convolution inside a loop about 7x slower than a top-level one (measured:
+  benchmarks/bench_engine.py, the ResNet block)."""
+  if unit is not None and jax.default_backend() == 'cpu' and any(k.is_conv for k in unit.kernels):
+    return 1
+  return curve_interval(iters)
 
 
 def _non_finite(unit: Unit, states, qts, loss) -> list[str]:
