@@ -59,7 +59,7 @@ def main():
   parser.add_argument('--max-windows', type=int, default=None)
   parser.add_argument('--num-devices', type=int, default=None,
                       help='devices the calibration batch is split over (default: all; the committed JSONs used 2 on '
-                           '2-core hosts; 1 is about 1.2x faster per step there, see the README benchmarks)')
+                           '2-core hosts; 1 is 1.14-1.2x faster per step there, see the README benchmarks)')
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
   args = parser.parse_args()
   compile_cache.enable(os.path.join(args.workdir, 'jax_cache'))   # identical layers compile once, across runs too
