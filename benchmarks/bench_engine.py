@@ -90,24 +90,16 @@ def matmul_peak(repeats):
 
 class UnfoldedAttention(llama.Attention):
   """The attention layout before issue 18 ('btkgd,bskd->bkgts': query groups as a separate axis), kept here only
-  as the in-process baseline of the folded layout in ``llama.Attention``."""
+  as the in-process baseline of the folded layout in ``llama.Attention.attend``."""
 
-  @nn.compact
-  def __call__(self, x):
+  def attend(self, q, k, v):
     c = self.config
-    b, t, _ = x.shape
-    groups = c.n_heads // c.n_kv_heads
-    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
-    q = dense(c.n_heads * c.head_dim, 'q_proj')(x).reshape(b, t, c.n_heads, c.head_dim)
-    k = dense(c.n_kv_heads * c.head_dim, 'k_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-    v = dense(c.n_kv_heads * c.head_dim, 'v_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-    q, k = llama.rope(q, c.rope_base), llama.rope(k, c.rope_base)
-    q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim)
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
     scores = jnp.einsum('btkgd,bskd->bkgts', q, k) / np.sqrt(c.head_dim).astype(np.float32)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    out = jnp.einsum('bkgts,bskd->btkgd', jax.nn.softmax(scores, axis=-1), v).reshape(b, t, -1)
-    return dense(c.dim, 'o_proj')(out)
+    return jnp.einsum('bkgts,bskd->btkgd', jax.nn.softmax(scores, axis=-1), v).reshape(b, t, -1)
 
 
 class UnfoldedDecoderLayer(llama.DecoderLayer):

@@ -72,15 +72,22 @@ class Attention(nn.Module):
   def __call__(self, x):
     c = self.config
     b, t, _ = x.shape
-    groups = c.n_heads // c.n_kv_heads
     dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
     q = dense(c.n_heads * c.head_dim, 'q_proj')(x).reshape(b, t, c.n_heads, c.head_dim)
     k = dense(c.n_kv_heads * c.head_dim, 'k_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
     v = dense(c.n_kv_heads * c.head_dim, 'v_proj')(x).reshape(b, t, c.n_kv_heads, c.head_dim)
     q, k = rope(q, c.rope_base), rope(k, c.rope_base)
+    return dense(c.dim, 'o_proj')(self.attend(q, k, v))
+
+  def attend(self, q, k, v):
+    """Causal grouped-query attention of (B, T, heads, hd) queries over (B, T, kv heads, hd) keys and values;
+    returns (B, T, heads * hd)."""
+    c = self.config
+    b, t = q.shape[:2]
+    groups = c.n_heads // c.n_kv_heads
     # Query head h uses kv head h // groups. The groups of a kv head are folded into its rows, (B, kv, g*T, hd),
-    # so both products are plain batched matmuls: on CPU the unfolded 'btkgd,bskd->bkgts' form runs the attention
-    # forward about 4x slower (benchmarks/bench_engine.py).
+    # so both products are plain batched matmuls: on CPU the unfolded 'btkgd,bskd->bkgts' form makes the layer's
+    # forward 1.2x and its training step 1.22x slower (benchmarks/bench_engine.py).
     q = q.reshape(b, t, c.n_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(b, c.n_kv_heads, groups * t, c.head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                      # (B, kv, T, hd)
@@ -89,8 +96,7 @@ class Attention(nn.Module):
     scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum('bkrs,bksd->bkrd', probs, v).reshape(b, c.n_kv_heads, groups, t, c.head_dim)
-    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * c.head_dim)
-    return dense(c.dim, 'o_proj')(out)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * c.head_dim)
 
 
 class MLP(nn.Module):
