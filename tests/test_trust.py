@@ -39,6 +39,8 @@ CHANGED = {
     'eval_batch_size': 32,
     'sample_shards': 2,
     'keep_states': True,
+    'activation': fr.quantizers.activation.lsq(4),
+    'act_calib_samples': 64,
 }
 
 
@@ -50,18 +52,35 @@ def _fp(config, tree=None, calib=None, digest='model', devices=1):
 
 def test_every_config_field_is_fingerprinted_or_declared_result_neutral():
   fields = {f.name for f in dataclasses.fields(fr.QuantConfig)}
-  fingerprinted = set(fr.QuantConfig().fingerprint_fields())
+  fingerprinted = set(fr.QuantConfig(activation='lsq').fingerprint_fields())
   elsewhere = set(config_lib.FINGERPRINTED_ELSEWHERE)
   assert fingerprinted | config_lib.RESULT_NEUTRAL | elsewhere == fields
   assert not fingerprinted & config_lib.RESULT_NEUTRAL and not fingerprinted & elsewhere
   assert set(CHANGED) == fields, f'give new fields a changed value here: {sorted(fields - set(CHANGED))}'
   base = fr.QuantConfig(blocks=r'block_1')
   for name, value in CHANGED.items():
+    if name == 'act_calib_samples':   # fingerprinted when activations are quantized (see the next test)
+      base = dataclasses.replace(base, activation=fr.quantizers.activation.lsq(4))
     changed = dataclasses.replace(base, **{name: value})
     if name in config_lib.RESULT_NEUTRAL or name in elsewhere:
       assert _fp(changed) == _fp(base), name
     else:
       assert _fp(changed) != _fp(base), name
+
+
+def test_activation_fields_are_fingerprinted_only_when_activations_are_quantized():
+  weight_only = fr.QuantConfig(rules=(fr.Rule('head', bits=8),))
+  fields = weight_only.fingerprint_fields()
+  assert 'activation' not in fields and 'act_calib_samples' not in fields
+  assert 'activation' not in fields['rules'][0]   # weight-only fingerprints are those of runs before the fields
+  assert _fp(weight_only) == _fp(dataclasses.replace(weight_only, act_calib_samples=5))
+  lsq = fr.quantizers.activation.lsq
+  a4 = dataclasses.replace(weight_only, activation=lsq(4))
+  assert _fp(a4) != _fp(weight_only)
+  assert _fp(a4) != _fp(dataclasses.replace(a4, activation=lsq(4, lr=1e-4)))
+  assert _fp(a4) != _fp(dataclasses.replace(a4, act_calib_samples=5))
+  assert _fp(a4) != _fp(dataclasses.replace(a4, rules=(fr.Rule('head', bits=8, activation=lsq(8)),)))
+  assert _fp(a4) != _fp(dataclasses.replace(a4, rules=(fr.Rule('head', bits=8, activation='float'),)))
 
 
 def test_rule_order_eval_batch_size_knobs_devices_and_model_are_in_the_fingerprint():

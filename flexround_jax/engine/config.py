@@ -14,6 +14,7 @@ import typing
 from typing import Any, Mapping
 
 from .. import methods as methods_lib
+from ..quantizers import activation as act_lib
 from ..quantizers.base import Method
 from ..spec import QuantSpec
 
@@ -26,7 +27,9 @@ class Rule:
     bits, granularity, group_size, symmetric, grid_init: override the fields of ``QuantConfig.weight``. Setting
       ``granularity`` to 'per_tensor' or 'per_channel' drops the default's group size.
     method: a Method, a registered name or a {'name': ..., knobs} mapping for these kernels.
-    skip: keep these kernels float (not quantized at all).
+    activation: the quantizer of these kernels' inputs (an ActQuantizer, a registered name or a {'name': ...,
+      knobs} mapping), or 'float' to keep their inputs float; None: ``QuantConfig.activation``.
+    skip: keep these kernels float (not quantized at all, inputs included).
   """
 
   pattern: str
@@ -36,10 +39,16 @@ class Rule:
   symmetric: bool | None = None
   grid_init: str | None = None
   method: Any = None
+  activation: Any = None
   skip: bool = False
 
   def __post_init__(self):
     check_regex(self.pattern, 'Rule.pattern')
+    if self.activation is not None and self.activation != act_lib.FLOAT:
+      try:
+        object.__setattr__(self, 'activation', act_lib.get(self.activation))
+      except ValueError as e:
+        raise ValueError(f'Rule {self.pattern!r} activation: {e} (or {act_lib.FLOAT!r}: inputs stay float)') from e
     if self.method is not None:
       try:
         object.__setattr__(self, 'method', methods_lib.get(self.method))
@@ -48,7 +57,7 @@ class Rule:
     if not isinstance(self.skip, bool):
       raise ValueError(f'Rule.skip must be a bool, got {self.skip!r}')
     if self.skip and any(getattr(self, f) is not None for f in ('bits', 'granularity', 'group_size', 'symmetric',
-                                                                 'grid_init', 'method')):
+                                                                 'grid_init', 'method', 'activation')):
       raise ValueError(f'Rule {self.pattern!r}: skip=True keeps the kernels float; it takes no other setting')
 
   def matches(self, module_path: str) -> bool:
@@ -70,7 +79,12 @@ class Rule:
   def describe(self) -> dict:
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     out['method'] = None if self.method is None else self.method.describe()
+    out['activation'] = _describe_act(self.activation)
     return out
+
+
+def _describe_act(act):
+  return act.describe() if isinstance(act, act_lib.ActQuantizer) else act
 
 
 # QuantConfig fields that cannot change the codes (where files go, what is shown or kept). Everything else is in the
@@ -80,6 +94,8 @@ RESULT_NEUTRAL = frozenset({'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 
 # Fields that enter the fingerprint in resolved form: num_devices=None means "all devices", so the fingerprint holds
 # the device count the data mesh really has (it changes the order of the gradient sums, hence the codes).
 FINGERPRINTED_ELSEWHERE = {'num_devices': 'the data mesh size'}
+# Fingerprinted only when some kernel input is quantized (a weight-only run's result cannot depend on them).
+ACTIVATION_FIELDS = ('activation', 'act_calib_samples')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +135,13 @@ class QuantConfig:
       sample_shards equal, contiguous parts of the calibration set (None: one part per process, so each process
       samples from the shard it holds). A one-process run with sample_shards=P reproduces a P-process run.
     keep_states: keep every kernel's trained quantizer state in ``QuantizeResult.states`` (for plots: S2, s3, s4).
+    activation: quantizer of the input of every quantized kernel (``quantizers.activation.lsq(bits)``: QDrop's
+      learned per-tensor step, ``per_token(bits)``: dynamic per token), or None (weights only). A name or a
+      {'name': ..., knobs} mapping is accepted. Static grids are calibrated on the float model's inputs of the unit
+      (the first ``act_calib_samples`` samples, as QDrop), and learned steps are trained jointly with the weights,
+      each by its own optax transformation; with ``drop_prob > 0`` each quantized input is also QDrop-mixed with
+      its unquantized value. Rules change it per module (``Rule(activation=...)``, 'float').
+    act_calib_samples: calibration samples (per process) the static activation grids are searched on.
   """
 
   method: Any = methods_lib.DEFAULT
@@ -140,12 +163,18 @@ class QuantConfig:
   eval_batch_size: int = 64
   sample_shards: int | None = None
   keep_states: bool = False
+  activation: Any = None
+  act_calib_samples: int = 256
 
   def __post_init__(self):
     try:
       object.__setattr__(self, 'method', methods_lib.get(self.method))
     except ValueError as e:
       raise ValueError(f'QuantConfig.method: {e}') from e
+    try:
+      object.__setattr__(self, 'activation', act_lib.get(self.activation))
+    except ValueError as e:
+      raise ValueError(f'QuantConfig.activation: {e}') from e
     if not isinstance(self.weight, QuantSpec):
       raise ValueError(f'QuantConfig.weight must be a QuantSpec, got {type(self.weight).__name__}')
     if isinstance(self.rules, (str, Mapping, Rule)) or not isinstance(self.rules, (list, tuple)):
@@ -164,7 +193,7 @@ class QuantConfig:
     object.__setattr__(self, 'rules', tuple(rules))
     if self.blocks is not None:
       check_regex(self.blocks, 'QuantConfig.blocks')
-    for name in ('iters', 'batch_size', 'eval_batch_size'):
+    for name in ('iters', 'batch_size', 'eval_batch_size', 'act_calib_samples'):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == 'iters' else 1):
         raise ValueError(f'QuantConfig.{name} must be a {"non-negative" if name == "iters" else "positive"} '
@@ -199,6 +228,23 @@ class QuantConfig:
         return rule.apply(self.weight), rule.method or self.method
     return self.weight, self.method
 
+  def resolve_activation(self, module_path: str):
+    """The ActQuantizer of the input of ``module_path``'s kernel (first matching rule), or None (float input)."""
+    for rule in self.rules:
+      if rule.matches(module_path):
+        if rule.skip or rule.activation == act_lib.FLOAT:
+          return None
+        return rule.activation or self.activation
+    return self.activation
+
+  def act_quantizers(self) -> list:
+    """Every activation quantizer the config can use, each once."""
+    out = [self.activation] if self.activation is not None else []
+    for rule in self.rules:
+      if isinstance(rule.activation, act_lib.ActQuantizer) and all(rule.activation is not a for a in out):
+        out.append(rule.activation)
+    return out
+
   def methods(self) -> list[Method]:
     """Every method the config can use (default first), each once."""
     out = [self.method]
@@ -214,6 +260,8 @@ class QuantConfig:
       value = getattr(self, f.name)
       if f.name == 'method':
         value = value.describe()
+      elif f.name == 'activation':
+        value = _describe_act(value)
       elif f.name == 'rules':
         value = [r.describe() for r in value]
       elif isinstance(value, QuantSpec):
@@ -224,7 +272,15 @@ class QuantConfig:
   def fingerprint_fields(self) -> dict:
     """Every field that can change the result: all but ``RESULT_NEUTRAL`` and ``FINGERPRINTED_ELSEWHERE``."""
     skip = RESULT_NEUTRAL | set(FINGERPRINTED_ELSEWHERE)
-    return {k: v for k, v in self.describe().items() if k not in skip}
+    out = {k: v for k, v in self.describe().items() if k not in skip}
+    if not self.act_quantizers():
+      # Weight only: the activation fields cannot change the result, and leaving them out keeps the fingerprints
+      # (so the checkpoints) of weight-only runs made before these fields existed.
+      for k in ACTIVATION_FIELDS:
+        out.pop(k)
+      for rule in out['rules']:
+        rule.pop('activation')
+    return out
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> QuantConfig:

@@ -181,6 +181,57 @@ def intercept(recorder: _Recorder):
     yield
 
 
+@contextlib.contextmanager
+def map_inputs(fns: dict[str, Callable]):
+  """Inside, every call of a module whose '/'-joined path is a key of ``fns`` gets its first positional argument
+  replaced by ``fns[path](arg)`` before the module runs (how activation quantizers sit at kernel inputs without
+  touching model code). Paths are those ``apply_fn`` gives its modules (relative to the root, '' for the root)."""
+  if not fns:
+    yield
+    return
+
+  def interceptor(next_fun, args, kwargs, context):
+    path = path_str(context.module.path)
+    if context.method_name != '__call__' or path not in fns or not args:
+      return next_fun(*args, **kwargs)
+    return next_fun(fns[path](args[0]), *args[1:], **kwargs)
+
+  real_merge = nnx.merge
+  patched: dict[type, Any] = {}
+  paths: dict[int, str] = {}
+
+  def merge(*a, **kw):
+    root = real_merge(*a, **kw)
+    for path, node in nnx.iter_graph(root):
+      if isinstance(node, nnx.Module) and path_str(path) in fns:
+        paths[id(node)] = path_str(path)
+        cls = type(node)
+        if cls not in patched and '__call__' in vars(cls):
+          patched[cls] = vars(cls)['__call__']
+          cls.__call__ = _nnx_input_wrapper(patched[cls], fns, paths)
+    return root
+
+  nnx.merge = merge
+  try:
+    with nn.intercept_methods(interceptor):
+      yield
+  finally:
+    nnx.merge = real_merge
+    for cls, fn in patched.items():
+      cls.__call__ = fn
+
+
+def _nnx_input_wrapper(fn, fns, paths):
+
+  def wrapped(self, *args, **kwargs):
+    path = paths.get(id(self))
+    if path is None or not args:
+      return fn(self, *args, **kwargs)
+    return fn(self, fns[path](args[0]), *args[1:], **kwargs)
+
+  return wrapped
+
+
 def trace_calls(apply_fn, params, batch) -> tuple[list[Call], Any]:
   """Runs the model once (eagerly) and returns every submodule call with values, and the model output."""
   recorder = _Recorder(keep_values=True)

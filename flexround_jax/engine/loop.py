@@ -27,6 +27,7 @@ from .activations import ActivationStore
 from .config import QuantConfig
 from .unit import Compiled, UnitReconstructor
 from ..qtensor import QTensor
+from ..quantizers import activation as act_lib
 
 
 @dataclasses.dataclass
@@ -47,6 +48,8 @@ class QuantizeResult:
     config: the QuantConfig.
     states: with ``QuantConfig.keep_states``, the final quantizer state of every kernel (FlexRound: log_s1..4),
       keyed like ``qtensors`` (units restored from a checkpoint have none).
+    activations: {module path: (ActQuantizer, state)} for every kernel whose input is quantized (static grids:
+      {'step', 'zero_point'}; dynamic ones: {}). ``apply_quantized`` runs the model with them.
   """
 
   params: Any
@@ -55,6 +58,13 @@ class QuantizeResult:
   plan: list[dict]
   config: QuantConfig
   states: dict[str, dict] = dataclasses.field(default_factory=dict)
+  activations: dict[str, tuple] = dataclasses.field(default_factory=dict)
+
+  def apply_quantized(self, apply_fn: Callable) -> Callable:
+    """``(params, batch) -> output`` of the model as reconstructed: ``apply_fn`` with this result's activation
+    quantizers at their kernels' inputs (``apply_fn`` itself when only weights are quantized). Call it with
+    ``self.params`` (or params dequantized from a saved result)."""
+    return act_lib.quantized_apply(apply_fn, self.activations) if self.activations else apply_fn
 
 
 def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = QuantConfig()) -> QuantizeResult:
@@ -96,6 +106,9 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
     activations.Sampler.check(n, config.batch_size, config.sample_shards)
   if config.checkpoint_dir and jax.process_count() > 1:
     raise ValueError('QuantConfig.checkpoint_dir is not supported in multi-process runs yet')
+  if jax.process_count() > 1 and any(u.acts[i].static for u in units for i in u.act_paths()):
+    raise ValueError('static activation quantizers (QuantConfig.activation) are calibrated per process and are not '
+                     'supported in multi-process runs yet; use a dynamic one (per_token) or one process')
   if config.dry_run:
     plan_lib.print_plan(plan, n, config)
     if config.checkpoint_dir and os.path.isdir(os.path.join(config.checkpoint_dir, 'units')):
@@ -108,9 +121,9 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
       if resumed is not None:
         print(f'  checkpoint_dir {config.checkpoint_dir}: this run resumes after {resumed[0]} of {len(units)} units')
     return QuantizeResult(params=params, qtensors={}, report=[], plan=plan, config=config)
-  tree_q, qtensors, report, states = _run(model_fn, tree, calib, units, config)
+  tree_q, qtensors, report, states, acts = _run(model_fn, tree, calib, units, config)
   return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config,
-                        states=states)
+                        states=states, activations=acts)
 
 
 def dequantize_params(params, qtensors: dict[str, QTensor]):
@@ -135,7 +148,7 @@ def _checkpointer(model_fn, fp_tree, calib, config: QuantConfig, placement: acti
 
 
 def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConfig):
-  """The unit loop; returns (quantized tree, qtensors, report, kept states)."""
+  """The unit loop; returns (quantized tree, qtensors, report, kept states, activation quantizers)."""
   placement = activations.Placement.of(config)
   n = activations.num_samples(calib)
   log_file = None
@@ -151,36 +164,46 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
 
   ckpt = _checkpointer(model_fn, fp_tree, calib, config, placement) if config.checkpoint_dir else None
   recon = UnitReconstructor(config, placement, n, Compiled(), log)
-  inputs_fns: dict[int, Callable] = {}
+  inputs_fns: dict[tuple, Callable] = {}
+  acts: dict[str, tuple] = {}   # module path -> (ActQuantizer, state) of the finished units' kernel inputs
 
-  def unit_inputs(unit, tree) -> ActivationStore:
-    """The unit's batched inputs when ``tree`` runs on every calibration sample (forward stops at the unit)."""
-    if unit.index not in inputs_fns:
-      def fn(t, batch, unit=unit):
-        args, kwargs = graph.inputs_of(model_fn, t, batch, unit.name)
+  def unit_inputs(unit, tree, quantized: bool) -> ActivationStore:
+    """The unit's batched inputs when ``tree`` runs on every calibration sample (forward stops at the unit);
+    ``quantized``: with the finished units' activation quantizers."""
+    paths = tuple(acts) if quantized else ()
+    key = (unit.index, paths)
+    if key not in inputs_fns:
+      quantizers = [acts[p][0] for p in paths]
+
+      def fn(t_states, batch, unit=unit):
+        t, act_states = t_states
+        fns = {p: (lambda x, q=q, st=st: q.fake_quant(x, st)) for p, q, st in zip(paths, quantizers, act_states)}
+        with graph.map_inputs(fns):
+          args, kwargs = graph.inputs_of(model_fn, t, batch, unit.name)
         return [l for l, b in zip(jax.tree.leaves((args, kwargs)), unit.batched) if b]
-      inputs_fns[unit.index] = jax.jit(fn)
+      inputs_fns[key] = jax.jit(fn)
     store = ActivationStore(n, config.spill_dir)
-    return placement.map(inputs_fns[unit.index], tree, calib, store, recon.chunk)
+    return placement.map(inputs_fns[key], (tree, [acts[p][1] for p in paths]), calib, store, recon.chunk)
 
   tree_q, qtensors, report, states = fp_tree, {}, [], {}
   start_index, x_q, x_fp = 0, None, None
   if ckpt is not None:
     restored = ckpt.restore(units)
     if restored is not None:
-      start_index, qtensors, report, acts = restored
+      start_index, qtensors, report, cached = restored
       tree_q = dequantize_params(fp_tree, qtensors)
-      if acts is not None:
-        x_q = ActivationStore.from_arrays(acts['x_q'], config.spill_dir)
-        x_fp = ActivationStore.from_arrays(acts['x_fp'], config.spill_dir)
+      acts.update(_acts_from_report(units[:start_index], report))
+      if cached is not None:
+        x_q = ActivationStore.from_arrays(cached['x_q'], config.spill_dir)
+        x_fp = ActivationStore.from_arrays(cached['x_fp'], config.spill_dir)
       print(f'quantize: resuming from {config.checkpoint_dir} at unit {start_index}/{len(units)}')
       log(event='resume', unit_index=start_index)
 
   for unit in units[start_index:]:
     t0 = time.time()
     if x_q is None:
-      x_q = unit_inputs(unit, tree_q)
-      x_fp = unit_inputs(unit, fp_tree)
+      x_q = unit_inputs(unit, tree_q, quantized=True)
+      x_fp = unit_inputs(unit, fp_tree, quantized=False)
     fp_unit = treepath.get_subtree(fp_tree, unit.prefix)
     y_fp = recon.forward(unit, fp_unit, x_fp)
     log(event='unit_start', unit=unit.name, index=unit.index)
@@ -192,12 +215,16 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     log(event='unit_end', **result.report)
     qtensors.update(result.qtensors)
     states.update(result.states)
+    acts.update({m: (unit.acts[i], result.act_states[m]) for i, m in
+                 ((i, unit.kernels[i].module) for i in unit.act_paths())})
     q_unit = dequantize_params(fp_unit, {treepath.path_str(unit.rel(k)): result.qtensors[name]
                                          for k, name in zip(unit.kernels, unit.kernel_names())})
     tree_q = treepath.set_leaf(tree_q, tuple(unit.prefix), q_unit)
 
     if chain:   # the final loss pass computed the outputs, unless the unit fell back to other kernels
-      out_q = result.outputs if result.outputs is not None else recon.forward(unit, q_unit, x_q)
+      out_q = result.outputs
+      if out_q is None:
+        out_q = recon.forward(unit, q_unit, x_q, [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
       x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
       x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
       out_q.close()
@@ -205,8 +232,21 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
       x_q = x_fp = None
     y_fp.close()
     if ckpt is not None:
-      acts = None if x_q is None else {'x_q': list(x_q.arrays), 'x_fp': list(x_fp.arrays)}
-      ckpt.save(unit.index + 1, qtensors, report, acts)
+      cached = None if x_q is None else {'x_q': list(x_q.arrays), 'x_fp': list(x_fp.arrays)}
+      ckpt.save(unit.index + 1, qtensors, report, cached)
   if ckpt is not None:
     ckpt.close()
-  return tree_q, qtensors, report, states
+  return tree_q, qtensors, report, states, acts
+
+
+def _acts_from_report(units: list[plan_lib.Unit], report: list[dict]) -> dict[str, tuple]:
+  """The activation quantizers of restored units, their states rebuilt from the reports' exact JSON numbers."""
+  out = {}
+  for unit, rep in zip(units, report):
+    saved = rep.get('activations', {})
+    for i in unit.act_paths():
+      module = unit.kernels[i].module
+      if module not in saved:
+        raise ValueError(f'checkpoint report of unit {unit.name} has no activation state for {module!r}')
+      out[module] = (unit.acts[i], act_lib.state_from_json(saved[module]['state']))
+  return out

@@ -37,6 +37,7 @@ class Unit:
     call: the probe call (apply function, signature, example inputs and output).
     prefix: params keys of the unit's subtree.
     kernels, specs, methods: the unit's quantized kernels (params order) with their QuantSpec and Method.
+    acts: per kernel, the ActQuantizer of its module's input, or None (float input).
     call_order: kernel indices in the order their modules are first called (closed-form methods solve in it).
     input_groups: per kernel, the first kernel of its run of call-order neighbours that receive the same input (q, k,
       v; gate, up): they share one input Hessian, since solving one cannot change the others' input.
@@ -58,6 +59,7 @@ class Unit:
   call_order: tuple[int, ...] = ()
   input_groups: tuple[int, ...] = ()
   chain_from_previous: bool = False
+  acts: tuple = ()
   _static_key: Any = None
 
   def rebuild(self, dyn_leaves):
@@ -85,8 +87,17 @@ class Unit:
       consts = tuple(_hashable(c) for b, c in zip(self.batched, self.constants) if not b)
       self._static_key = (self.call.signature, str(self.treedef), self.batched, consts,
                           tuple((self.rel(k), k.shape, k.view_shape) for k in self.kernels), tuple(self.specs),
-                          tuple(self.methods))
+                          tuple(self.methods), tuple(self.acts))
     return self._static_key
+
+  def act_paths(self) -> dict[int, str]:
+    """{kernel index: its module's path inside the unit} for the kernels whose input is quantized."""
+    return {i: relative_module(self, k.module) for i, k in enumerate(self.kernels) if self.acts and self.acts[i]}
+
+
+def relative_module(unit: Unit, module: str) -> str:
+  """A module's path inside the unit ('' for the unit's own module), as the unit's ``apply`` names it."""
+  return '' if module == unit.name else module[len(unit.name) + 1:]
 
 
 def _hashable(x):
@@ -185,7 +196,8 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
                       prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
                       treedef=treedef, batched=batched, constants=constants,
                       call_order=(order := tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))),
-                      input_groups=_input_groups(ks, order, first_call)))
+                      input_groups=_input_groups(ks, order, first_call),
+                      acts=tuple(config.resolve_activation(k.module) for k in ks)))
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
   _check_batch_sizes(model_fn, tree, calib, units, config)
@@ -305,6 +317,7 @@ def describe(units: list[Unit], n: int, config: QuantConfig) -> list[dict]:
         'kernels': u.kernel_names(),
         'bits': [s.bits for s in u.specs],
         'methods': [m.name for m in u.methods],
+        'activations': [repr(a) if a else 'float' for a in u.acts],
         'params': int(sum(math.prod(k.shape) for k in u.kernels)),
         'activation_bytes': int(n * (per_sample_in * (1 + copies) + per_sample_out)),
         'inputs_from': 'previous unit' if u.chain_from_previous else 'model forward',
@@ -318,7 +331,15 @@ def print_plan(plan, n, config: QuantConfig):
   for p in plan:
     lines.append(f"  [{p['kind']:5s}] {p['unit']:40s} {len(p['kernels']):3d} kernels  {p['params']:>11,d} weights  "
                  f"bits {sorted(set(p['bits']))}  {','.join(sorted(set(p['methods'])))}  "
+                 f"{_act_summary(p['activations'])}"
                  f"activations {p['activation_bytes'] / 2**20:8.1f} MiB  inputs: {p['inputs_from']}")
   peak = max(p['activation_bytes'] for p in plan)
   lines.append(f'  peak activation cache (one unit at a time): {peak / 2**20:.1f} MiB')
   print('\n'.join(lines))
+
+
+def _act_summary(acts) -> str:
+  quantized = sorted(set(a for a in acts if a != 'float'))
+  if not quantized:
+    return ''
+  return f"inputs {','.join(quantized)}{' (some float)' if 'float' in acts else ''}  "

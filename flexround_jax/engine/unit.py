@@ -30,7 +30,8 @@ from .. import treepath
 from . import activations, graph
 from .activations import ActivationStore, Placement
 from .config import QuantConfig
-from .plan import Unit
+from .plan import Unit, relative_module
+from ..quantizers import activation as act_lib
 from ..qtensor import QTensor
 from ..quantizers import rtn
 
@@ -58,6 +59,68 @@ def kernel_views(unit: Unit, unit_params) -> list[jax.Array]:
   return [jnp.asarray(treepath.get_subtree(unit_params, unit.rel(k))).reshape(k.view_shape) for k in unit.kernels]
 
 
+def act_fns(unit: Unit, act_states, key=None, drop_prob: float = 0.0) -> dict:
+  """{module path in the unit: fn} quantizing the inputs of the unit's kernels that have an activation quantizer;
+  with ``key`` and ``drop_prob > 0``, QDrop: each element stays unquantized with probability ``drop_prob`` (a fresh
+  mask per quantizer, from ``fold_in(key, 1 + kernel index)``)."""
+  fns = {}
+  for i, path in unit.act_paths().items():
+    def fn(x, q=unit.acts[i], st=act_states[i], i=i):
+      x_hat = q.fake_quant(x, st)
+      if key is not None and drop_prob > 0:
+        keep_q = jax.random.uniform(jax.random.fold_in(key, 1 + i), x.shape) >= drop_prob
+        x_hat = jnp.where(keep_q, x_hat, x)
+      return x_hat
+    fns[path] = fn
+  return fns
+
+
+def apply_unit(unit: Unit, params, dyn, act_states=None, key=None, drop_prob: float = 0.0):
+  """The unit's forward; with ``act_states`` (per kernel), its kernels' inputs quantized (see ``act_fns``)."""
+  if act_states is None or not unit.act_paths():
+    return unit.apply(params, dyn)
+  with graph.map_inputs(act_fns(unit, act_states, key, drop_prob)):
+    return unit.apply(params, dyn)
+
+
+def _pair(tx_w, tx_a):
+  """One optax transformation over (weight trainables, activation trainables), each part by its own."""
+  def init(params):
+    return tx_w.init(params[0]), tx_a.init(params[1])
+
+  def update(updates, state, params=None):
+    uw, sw = tx_w.update(updates[0], state[0], None if params is None else params[0])
+    ua, sa = tx_a.update(updates[1], state[1], None if params is None else params[1])
+    return (uw, ua), (sw, sa)
+  return optax.GradientTransformation(init, update)
+
+
+def _by_kernel(owners: list, iters: int):
+  """The optax transformation over a list of per-kernel trainable dicts whose kernel ``i`` is trained by
+  ``owners[i].optimizer`` (None: frozen): one owner's transformation itself, several: ``optax.multi_transform`` by
+  kernel, none: nothing moves."""
+  trained = [o for o in dict.fromkeys(o for o in owners if o is not None) if o.optimizer is not None]
+  if len(trained) == 1:
+    return trained[0].optimizer(iters)
+  if not trained:
+    return optax.set_to_zero()
+  label_of = {o: f'm{i}' for i, o in enumerate(trained)}
+  txs = {label_of[o]: o.optimizer(iters) for o in trained}
+  txs['frozen'] = optax.set_to_zero()
+  labels = [label_of.get(o, 'frozen') for o in owners]
+  return optax.multi_transform(txs, lambda tr: [{k: labels[i] for k in st} for i, st in enumerate(tr)])
+
+
+def split_acts(unit: Unit, act_states) -> tuple[list, list]:
+  """(trainable, frozen) lists, per kernel, of the activation quantizers' states."""
+  train, frozen = [], []
+  for q, st in zip(unit.acts or [None] * len(unit.kernels), act_states):
+    keys = q.trainable if q is not None else ()
+    train.append({k: v for k, v in st.items() if k in keys})
+    frozen.append({k: v for k, v in st.items() if k not in keys})
+  return train, frozen
+
+
 def _mix_inputs(x, x0_fp, key, drop_prob):
   """QDrop: each element of the first input is the float model's with probability ``drop_prob``."""
   keep_q = jax.random.uniform(key, x[0].shape) >= drop_prob
@@ -66,15 +129,11 @@ def _mix_inputs(x, x0_fp, key, drop_prob):
 
 def make_optimizer(unit: Unit, iters: int):
   """One optax transformation over the list of per-kernel trainable dicts: each kernel's method's own (one method:
-  that method's transformation itself; several: ``optax.multi_transform`` by kernel)."""
-  trained = [m for m in dict.fromkeys(unit.methods) if m.trains]
-  if len(trained) == 1:
-    return trained[0].optimizer(iters)
-  label_of = {m: f'm{i}' for i, m in enumerate(trained)}
-  txs = {label_of[m]: m.optimizer(iters) for m in trained}
-  txs['frozen'] = optax.set_to_zero()
-  labels = [label_of.get(m, 'frozen') for m in unit.methods]
-  return optax.multi_transform(txs, lambda tr: [{k: labels[i] for k in st} for i, st in enumerate(tr)])
+  that method's transformation itself; several: ``optax.multi_transform`` by kernel). A unit with quantized kernel
+  inputs trains the pair (weight trainables, activation trainables), the latter by the activation quantizers' own
+  transformations."""
+  tx_w = _by_kernel([m if m.trains else None for m in unit.methods], iters)
+  return _pair(tx_w, _by_kernel(list(unit.acts), iters)) if unit.act_paths() else tx_w
 
 
 def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
@@ -85,21 +144,27 @@ def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable,
   ``ys[j][k]`` (``x0s[k]``: the float model's first input, used when ``drop_prob > 0``; any (K,) array otherwise),
   with PRNG key ``fold_in(key, first + k)`` and schedule step ``first + k``. Each K compiles once (the engine uses
   one K per unit plus the remainder of ``iters``). ``trainable`` / ``frozen`` are lists of per-kernel dicts
-  (``Method.split``); the buffers of ``trainable`` and ``opt_state`` are donated. Step k computes what a one-step
+  (``Method.split``), or for a unit with quantized kernel inputs the pairs (those lists, ``split_acts`` lists); the
+  buffers of ``trainable`` and ``opt_state`` are donated. Step k computes what a one-step
   call with the same minibatch, key and step index computes (tests/test_engine.py).
   """
   opt = make_optimizer(unit, iters)
   penalized = [m for m in dict.fromkeys(unit.methods) if m.penalty is not None]
+  has_acts = bool(unit.act_paths())
 
   def loss_fn(trainable, frozen, unit_params, x, y, x0_fp, key, step_index):
     views = kernel_views(unit, unit_params)
+    act_states = None
+    if has_acts:   # ((weight trainables, act trainables), (weight frozen, act frozen))
+      act_states = [{**f, **t} for t, f in zip(trainable[1], frozen[1])]
+      trainable, frozen = trainable[0], frozen[0]
     states = [{**f, **t} for t, f in zip(trainable, frozen)]
     kernels_hat = [m.fake_quant(v, st, spec, step_index, iters)
                    for m, v, st, spec in zip(unit.methods, views, states, unit.specs)]
     params = with_kernels(unit_params, unit, kernels_hat)
     if drop_prob > 0:
       x = _mix_inputs(x, x0_fp, key, drop_prob)
-    loss = jnp.mean(per_sample_loss(unit.apply(params, x), y))
+    loss = jnp.mean(per_sample_loss(apply_unit(unit, params, x, act_states, key, drop_prob), y))
     for m in penalized:
       loss = loss + m.penalty([st for st, mk in zip(states, unit.methods) if mk is m], step_index, iters)
     return loss
@@ -140,13 +205,33 @@ class Compiled:
       self._fns[key] = build()
     return self._fns[key], new
 
-  def forward(self, unit: Unit):
-    return self._get(('forward', unit.static_key), lambda: jax.jit(unit.apply))[0]
+  def forward(self, unit: Unit, acts: bool = False):
+    """jitted ``(params, dyn) -> output`` (``acts``: ``((params, act_states), dyn)``, kernel inputs quantized)."""
+    if not acts:
+      return self._get(('forward', unit.static_key), lambda: jax.jit(unit.apply))[0]
+    return self._get(('forward_acts', unit.static_key),
+                     lambda: jax.jit(lambda pa, dyn: apply_unit(unit, pa[0], dyn, pa[1])))[0]
+
+  def kernel_inputs(self, unit: Unit, indices: tuple):
+    """jitted ``(params, dyn) -> [input of kernel i's module for i in indices]`` (float, as they arrive)."""
+    def fn(params, dyn):
+      got = {}
+
+      def keep(path):
+        def f(x):
+          got[path] = x
+          return x
+        return f
+      paths = unit.act_paths()
+      with graph.map_inputs({paths[i]: keep(paths[i]) for i in indices}):
+        unit.apply(params, dyn)
+      return [got[paths[i]] for i in indices]
+    return self._get(('kernel_inputs', unit.static_key, indices), lambda: jax.jit(fn))[0]
 
   def loss_eval(self, unit: Unit, with_outputs: bool = False):
-    """jitted ``(params, dyn, y) -> per-sample loss`` (``with_outputs``: ``(loss, output leaves)``)."""
-    def fn(params, dyn, y):
-      out = unit.apply(params, dyn)
+    """jitted ``(params, dyn, y, act_states) -> per-sample loss`` (``with_outputs``: ``(loss, output leaves)``)."""
+    def fn(params, dyn, y, act_states):
+      out = apply_unit(unit, params, dyn, act_states)
       loss = per_sample_loss(out, y)
       return (loss, jax.tree.leaves(out)) if with_outputs else loss
     return self._get(('loss', unit.static_key, with_outputs), lambda: jax.jit(fn))[0]
@@ -159,16 +244,12 @@ class Compiled:
     return self._get(('hessian', unit.static_key, index), lambda: _hessian_fn(unit, index))[0]
 
 
-def _relative_module(unit: Unit, module: str) -> str:
-  return '' if module == unit.name else module[len(unit.name) + 1:]
-
-
 def _hessian_fn(unit: Unit, index: int):   # the kernel's module must take its input as the first positional arg
   """jitted ``(params, dyn, valid) -> (sum of x x^T, rows)`` over the input rows x of kernel ``index`` of the valid
   samples (``valid``: 1 / 0 per sample of the chunk; padded samples count 0)."""
   kernel = unit.kernels[index]
   n_in = kernel.view_shape[0]
-  path = _relative_module(unit, kernel.module)
+  path = relative_module(unit, kernel.module)
 
   def fn(params, dyn, valid):
     args, _ = graph.inputs_of(lambda p, d: unit.apply(p, d), params, dyn, path)
@@ -190,11 +271,13 @@ def _hessian_fn(unit: Unit, index: int):   # the kernel's module must take its i
 @dataclasses.dataclass
 class UnitResult:
   """``outputs``: with ``reconstruct(keep_outputs=True)``, the unit's outputs on the cached inputs with the kept
-  kernels (None when they were not computed in the final loss pass, e.g. after a fall-back)."""
+  kernels (None when they were not computed in the final loss pass, e.g. after a fall-back). ``act_states``:
+  {module path: state} of the activation quantizers of the unit's kernel inputs."""
   qtensors: dict[str, QTensor]
   report: dict
   states: dict[str, dict]
   outputs: ActivationStore | None = None
+  act_states: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 class UnitReconstructor:
@@ -209,23 +292,45 @@ class UnitReconstructor:
     self.compiled = compiled or Compiled()
     self.log = log or (lambda **record: None)
 
-  def forward(self, unit: Unit, unit_params, x: ActivationStore) -> ActivationStore:
-    """The unit applied to every cached input."""
+  def forward(self, unit: Unit, unit_params, x: ActivationStore, act_states=None) -> ActivationStore:
+    """The unit applied to every cached input (with ``act_states``: its kernel inputs quantized)."""
     store = ActivationStore(self.n, self.config.spill_dir)
+    if act_states is not None and unit.act_paths():
+      return self.placement.map(self.compiled.forward(unit, acts=True), (unit_params, act_states), list(x.arrays),
+                                store, self.chunk)
     return self.placement.map(self.compiled.forward(unit), unit_params, list(x.arrays), store, self.chunk)
 
+  def calibrate_acts(self, unit: Unit, fp_unit, x_fp: ActivationStore) -> list[dict]:
+    """Initial activation-quantizer states per kernel: static grids (``ActQuantizer.calibrate``) searched on the
+    kernels' inputs in the float unit on its float inputs (the first ``act_calib_samples`` samples, QDrop's
+    calibration); ``{}`` for dynamic quantizers and float inputs."""
+    states = [{} for _ in unit.kernels]
+    static = tuple(i for i in unit.act_paths() if unit.acts[i].static)
+    if not static:
+      return states
+    m = min(self.config.act_calib_samples, self.n)
+    fn = self.compiled.kernel_inputs(unit, static)
+    parts = [[] for _ in static]
+    for _, n_valid, chunk in activations.chunks([a[:m] for a in x_fp.arrays], self.chunk):
+      for part, x in zip(parts, fn(fp_unit, self.placement.local(chunk))):
+        part.append(np.asarray(x)[:n_valid])
+    for i, part in zip(static, parts):
+      states[i] = unit.acts[i].calibrate(np.concatenate(part))
+    return states
+
   def eval_loss(self, unit: Unit, fp_unit, qts, x: ActivationStore, y: ActivationStore,
-                outputs: ActivationStore | None = None) -> float:
+                outputs: ActivationStore | None = None, act_states=None) -> float:
     """Mean per-sample block loss over the whole calibration set with the finalized kernels ``qts`` (dequantized
-    in the kernels' dtype, as ``dequantize_params`` does); with ``outputs``, the unit's outputs go there too (the
-    quantized model's inputs of the next unit, from the same pass)."""
+    in the kernels' dtype, as ``dequantize_params`` does) and the kernel inputs quantized by ``act_states``; with
+    ``outputs``, the unit's outputs go there too (the quantized model's inputs of the next unit, from the same
+    pass)."""
     views = kernel_views(unit, fp_unit)
     params = with_kernels(fp_unit, unit, [qt.dequantize(v.dtype) for qt, v in zip(qts, views)])
     fn = self.compiled.loss_eval(unit, with_outputs=outputs is not None)
     total = 0.0
     for start, n_valid, chunk in activations.chunks(list(x.arrays) + list(y.arrays), self.chunk):
       chunk = self.placement.local(chunk)
-      per_sample = fn(params, chunk[:len(x.arrays)], chunk[len(x.arrays):])
+      per_sample = fn(params, chunk[:len(x.arrays)], chunk[len(x.arrays):], act_states)
       if outputs is not None:
         per_sample, out = per_sample
         outputs.write(start, n_valid, [np.asarray(o) for o in out])
@@ -273,8 +378,9 @@ class UnitReconstructor:
         facts[treepath.path_str(unit.kernels[i].param_path)] = method.report(jax.device_get(states[i]))
     return states, facts
 
-  def train(self, unit: Unit, fp_unit, states, x_q, x_fp, y_fp, iters: int):
-    """``iters`` optax steps on the unit's trainable state; returns (states, loss curve, newly compiled?).
+  def train(self, unit: Unit, fp_unit, states, x_q, x_fp, y_fp, iters: int, act_states=None):
+    """``iters`` optax steps on the unit's trainable state (kernels, and the activation quantizers of its kernel
+    inputs); returns (states, loss curve, newly compiled?, act_states).
 
     Steps run ``steps_per_dispatch`` at a time in one dispatch (``make_train_step``); the next chunk's minibatches
     are gathered on the host while the devices run the current one.
@@ -282,6 +388,10 @@ class UnitReconstructor:
     cfg = self.config
     split = [m.split(st) for m, st in zip(unit.methods, states)]
     trainable, frozen = [s[0] for s in split], [s[1] for s in split]
+    has_acts = bool(unit.act_paths())
+    if has_acts:
+      a_train, a_frozen = split_acts(unit, act_states)
+      trainable, frozen = (trainable, a_train), (frozen, a_frozen)
     (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
     trainable, frozen, unit_params = self.placement.state((trainable, frozen, fp_unit))
     opt_state = self.placement.state(opt.init(trainable))
@@ -325,7 +435,10 @@ class UnitReconstructor:
     if bar is not None:
       bar.close()
     trainable, frozen = jax.device_get((trainable, frozen))
-    return [{**f, **t} for t, f in zip(trainable, frozen)], curve, new
+    if has_acts:
+      act_states = [{**f, **t} for t, f in zip(trainable[1], frozen[1])]
+      trainable, frozen = trainable[0], frozen[0]
+    return [{**f, **t} for t, f in zip(trainable, frozen)], curve, new, act_states
 
   def reconstruct(self, unit: Unit, fp_unit, x_q: ActivationStore, x_fp: ActivationStore,
                   y_fp: ActivationStore, keep_outputs: bool = False) -> UnitResult:
@@ -339,7 +452,9 @@ class UnitReconstructor:
     iters = cfg.iters if trains else 0
     changes = iters > 0 or any(m.solve is not None for m in unit.methods)   # iters = 0: RTN (or a closed form)
     outputs = ActivationStore(self.n, cfg.spill_dir) if keep_outputs else None
-    loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp, None if changes else outputs)
+    acts_start = self.calibrate_acts(unit, fp_unit, x_fp) if unit.act_paths() else None
+    acts = acts_start
+    loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp, None if changes else outputs, acts)
     qts, curve, states, facts, new_step, seconds_train = rtn_qts, [], rtn_states, {}, False, 0.0
     loss_start, kept_start = None, False
     if changes:
@@ -348,17 +463,17 @@ class UnitReconstructor:
       if iters > 0 and solved:   # a closed-form start (GPTQ): training must beat it, not only RTN
         start_states = jax.device_get(states)   # a host copy: training donates the device buffers
         start_qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
-        loss_start = self.eval_loss(unit, fp_unit, start_qts, x_q, y_fp)
+        loss_start = self.eval_loss(unit, fp_unit, start_qts, x_q, y_fp, act_states=acts)
         start_bad = _non_finite(unit, start_states, start_qts, loss_start)   # a non-finite start is never kept
       if iters > 0:
         t_train = time.perf_counter()
-        states, curve, new_step = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters)
+        states, curve, new_step, acts = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters, acts)
         seconds_train = time.perf_counter() - t_train
       qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
-    loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs) if changes else loss_rtn
+    loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts) if changes else loss_rtn
     loss_trained, fell_back = loss_final, False
     methods = ', '.join(sorted({m.name for m in unit.methods}))
-    non_finite = _non_finite(unit, states, qts, loss_final) if changes else []
+    non_finite = _non_finite(unit, states, qts, loss_final, acts) if changes else []
     if non_finite and not cfg.fallback_to_rtn:   # a diverged unit is never kept: an error, or the fall-backs below
       raise ValueError(f'unit {unit.name}: {methods} ended with NaN or Inf in {", ".join(non_finite)} (loss '
                        f'{loss_final:.6g}); lower the learning rate, or set QuantConfig.fallback_to_rtn=True to keep '
@@ -369,12 +484,13 @@ class UnitReconstructor:
              f'at loss {loss_final:.6g}, worse than its closed-form start {loss_start:.6g}')
       warnings.warn(f'unit {unit.name}: training ended {how}; keeping the start for this unit')
       qts, states, loss_final, kept_start, bad = start_qts, start_states, loss_start, True, False
+      acts = acts_start
       outputs = _discard(outputs)
     if changes and cfg.fallback_to_rtn and (bad or not loss_final <= loss_rtn):
       how = (f'ended with NaN or Inf in {", ".join(non_finite)}' if bad else
              f'ended at loss {loss_final:.6g}, worse than its RTN start {loss_rtn:.6g}')
       warnings.warn(f'unit {unit.name}: {methods} {how}; keeping RTN for this unit')
-      qts, loss_final, fell_back = rtn_qts, loss_rtn, True
+      qts, loss_final, fell_back, acts = rtn_qts, loss_rtn, True, acts_start
       outputs = _discard(outputs)
     names = unit.kernel_names()
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
@@ -390,8 +506,13 @@ class UnitReconstructor:
       rep['non_finite'] = non_finite
     if facts:
       rep['method_facts'] = facts
+    act_states = {}
+    if acts is not None:   # exact JSON numbers: a resumed run rebuilds the states from the report
+      act_states = {unit.kernels[i].module: jax.device_get(acts[i]) for i in unit.act_paths()}
+      rep['activations'] = {m: {'quantizer': unit.acts[i].describe(), 'state': act_lib.state_to_json(act_states[m])}
+                            for i, m in zip(unit.act_paths(), act_states)}
     kept = {n: jax.device_get(st) for n, st in zip(names, states)} if cfg.keep_states else {}
-    return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept, outputs=outputs)
+    return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept, outputs=outputs, act_states=act_states)
 
 
 def _discard(store: ActivationStore | None) -> None:
@@ -413,14 +534,18 @@ def steps_per_dispatch(iters: int, unit: Unit | None = None) -> int:
   return curve_interval(iters)
 
 
-def _non_finite(unit: Unit, states, qts, loss) -> list[str]:
-  """Names of the unit's kernels whose final state or QTensor scale holds NaN or Inf (['loss'] when only the block
-  loss does)."""
+def _non_finite(unit: Unit, states, qts, loss, act_states=None) -> list[str]:
+  """Names of the unit's kernels whose final state or QTensor scale holds NaN or Inf, and '<module> input' for
+  activation quantizers whose state does (['loss'] when only the block loss does)."""
+  def finite(leaves):
+    return all(np.isfinite(np.asarray(l)).all() for l in leaves if jnp.issubdtype(np.asarray(l).dtype, jnp.floating))
   bad = []
   for name, state, qt in zip(unit.kernel_names(), states, qts):
-    leaves = jax.tree.leaves(jax.device_get(state)) + [qt.scale]
-    if not all(np.isfinite(np.asarray(l)).all() for l in leaves if jnp.issubdtype(np.asarray(l).dtype, jnp.floating)):
+    if not finite(jax.tree.leaves(jax.device_get(state)) + [qt.scale]):
       bad.append(name)
+  for i in unit.act_paths() if act_states is not None else ():
+    if not finite(jax.tree.leaves(jax.device_get(act_states[i]))):
+      bad.append(f'{unit.kernels[i].module} input')
   return bad or ([] if np.isfinite(loss) else ['loss'])
 
 
@@ -437,12 +562,14 @@ def reconstruct_unit(unit: Unit, fp_unit, x_q: list, y_fp: list, config: QuantCo
   """Reconstructs one unit (from ``plan_units``) on its own, outside the ``quantize`` loop.
 
   ``fp_unit``: the unit's float params subtree; ``x_q``: its batched inputs in the (partially) quantized model,
-  ``y_fp``: the float unit's outputs, ``x_fp``: its inputs in the float model (needed when ``drop_prob > 0``),
-  each a list of host arrays with the samples on axis 0.
+  ``y_fp``: the float unit's outputs, ``x_fp``: its inputs in the float model (needed when ``drop_prob > 0`` and
+  to calibrate static activation quantizers), each a list of host arrays with the samples on axis 0.
   """
   n = int(np.shape(x_q[0])[0])
   if config.drop_prob > 0 and x_fp is None:
     raise ValueError('reconstruct_unit: QuantConfig.drop_prob > 0 mixes in the float inputs; pass x_fp')
+  if x_fp is None and any(unit.acts[i].static for i in unit.act_paths()):
+    raise ValueError('reconstruct_unit: static activation quantizers calibrate on the float inputs; pass x_fp')
   if any(m.trains for m in unit.methods) and config.iters > 0 and config.batch_size > n:
     raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} samples given')
   stores = [ActivationStore.from_arrays(list(a), config.spill_dir) for a in (x_q, x_fp or x_q, y_fp)]

@@ -233,3 +233,59 @@ def per_token(bits: int = 8) -> ActQuantizer:
   bits = _check_bits(bits)
   return ActQuantizer(name='per_token', bits=bits, hparams={},
                       fake_quant=lambda x, state: per_token_fake_quant(x, state, bits))
+
+
+REGISTRY: dict[str, Callable[..., ActQuantizer]] = {'lsq': lsq, 'per_token': per_token}
+FLOAT = 'float'   # in a Rule: these kernels' inputs stay float
+
+
+def get(quantizer, **knobs) -> ActQuantizer | None:
+  """An ActQuantizer from an ActQuantizer (as is), None (no activation quantization), a registered name plus knobs,
+  or a mapping {'name': ..., **knobs} (config files)."""
+  if quantizer is None or isinstance(quantizer, ActQuantizer):
+    if knobs:
+      raise ValueError(f'knobs {sorted(knobs)} given with {quantizer!r}')
+    return quantizer
+  if isinstance(quantizer, Mapping):
+    quantizer = dict(quantizer)
+    if 'name' not in quantizer:
+      raise ValueError(f"an activation quantizer given as a mapping needs a 'name' key, got keys {sorted(quantizer)}")
+    name = quantizer.pop('name')
+    return get(name, **{**quantizer, **knobs})
+  if not isinstance(quantizer, str) or quantizer not in REGISTRY:
+    raise ValueError(f'unknown activation quantizer {quantizer!r}; known: {sorted(REGISTRY)} (or pass an '
+                     f'ActQuantizer value)')
+  try:
+    return REGISTRY[quantizer](**knobs)
+  except TypeError as e:
+    raise ValueError(f'activation quantizer {quantizer!r} does not take {sorted(knobs)}: {e}') from e
+
+
+def state_to_json(state: Mapping) -> dict:
+  """A static quantizer's state as exact JSON numbers (float32 -> the Python float of the same value)."""
+  out = {}
+  for k, v in state.items():
+    a = np.asarray(v)
+    out[k] = int(a) if jnp.issubdtype(a.dtype, jnp.integer) else float(a)
+  return out
+
+
+def state_from_json(state: Mapping) -> dict:
+  """Inverse of ``state_to_json``: {'step': float32, 'zero_point': int32}-style arrays."""
+  return {k: np.int32(v) if isinstance(v, int) else np.float32(v) for k, v in state.items()}
+
+
+def quantized_apply(apply_fn: Callable, activations: Mapping[str, tuple[ActQuantizer, Mapping]]) -> Callable:
+  """``apply_fn`` with activation quantization: the first input of each module in ``activations`` (module path ->
+  (quantizer, state), as ``QuantizeResult.activations``) goes through ``quantizer.fake_quant`` first, exactly as in
+  reconstruction. Use it with the quantized params: ``quantized_apply(apply_fn, result.activations)(result.params,
+  batch)``."""
+  from flexround_jax.engine import graph  # pylint: disable=g-import-not-at-top
+
+  def fns():
+    return {path: (lambda x, q=q, st=st: q.fake_quant(x, st)) for path, (q, st) in activations.items()}
+
+  def apply(params, *args, **kwargs):
+    with graph.map_inputs(fns()):
+      return apply_fn(params, *args, **kwargs)
+  return apply
