@@ -6,8 +6,11 @@ safetensors layout (``save_safetensors``), one file, no pickle:
   <kernel path>.scale       float32, grid shape (() per tensor, (1,...,1,out) per channel, (1,...,1,in/g,out) per group)
   <kernel path>.zero_point  int32, grid shape
   <param path>              every other param (biases, norms, embeddings), unchanged (bfloat16 stays bfloat16)
+  <module>.input_step,      with activation quantization: float32 / int32 scalars of each static input quantizer
+  <module>.input_zero_point (``QuantizeResult.activations``)
   metadata['flexround_jax']  JSON: format 'flexround_jax/2', kernels {path: {shape (kernel), view (quantized 2-D/conv
-                            view), dtype (kernel), every QuantSpec field}}, params {path: {dtype, shape}}
+                            view), dtype (kernel), every QuantSpec field}}, params {path: {dtype, shape}}, and with
+                            activation quantization activations {module: quantizer description}
   metadata['sha256']        SHA-256 of the canonical JSON of {the parsed metadata, every tensor's name, dtype, shape
                             and bytes}
 A kernel is rebuilt as scale * (codes - zero_point) on its view, cast to its dtype and reshaped to its shape: bit for
@@ -25,8 +28,10 @@ failure a ValueError naming the file (and the kernel or param, and the field):
   (without params list or kernel dtype: kernels decode to float32, as they did); a metadata edit that stays
   consistent with the tensors (group_size 8 -> 9 on 16 inputs) cannot be detected in them. Re-save them as '/2'.
 
-Orbax layout (``save_orbax``): item 'state' {params (dequantized), qtensors (``qtensor.to_tree`` arrays)}, item 'meta'
-(JSON: format, names, specs, 'arrays' = ``integrity.manifest(state)``, sealed by ``integrity.seal``). ``load_orbax``
+Orbax layout (``save_orbax``): item 'state' {params (dequantized), qtensors (``qtensor.to_tree`` arrays), and with
+activation quantization activations (``activation.to_tree`` arrays)}, item 'meta' (JSON: format, names, specs,
+activations, 'arrays' = ``integrity.manifest(state)``, sealed by ``integrity.seal``). ``load_activations`` reads the
+activation quantizers of either layout back, checked (``activation.check_state``). ``load_orbax``
 verifies the metadata seal (so names and specs), restores exactly the arrays of the manifest and checks each one's
 dtype, shape and SHA-256, then every QTensor (``qtensor.validate``); any failure, Orbax's own errors included, is a
 ValueError naming the export path (and the array). Exports without a seal (format '/1') are refused: re-export.
@@ -47,6 +52,7 @@ from flexround_jax import integrity
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax import treepath
 from flexround_jax.qtensor import PackedQTensor, QTensor
+from flexround_jax.quantizers import activation as act_lib
 from flexround_jax.spec import QuantSpec
 
 FORMAT = 'flexround_jax/2'
@@ -55,6 +61,7 @@ _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 # Kernel fields every file has ('/1' files lack 'dtype'); a spec field missing from a file takes its QuantSpec default.
 _REQUIRED = ('shape', 'view', 'dtype', 'bits', 'granularity', 'group_size', 'symmetric')
 _PARTS = ('qweight', 'scale', 'zero_point')
+_ACT_PARTS = ('input_step', 'input_zero_point')   # tensors '<module>.<part>' of a static input quantizer
 
 
 def _flatten(params) -> dict[str, np.ndarray]:
@@ -76,8 +83,9 @@ def _checksum_1(tensors: dict[str, np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def save_safetensors(path: str, params, qtensors: dict[str, QTensor]) -> dict:
-  """Writes the quantized model; returns sizes {'file_bytes', 'float32_bytes'} for reports."""
+def save_safetensors(path: str, params, qtensors: dict[str, QTensor], activations: dict | None = None) -> dict:
+  """Writes the quantized model (with ``activations``, ``QuantizeResult.activations``: its input quantizers too);
+  returns sizes {'file_bytes', 'float32_bytes'} for reports."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   flat = _flatten(params)
   missing = set(qtensors) - set(flat)
@@ -99,6 +107,15 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor]) -> dict:
       tensors[name] = np.ascontiguousarray(value)
       plain[name] = {'dtype': value.dtype.name, 'shape': list(value.shape)}
   info = {'format': FORMAT, 'kernels': kernels, 'params': plain}
+  if activations:
+    arrays, act_meta = act_lib.to_tree(activations)
+    info['activations'] = dict(zip(act_meta['modules'], act_meta['quantizers']))
+    for i, module in enumerate(act_meta['modules']):
+      for part, key in zip(_ACT_PARTS, ('step', 'zero_point')):
+        if f'a{i:05d}' in arrays:
+          if f'{module}.{part}' in tensors:
+            raise ValueError(f'save_safetensors: tensor name {module}.{part} is taken by a param')
+          tensors[f'{module}.{part}'] = np.asarray(arrays[f'a{i:05d}'][key])
   meta = {'flexround_jax': json.dumps(info), 'sha256': _checksum(tensors, json.loads(json.dumps(info)))}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
@@ -109,7 +126,21 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor]) -> dict:
 
 def load_safetensors(path: str) -> tuple[dict, dict[str, QTensor]]:
   """(params with dequantized kernels, {kernel path: QTensor}); ValueError naming the file if it is damaged or any
-  field does not fit the tensors (see the module docstring)."""
+  field does not fit the tensors (see the module docstring). Input quantizers: ``load_activations``."""
+  params, qtensors, _ = _load_safetensors(path)
+  return params, qtensors
+
+
+def load_activations(path: str) -> dict[str, tuple]:
+  """{module path: (ActQuantizer, state)} saved with a ``save_safetensors`` file or a ``save_orbax`` folder ({}
+  for weight-only exports), verified as the rest of the export; run the model with
+  ``activation.quantized_apply(apply_fn, load_activations(path))``."""
+  if os.path.isdir(path):
+    return _load_orbax(path)[2]
+  return _load_safetensors(path)[2]
+
+
+def _load_safetensors(path: str):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     raise FileNotFoundError(f'no export at {path}')
@@ -130,7 +161,27 @@ def load_safetensors(path: str) -> tuple[dict, dict[str, QTensor]]:
     raise ValueError(f'{path} has format {fmt!r}; this version reads {FORMAT!r} and {FORMAT_1!r}')
   if (_checksum(tensors, info) if fmt == FORMAT else _checksum_1(tensors)) != meta['sha256']:
     raise ValueError(f'{path} is corrupted: its SHA-256 checksum does not match its contents')
-  return _decode(path, tensors, info)
+  acts, tensors = _decode_activations(path, tensors, info)
+  return (*_decode(path, tensors, info), acts)
+
+
+def _decode_activations(path: str, tensors: dict[str, np.ndarray], info: dict):
+  """(activation quantizers, the tensors that are not theirs) of a safetensors export."""
+  described = info.get('activations', {})
+  if not isinstance(described, dict):
+    raise ValueError(f"{path}: metadata field 'activations' must be a JSON object")
+  modules = sorted(described)
+  arrays, rest = {}, dict(tensors)
+  for i, module in enumerate(modules):
+    names = [f'{module}.{part}' for part in _ACT_PARTS]
+    present = [n in rest for n in names]
+    if any(present):
+      if not all(present):
+        raise ValueError(f'{path}: activation quantizer of {module!r} has {names[present.index(True)]} but not '
+                         f'{names[present.index(False)]}')
+      arrays[f'a{i:05d}'] = {'step': rest.pop(names[0]), 'zero_point': rest.pop(names[1])}
+  meta = {'modules': modules, 'quantizers': [described[m] for m in modules]}
+  return act_lib.from_tree(arrays, meta, path), rest
 
 
 def _decode(path: str, tensors: dict[str, np.ndarray], info: dict) -> tuple[dict, dict[str, QTensor]]:
@@ -213,6 +264,11 @@ def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
   arrays, qmeta = qtensor_lib.to_tree(result.qtensors)
   state = {'params': treepath.unflatten(_flatten(result.params)), 'qtensors': arrays}
+  activations = getattr(result, 'activations', None) or {}
+  if activations:
+    act_arrays, qmeta['activations'] = act_lib.to_tree(activations)
+    if act_arrays:
+      state['activations'] = act_arrays
 
   def write(tmp):
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -222,7 +278,13 @@ def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
 
 
 def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
-  """(params, {kernel path: QTensor}) of a ``save_orbax`` export, verified (see the module docstring)."""
+  """(params, {kernel path: QTensor}) of a ``save_orbax`` export, verified (see the module docstring). Input
+  quantizers: ``load_activations``."""
+  params, qtensors, _ = _load_orbax(path)
+  return params, qtensors
+
+
+def _load_orbax(path: str):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(path)
   if not os.path.isdir(path):
@@ -234,7 +296,12 @@ def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
       raise ValueError(f'{path} has format {meta.get("format")!r}; this version reads {FORMAT!r}')
     state = integrity.orbax_read_state(restore, meta, path)
   params = jax.tree.map(np.asarray, state.get('params', {}))
-  return params, qtensor_lib.from_tree(state.get('qtensors', {}), meta, path)
+  acts = {}
+  if 'activations' in meta:
+    acts = act_lib.from_tree(state.get('activations', {}), meta['activations'], path)
+  elif 'activations' in state:
+    raise ValueError(f'{path}: activation arrays without activation metadata')
+  return params, qtensor_lib.from_tree(state.get('qtensors', {}), meta, path), acts
 
 
 # The formats of other runtimes, each in its own module (pylint: disable=g-import-not-at-top,unused-import).

@@ -141,3 +141,30 @@ def test_bad_activation_settings_are_named():
   cfg = fr.QuantConfig.from_dict({'activation': {'name': 'lsq', 'bits': 2}, 'rules': [{'pattern': 'x',
                                                                                         'activation': 'float'}]})
   assert cfg.activation.bits == 2 and cfg.rules[0].activation == 'float'
+
+
+def test_exports_carry_the_input_quantizers_and_reload_to_the_same_outputs(tmp_path):
+  from flexround_jax import export
+  params, apply_fn, x = tiny_models.mlp()
+  rules = (fr.Rule('Dense_0', activation=act.per_token(8)),)
+  res = fr.quantize(params, apply_fn, x, _config(iters=10, rules=rules))
+  expected = np.asarray(res.apply_quantized(apply_fn)(res.params, x))
+  st_path = str(tmp_path / 'model.safetensors')
+  export.save_safetensors(st_path, res.params, res.qtensors, res.activations)
+  export.save_orbax(str(tmp_path / 'orbax'), res)
+  for path, load in ((st_path, export.load_safetensors), (str(tmp_path / 'orbax'), export.load_orbax)):
+    p, _ = load(path)
+    acts = export.load_activations(path)
+    assert set(acts) == set(res.activations)
+    assert acts['Dense_0'][0].name == 'per_token' and acts['Dense_0'][1] == {}
+    got = np.asarray(act.quantized_apply(apply_fn, acts)(p, x))
+    np.testing.assert_array_equal(got, expected)
+  # A weight-only export has no input quantizers.
+  export.save_safetensors(str(tmp_path / 'w.safetensors'), res.params, res.qtensors)
+  assert export.load_activations(str(tmp_path / 'w.safetensors')) == {}
+  # A stored step that is not a valid grid step is refused, naming the module.
+  bad = dict(res.activations)
+  q, st = bad['block_0/Dense_0']
+  bad['block_0/Dense_0'] = (q, {**st, 'step': np.float32(-1.0)})
+  with pytest.raises(ValueError, match="block_0/Dense_0.*step"):
+    export.save_safetensors(str(tmp_path / 'bad.safetensors'), res.params, res.qtensors, bad)

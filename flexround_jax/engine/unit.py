@@ -508,11 +508,16 @@ class UnitReconstructor:
       rep['method_facts'] = facts
     act_states = {}
     if acts is not None:   # exact JSON numbers: a resumed run rebuilds the states from the report
-      act_states = {unit.kernels[i].module: jax.device_get(acts[i]) for i in unit.act_paths()}
+      act_states = {unit.kernels[i].module: _finalize_act(unit.acts[i], jax.device_get(acts[i]))
+                    for i in unit.act_paths()}
       rep['activations'] = {m: {'quantizer': unit.acts[i].describe(), 'state': act_lib.state_to_json(act_states[m])}
                             for i, m in zip(unit.act_paths(), act_states)}
     kept = {n: jax.device_get(st) for n, st in zip(names, states)} if cfg.keep_states else {}
     return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept, outputs=outputs, act_states=act_states)
+
+
+def _finalize_act(q, state) -> dict:
+  return q.finalize(state) if q.finalize is not None else dict(state)
 
 
 def _discard(store: ActivationStore | None) -> None:

@@ -54,6 +54,8 @@ class ActQuantizer:
     calibrate: ``(x) -> state`` for static quantizers, None for dynamic ones (state ``{}``).
     trainable: keys of the state the optimizer updates.
     optimizer: ``iters -> optax.GradientTransformation``, or None.
+    finalize: ``state -> state`` as deployed (host numpy scalars; LSQ: the step made positive as the forward pass
+      makes it, so the stored step is the one the model computes with), or None (state as is).
   """
 
   name: str
@@ -63,6 +65,7 @@ class ActQuantizer:
   calibrate: Callable | None = None
   trainable: tuple[str, ...] = ()
   optimizer: Callable[[int], Any] | None = None
+  finalize: Callable | None = None
 
   def __post_init__(self):
     object.__setattr__(self, 'hparams', dict(self.hparams))
@@ -225,7 +228,15 @@ def lsq(bits: int = 4, lr: float = 4e-5, search: str = 'mse') -> ActQuantizer:
       calibrate=lambda x: lsq_calibrate(x, bits, search),
       fake_quant=lambda x, state: lsq_fake_quant(x, state, bits),
       trainable=('step',),
-      optimizer=lambda iters: optax.adam(optax.cosine_decay_schedule(lr, iters, alpha=0.0)))
+      optimizer=lambda iters: optax.adam(optax.cosine_decay_schedule(lr, iters, alpha=0.0)),
+      finalize=lsq_finalize)
+
+
+def lsq_finalize(state) -> dict:
+  """The state as deployed: step max(|s|, eps) in float32 (what ``lsq_fake_quant`` computes with, so outputs are
+  unchanged bit for bit), zero point int32."""
+  step = np.float32(max(abs(float(np.asarray(state['step'], np.float32))), EPS_STEP))
+  return {'step': step, 'zero_point': np.int32(np.asarray(state['zero_point']))}
 
 
 def per_token(bits: int = 8) -> ActQuantizer:
@@ -289,3 +300,61 @@ def quantized_apply(apply_fn: Callable, activations: Mapping[str, tuple[ActQuant
     with graph.map_inputs(fns()):
       return apply_fn(params, *args, **kwargs)
   return apply
+
+
+def to_tree(activations: Mapping[str, tuple[ActQuantizer, Mapping]]) -> tuple[dict, dict]:
+  """(arrays, meta) for saving activation quantizers: arrays {'a00000': {'step', 'zero_point'}} for the static ones
+  in sorted module order, meta {'modules': [...], 'quantizers': [describe(), ...]} (JSON) for all of them."""
+  modules = sorted(activations)
+  arrays = {}
+  for i, m in enumerate(modules):
+    q, state = activations[m]
+    check_state(q, state, f'activation quantizer of {m!r}')
+    if q.static:
+      arrays[f'a{i:05d}'] = {k: np.asarray(v) for k, v in state.items()}
+  return arrays, {'modules': modules, 'quantizers': [activations[m][0].describe() for m in modules]}
+
+
+def from_tree(arrays: Mapping, meta: Mapping, where: str) -> dict[str, tuple[ActQuantizer, dict]]:
+  """Inverse of ``to_tree``, every entry checked (``check_state``); ValueError naming ``where`` otherwise."""
+  modules, described = meta.get('modules'), meta.get('quantizers')
+  if (not isinstance(modules, list) or not isinstance(described, list) or len(modules) != len(described)
+      or not all(isinstance(m, str) for m in modules) or len(set(modules)) != len(modules)):
+    raise ValueError(f"{where}: activation metadata 'modules' / 'quantizers' must be lists of equal length with "
+                     f"distinct module paths")
+  out, used = {}, set()
+  for i, (m, d) in enumerate(zip(modules, described)):
+    try:
+      q = get(dict(d)) if isinstance(d, Mapping) else get(d)
+    except ValueError as e:
+      raise ValueError(f'{where}: activation quantizer of {m!r}: {e}') from e
+    if q is None:
+      raise ValueError(f'{where}: activation quantizer of {m!r} is missing')
+    key = f'a{i:05d}'
+    state = {k: np.asarray(v) for k, v in arrays.get(key, {}).items()}
+    if q.static:
+      used.add(key)
+    out[m] = (q, check_state(q, state, f'{where}: activation quantizer of {m!r}'))
+  stray = sorted(set(arrays) - used)
+  if stray:
+    raise ValueError(f'{where}: activation arrays {stray[:3]} belong to no static quantizer in the metadata')
+  return out
+
+
+def check_state(q: ActQuantizer, state: Mapping, where: str) -> dict:
+  """A quantizer's state as stored: static: exactly a positive finite float32 scalar 'step' and an int32 scalar
+  'zero_point' in [0, 2^bits - 1]; dynamic: empty. Returns it; ValueError naming ``where`` otherwise."""
+  state = dict(state)
+  if not q.static:
+    if state:
+      raise ValueError(f'{where}: {q!r} is dynamic and has no state, got {sorted(state)}')
+    return state
+  if set(state) != {'step', 'zero_point'}:
+    raise ValueError(f"{where}: state must be {{'step', 'zero_point'}}, got {sorted(state)}")
+  step, zp = np.asarray(state['step']), np.asarray(state['zero_point'])
+  if step.shape != () or step.dtype != np.float32 or not np.isfinite(step) or not step > 0:
+    raise ValueError(f'{where}: step must be a positive finite float32 scalar, got {step.dtype} {step.shape} {step}')
+  if zp.shape != () or zp.dtype != np.int32 or not 0 <= int(zp) <= 2 ** q.bits - 1:
+    raise ValueError(f'{where}: zero_point must be an int32 scalar in [0, {2 ** q.bits - 1}], got {zp.dtype} '
+                     f'{zp.shape} {zp}')
+  return state
