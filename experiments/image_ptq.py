@@ -13,6 +13,14 @@ the table uses that one rate for every setting of the model. A full grid per set
   python experiments/image_ptq.py                 # the table (test split)
   python experiments/image_ptq.py --mode iters    # accuracy vs iterations, ResNet per-tensor W3
   python experiments/image_ptq.py --mode ablate --setting resnet_per_tensor_w2   # FlexRound knobs, validation
+  python experiments/image_ptq.py --mode wa       # W4A4 / W2A4, the QDrop setting (test split)
+
+``--mode wa`` is the paper's "Q + X" setting (QDrop's W/A configs): per-channel weights with the Lp-searched grid,
+every kernel's input quantized by QDrop's LSQ step (Lp-2.4 search on 256 calibration images of the float model,
+learned jointly with the weights, Adam 4e-5 cosine), QDrop mixing with drop_prob 0.5 at the block inputs and at
+every input quantizer, the stem and head weights at 8 bits, the head's input at 8 bits and the stem's input (the
+image) float. RTN: RTN weights with the calibrated activation grids (nothing trained). One JSON per run:
+image_<model>_per_channel_w<bits>a<abits>_<method>_s<seed>.json.
 """
 
 from flexround_jax import cpu
@@ -34,6 +42,7 @@ MODELS = ('resnet', 'mobilenetv2')
 GRANULARITIES = ('per_tensor', 'per_channel')
 BITS = (4, 3, 2)
 SEEDS = (0, 1, 2)
+WA_SETTINGS = ((4, 4), (2, 4))   # (weight bits, activation bits), the QDrop repository's W/A configs
 LR_GRID = (1e-3, 3e-3, 1e-2)
 LR_SETTING = ('per_tensor', 3)   # where the rate is chosen: the paper's main granularity, a low bit width
 ADAROUND_LAMBDA = {'resnet': 0.01, 'mobilenetv2': 0.1}
@@ -64,6 +73,14 @@ def _validated_lr(lr_path, model):
     raise SystemExit(f'no validated FlexRound learning rate for {model!r} in {lr_path}: run '
                      f'`python experiments/image_ptq.py --mode lr --models {model}` first')
   return chosen[model]['lr']
+
+
+def wa_overrides(abits: int) -> dict:
+  """QuantConfig fields of the QDrop setting with ``abits``-bit inputs (see the module docstring)."""
+  return {'activation': {'name': 'lsq', 'bits': abits},
+          'rules': [{'pattern': 'stem', 'bits': 8, 'activation': 'float'},
+                    {'pattern': 'head', 'bits': 8, 'activation': {'name': 'lsq', 'bits': 8}}],
+          'drop_prob': 0.5}
 
 
 def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, eval_split='test', overrides=None):
@@ -99,7 +116,7 @@ def run_one(out, workdir, model, granularity, bits, method, seed, lr=None, eval_
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--mode', default='table', choices=['table', 'lr', 'iters', 'ablate'])
+  parser.add_argument('--mode', default='table', choices=['table', 'lr', 'iters', 'ablate', 'wa'])
   parser.add_argument('--models', default=','.join(MODELS))
   parser.add_argument('--seeds', default=','.join(map(str, SEEDS)), help='table mode: learned-method seeds to run')
   parser.add_argument('--setting', default='resnet_per_tensor_w2',
@@ -165,6 +182,18 @@ def main():
   wanted = tuple(int(x) for x in args.seeds.split(','))
   if set(wanted) - set(SEEDS):
     parser.error(f'unknown --seeds {sorted(set(wanted) - set(SEEDS))}; choose from {SEEDS}')
+  if args.mode == 'wa':
+    for seeds in ((0,), SEEDS[1:]):   # seed 0 of every setting first
+      seeds = tuple(s for s in seeds if s in wanted)
+      for model in models:
+        for bits, abits in WA_SETTINGS:
+          for method in ('rtn', 'flexround', 'adaround'):
+            for seed in (seeds if method != 'rtn' else (0,) if 0 in wanted else ()):
+              tag = f'{model}_per_channel_w{bits}a{abits}_{method}_s{seed}'
+              run_one(os.path.join(RESULTS, f'image_{tag}.json'), os.path.join(args.workdir, tag), model,
+                      'per_channel', bits, method, seed, lr=lrs[model] if method == 'flexround' else None,
+                      overrides=wa_overrides(abits))
+    return
   for seeds in ((0,), SEEDS[1:]):   # seed 0 of every setting first: a complete one-seed table early
     seeds = tuple(s for s in seeds if s in wanted)
     for model in models:

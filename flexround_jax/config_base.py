@@ -3,6 +3,8 @@ own defaults so no default is copied by hand."""
 
 from __future__ import annotations
 
+import typing
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -29,8 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
       value = {'name': value['name']}
     elif name == 'weight':
       value = {k: config_dict.placeholder(spec_types[k]) if v is None else v for k, v in value.items()}
-    elif value is None:
-      value = config_dict.placeholder(types[name])
+    elif value is None:   # a field typed Any (activation) takes any value: a config file sets a ConfigDict there
+      value = config_dict.placeholder(object if types[name] is typing.Any else types[name])
     quant[name] = value
   config = ml_collections.ConfigDict()
   config.task = config_dict.placeholder(str)

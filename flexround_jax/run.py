@@ -69,7 +69,9 @@ def run(config, workdir: str) -> dict:
   t1 = time.time()
   result = quantize(task.params, task.apply_fn, task.calib, qcfg)
   quant_s = time.time() - t1
-  metrics = task.evaluate(result.params)
+  # With quantized activations the model is evaluated as reconstructed: its input quantizers in the forward.
+  metrics = task.evaluate(result.params, result.apply_quantized(task.apply_fn)) if result.activations else \
+      task.evaluate(result.params)
   from flexround_jax import export, plots  # pylint: disable=g-import-not-at-top
   export.save_orbax(os.path.join(workdir, 'quantized'), result, overwrite=True)   # a rerun (resume) re-exports
   if any(m.trains for m in qcfg.methods()):
@@ -80,6 +82,7 @@ def run(config, workdir: str) -> dict:
   results = {
       'task': task.name, 'method': qcfg.method.name, 'method_args': qcfg.method.hparams, 'bits': qcfg.weight.bits,
       'granularity': qcfg.weight.granularity,
+      'activation': None if qcfg.activation is None else qcfg.activation.describe(),
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,
       'quantized': metrics, 'quantize_wall_s': round(quant_s, 2), 'total_wall_s': round(time.time() - t0, 2),
       'report': result.report, 'notes': task.notes, 'commit': provenance.git_commit(),

@@ -243,11 +243,12 @@ def encode(texts: Sequence[str], max_len: int = 128, bucket: bool = False, tok=N
 
 
 def text_embedder(params, config: BertConfig = MINILM_CONFIG, max_len: int = 128,
-                  batch_size: int = 64) -> Callable[[Sequence[str]], np.ndarray]:
+                  batch_size: int = 64, embed_fn: Callable | None = None) -> Callable[[Sequence[str]], np.ndarray]:
   """``embed_texts(texts) -> (N, H)`` float32 numpy unit vectors, for any params of the model (float or quantized).
 
   Texts are sorted by length and run in batches of ``batch_size`` (the last one padded with empty rows) at bucketed
-  lengths, so jit compiles once per bucket.
+  lengths, so jit compiles once per bucket. ``embed_fn(params, batch)``: another (jitted) forward than ``embed``,
+  e.g. with quantized activations.
   """
   tok = tokenizer()
 
@@ -261,7 +262,8 @@ def text_embedder(params, config: BertConfig = MINILM_CONFIG, max_len: int = 128
       batch = encode([texts[i] for i in idx], max_len, bucket=True, tok=tok)
       pad = batch_size - len(idx)
       batch = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in batch.items()}
-      out[idx] = np.asarray(embed_jit(params, batch, config))[:len(idx)]
+      emb = embed_jit(params, batch, config) if embed_fn is None else embed_fn(params, batch)
+      out[idx] = np.asarray(emb)[:len(idx)]
     return out
 
   return embed_texts

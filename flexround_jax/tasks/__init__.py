@@ -14,7 +14,9 @@ from typing import Any, Callable
 @dataclasses.dataclass
 class Task:
   """params: the float params to quantize; apply_fn(params, batch); calib: calibration data for ``quantize``;
-  evaluate(params) -> {metric: value}; blocks: default block regex; notes: text for reports."""
+  evaluate(params, apply_fn=None) -> {metric: value} (``apply_fn``: evaluate this forward instead of the task's own,
+  e.g. ``QuantizeResult.apply_quantized(task.apply_fn)`` with quantized activations); blocks: default block regex;
+  notes: text for reports."""
 
   name: str
   params: Any

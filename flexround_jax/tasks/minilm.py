@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import numpy as np
 
 from flexround_jax.data import sentences
@@ -34,8 +35,8 @@ def make(args) -> Task:
   def apply_fn(p, batch):
     return bert.embed(p, batch, config)
 
-  def evaluate(p) -> dict:
-    embed_texts = bert.text_embedder(p, config)
+  def evaluate(p, forward=None) -> dict:
+    embed_texts = bert.text_embedder(p, config, embed_fn=None if forward is None else jax.jit(forward))
     metrics = word_similarity.word_similarity(embed_texts)
     metrics['mean_cosine'] = float(np.mean(sentence_cosine.cosines(_fp_embeddings(n_eval), embed_texts(eval_texts))))
     return metrics

@@ -24,8 +24,8 @@ def make(args) -> Task:
   def apply_fn(p, tokens):
     return module.apply({'params': p}, tokens)
 
-  def evaluate(p) -> dict:
-    return perplexity.perplexity(apply_fn, p, windows, batch_size=args.get('eval_batch', 4), max_windows=max_windows)
+  def evaluate(p, forward=None) -> dict:
+    return perplexity.perplexity(forward or apply_fn, p, windows, batch_size=args.get('eval_batch', 4), max_windows=max_windows)
 
   return Task('smollm2', params, apply_fn, calib, evaluate, blocks=r'layers_\d+',
               notes=f'SmolLM2-135M-Instruct from its Q4_1 GGUF: the "float" baseline is the dequantized Q4_1 model. '

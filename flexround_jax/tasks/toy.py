@@ -41,8 +41,8 @@ def make(args) -> Task:
   calib, held_out = np.asarray(data[:n_calib]), np.asarray(data[n_calib:])
   y_fp = apply_fn(params, held_out)
 
-  def evaluate(p):
-    y = apply_fn(p, held_out)
+  def evaluate(p, forward=None):
+    y = (forward or apply_fn)(p, held_out)
     return {'output_mse': float(jnp.mean((y - y_fp) ** 2)),
             'output_rel_err': float(jnp.linalg.norm(y - y_fp) / jnp.linalg.norm(y_fp))}
 
