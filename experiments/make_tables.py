@@ -21,9 +21,11 @@ METHODS = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq', 'gptq+flexround', 'gpt
 IMAGE_METHODS = ('rtn', 'adaround', 'flexround')   # the image table's columns (GPTQ / LRQ quantize Dense only)
 
 
-def _load(pattern):
+def _load(pattern, activations: bool = False):
+  """Result JSONs matching ``pattern``: weight-only runs, or (``activations``) the runs with quantized inputs."""
   paths = sorted(glob.glob(os.path.join(RESULTS, pattern)))
-  return [json.load(open(p)) | {'_file': os.path.basename(p)} for p in paths]
+  rows = [json.load(open(p)) | {'_file': os.path.basename(p)} for p in paths]
+  return [r for r in rows if bool(r.get('activation')) == activations]
 
 
 def minilm_table() -> str:
@@ -86,6 +88,53 @@ def image_table() -> str:
         if any(c != '–' for c in cells):
           lines.append(f"| {model} | W{bits} {gran.replace('_', '-')} | {fp.get(model, float('nan')):.2f} | "
                        + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def image_wa_table() -> str:
+  """W/A rows (QDrop setting, per-channel weights) next to the float and weight-only per-channel rows."""
+  rows = _load('image_*_s*.json', activations=True)
+  weight_only = {}
+  for r in _load('image_*_per_channel_*_s*.json'):
+    weight_only.setdefault((r['model'], r['bits'], r['method']), []).append(r['quantized']['top1'])
+  groups, fp = {}, {}
+  for r in rows:
+    fp.setdefault(r['model'], r['fp'].get('top1'))
+    groups.setdefault((r['model'], r['bits'], r['activation']['bits'], r['method']), []).append(r['quantized']['top1'])
+
+  def cell(v):
+    return '–' if not v else (f'{v[0]:.2f}' if len(v) == 1 else f'{np.mean(v):.2f} ± {np.std(v):.2f} (n={len(v)})')
+  lines = ['| model | setting | FP | RTN | AdaRound | FlexRound |', '|---|---|---|---|---|---|']
+  for model in ('resnet', 'mobilenetv2'):
+    for bits, abits in ((4, 4), (2, 4)):
+      if not any((model, bits, abits, m) in groups for m in IMAGE_METHODS):
+        continue
+      lines.append(f"| {model} | W{bits} (weights only) | {fp.get(model, float('nan')):.2f} | "
+                   + ' | '.join(cell(weight_only.get((model, bits, m))) for m in IMAGE_METHODS) + ' |')
+      lines.append(f"| {model} | W{bits}A{abits} | {fp.get(model, float('nan')):.2f} | "
+                   + ' | '.join(cell(groups.get((model, bits, abits, m))) for m in IMAGE_METHODS) + ' |')
+  return '\n'.join(lines)
+
+
+def llm_wa_table() -> str:
+  """SmolLM2 W4A8 (per-token 8-bit inputs) next to the W4 weight-only rows of the same weights."""
+  fp = json.load(open(os.path.join(RESULTS, 'llm_fp.json')))
+  rows = {r['_file'][len('llm_per_channel_w4a8_'):-len('.json')]: r
+          for r in _load('llm_per_channel_w4a8_*.json', activations=True)}
+  weight_only = {r['method']: r for r in _load('llm_per_channel_w4_*.json')}
+  if not rows:
+    return '(not run yet: experiments/results/llm_per_channel_w4a8_*.json missing)'
+  lines = ['| weights | W4 (A16) perplexity | W4A8 perplexity |', '|---|---|---|',
+           f"| float | {fp['ppl']:.2f} | {rows['float']['quantized']['ppl']:.2f} (W16A8) |" if 'float' in rows else
+           f"| float | {fp['ppl']:.2f} | – |"]
+  for name, r in sorted(rows.items(), key=lambda kv: (kv[0].endswith('_trained'), kv[0])):
+    if name == 'float':
+      continue
+    base = name.removesuffix('_trained')
+    w4 = weight_only.get(base)
+    how = ' (reconstructed with A8 inputs)' if name.endswith('_trained') else ''
+    lines.append(f"| {base}{how} | {w4['quantized']['ppl']:.2f} | {r['quantized']['ppl']:.2f} |" if w4 and not how
+                 else f"| {base}{how} | – | {r['quantized']['ppl']:.2f} |")
   return '\n'.join(lines)
 
 
@@ -192,7 +241,7 @@ def bench_table() -> str:
 
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
-          'bench': bench_table}
+          'bench': bench_table, 'image_wa': image_wa_table, 'llm_wa': llm_wa_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
