@@ -42,6 +42,21 @@ def minilm_table() -> str:
   return '\n'.join(lines)
 
 
+def minilm_wa_table() -> str:
+  """MiniLM with per-token 8-bit inputs next to the weight-only rows of the same weight setting."""
+  rows = _load('minilm_per_*a8_*.json', activations=True)
+  weight_only = {(r['granularity'], r['bits'], r['method']): r for r in _load('minilm_per_*.json')}
+  lines = ['| setting | method | SimLex-999 | WordSim-353 | cosine to FP | quantize wall (s) |', '|---|---|---|---|---|---|']
+  for r in sorted(rows, key=lambda r: (-r['bits'], METHODS.index(r['method']))):
+    for row, label in ((weight_only.get((r['granularity'], r['bits'], r['method'])), f"W{r['bits']}"),
+                       (r, f"W{r['bits']}A{r['activation']['bits']}")):
+      if row is not None:
+        q = row['quantized']
+        lines.append(f"| {label} {row['granularity'].replace('_', '-')} | {row['method']} | {q['simlex999']:.3f} | "
+                     f"{q['wordsim353']:.3f} | {q['mean_cosine']:.4f} | {row['quantize_wall_s']:.0f} |")
+  return '\n'.join(lines) if rows else '(not run yet: experiments/results/minilm_per_*a8_*.json missing)'
+
+
 def llm_table() -> str:
   fp = json.load(open(os.path.join(RESULTS, 'llm_fp.json')))
   rows = _load('llm_per_*.json')
@@ -241,7 +256,7 @@ def bench_table() -> str:
 
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
-          'bench': bench_table, 'image_wa': image_wa_table, 'llm_wa': llm_wa_table}
+          'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
