@@ -168,3 +168,22 @@ def test_exports_carry_the_input_quantizers_and_reload_to_the_same_outputs(tmp_p
   bad['block_0/Dense_0'] = (q, {**st, 'step': np.float32(-1.0)})
   with pytest.raises(ValueError, match="block_0/Dense_0.*step"):
     export.save_safetensors(str(tmp_path / 'bad.safetensors'), res.params, res.qtensors, bad)
+
+
+def test_a_kernel_whose_input_is_not_a_positional_array_is_named_before_any_work():
+  import flax.linen as nn
+
+  class KwargDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(4, name='proj')(inputs=x)
+
+  model = KwargDense()
+  x = np.ones((8, 3), np.float32)
+  params = model.init(jax.random.key(0), x)['params']
+  apply_fn = lambda p, b: model.apply({'params': p}, b)
+  with pytest.raises(ValueError, match="'proj' takes no array as its first positional argument"):
+    fr.quantize(params, apply_fn, x, fr.QuantConfig(method='rtn', activation=lsq(4), progress=False))
+  res = fr.quantize(params, apply_fn, x, fr.QuantConfig(method='rtn', activation=lsq(4), progress=False,
+                                                        rules=(fr.Rule('proj', activation='float'),)))
+  assert res.activations == {}

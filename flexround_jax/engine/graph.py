@@ -192,9 +192,9 @@ def map_inputs(fns: dict[str, Callable]):
 
   def interceptor(next_fun, args, kwargs, context):
     path = path_str(context.module.path)
-    if context.method_name != '__call__' or path not in fns or not args:
+    if context.method_name != '__call__' or path not in fns:
       return next_fun(*args, **kwargs)
-    return next_fun(fns[path](args[0]), *args[1:], **kwargs)
+    return next_fun(fns[path](_first_arg(path, args)), *args[1:], **kwargs)
 
   real_merge = nnx.merge
   patched: dict[type, Any] = {}
@@ -225,11 +225,18 @@ def _nnx_input_wrapper(fn, fns, paths):
 
   def wrapped(self, *args, **kwargs):
     path = paths.get(id(self))
-    if path is None or not args:
+    if path is None:
       return fn(self, *args, **kwargs)
-    return fn(self, fns[path](args[0]), *args[1:], **kwargs)
+    return fn(self, fns[path](_first_arg(path, args)), *args[1:], **kwargs)
 
   return wrapped
+
+
+def _first_arg(path: str, args: tuple):
+  if not args or not hasattr(args[0], 'shape'):
+    raise ValueError(f'module {path!r} was called without an array as its first positional argument, so its input '
+                     f'cannot be quantized; keep it float with Rule({path!r}, activation="float")')
+  return args[0]
 
 
 def trace_calls(apply_fn, params, batch) -> tuple[list[Call], Any]:

@@ -189,6 +189,12 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
       raise ValueError(f'unit {owner!r} receives no array with the batch on axis 0; cannot cache its inputs')
     constants = tuple(None if b else (np.asarray(l) if hasattr(l, 'shape') else l) for l, b in zip(leaves, batched))
     resolved = [config.resolve(k.module) for k in ks]
+    acts = tuple(config.resolve_activation(k.module) for k in ks)
+    for k, act in zip(ks, acts):
+      args = first_call[k.module].args
+      if act is not None and (not args or not hasattr(args[0], 'shape')):
+        raise ValueError(f'module {k.module!r} takes no array as its first positional argument, so its input cannot '
+                         f'be quantized; keep it float with Rule({k.module!r}, activation="float")')
     for k, (spec, method) in zip(ks, resolved):
       _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path))
       _check_method_takes(k, spec, method, checked)
@@ -197,7 +203,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
                       treedef=treedef, batched=batched, constants=constants,
                       call_order=(order := tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))),
                       input_groups=_input_groups(ks, order, first_call),
-                      acts=tuple(config.resolve_activation(k.module) for k in ks)))
+                      acts=acts))
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
   _check_batch_sizes(model_fn, tree, calib, units, config)
