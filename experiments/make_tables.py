@@ -119,6 +119,8 @@ def image_wa_table() -> str:
 
   def cell(v):
     return '–' if not v else (f'{v[0]:.2f}' if len(v) == 1 else f'{np.mean(v):.2f} ± {np.std(v):.2f} (n={len(v)})')
+  if not rows:
+    return '(not run yet: experiments/results/image_*_w*a*_*.json missing)'
   lines = ['| model | setting | FP | RTN | AdaRound | FlexRound |', '|---|---|---|---|---|---|']
   for model in ('resnet', 'mobilenetv2'):
     for bits, abits in ((4, 4), (2, 4)):

@@ -98,8 +98,13 @@ def test_dynamic_per_token_inputs_on_nnx_and_a_resumed_run_restores_the_learned_
   params, apply_fn, x = tiny_models.nnx_mlp()
   res = fr.quantize(params, apply_fn, x, _config(activation=act.per_token(8), iters=10, drop_prob=0.0))
   assert res.activations and all(q.name == 'per_token' and st == {} for q, st in res.activations.values())
-  np.testing.assert_allclose(np.asarray(res.apply_quantized(apply_fn)(res.params, x)),
-                             np.asarray(act.quantized_apply(apply_fn, res.activations)(res.params, x)))
+  out_q = np.asarray(res.apply_quantized(apply_fn)(res.params, x))
+  np.testing.assert_array_equal(out_q, np.asarray(act.quantized_apply(apply_fn, res.activations)(res.params, x)))
+  assert not np.array_equal(out_q, np.asarray(apply_fn(res.params, x)))   # the inputs really are quantized
+  # The last unit's final loss is that quantized model's (nnx units re-apply merged modules with their own paths).
+  last = res.report[-1]
+  y_fp = np.asarray(apply_fn(params, x))
+  np.testing.assert_allclose(last['loss_final'], float(np.mean(np.sum((out_q - y_fp) ** 2, axis=-1))), rtol=1e-4)
   # Resume: stop after the first unit, rerun, compare with an uninterrupted run.
   params, apply_fn, x = tiny_models.mlp()
   cfg = _config(iters=20, checkpoint_dir=str(tmp_path / 'ckpt'))
