@@ -89,17 +89,9 @@ def matmul_peak(repeats):
 
 
 class UnfoldedAttention(llama.Attention):
-  """The attention layout before issue 18 ('btkgd,bskd->bkgts': query groups as a separate axis), kept here only
-  as the in-process baseline of the folded layout in ``llama.Attention.attend``."""
-
-  def attend(self, q, k, v):
-    c = self.config
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
-    scores = jnp.einsum('btkgd,bskd->bkgts', q, k) / np.sqrt(c.head_dim).astype(np.float32)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    return jnp.einsum('bkgts,bskd->btkgd', jax.nn.softmax(scores, axis=-1), v).reshape(b, t, -1)
+  """The attention layout before issue 18 (``llama.unfolded_attend``), the in-process baseline of the folded layout
+  in ``llama.Attention.attend``."""
+  attend = llama.unfolded_attend
 
 
 class UnfoldedDecoderLayer(llama.DecoderLayer):

@@ -51,6 +51,20 @@ def test_tiny_model_is_causal_and_blocks_take_hidden_states_only():
   np.testing.assert_allclose(diff, 0, atol=1e-6)
 
 
+def test_folded_and_unfolded_attention_layouts_compute_the_same_function():
+  cfg = llama.LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=8, ffn_dim=48)
+  module, params = llama.make_llama(cfg, seed=0)
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, 64)
+  folded = module.apply({'params': params}, tokens)
+  real = llama.Attention.attend
+  llama.Attention.attend = llama.unfolded_attend
+  try:
+    unfolded = module.apply({'params': params}, tokens)
+  finally:
+    llama.Attention.attend = real
+  np.testing.assert_allclose(np.asarray(folded), np.asarray(unfolded), rtol=1e-5, atol=1e-5)
+
+
 def test_unpermuted_qk_with_rotate_half_matches_adjacent_pair_rope():
   """llama.cpp applies RoPE to adjacent pairs of its permuted rows; HF rotates halves. Scores q.k must agree."""
   nh, hd, d, t, base = 3, 8, 16, 5, 100.0

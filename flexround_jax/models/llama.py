@@ -99,6 +99,20 @@ class Attention(nn.Module):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.n_heads * c.head_dim)
 
 
+def unfolded_attend(self: Attention, q, k, v):
+  """``Attention.attend`` as it was before issue 18 (query groups as their own axis, 'btkgd,bskd->bkgts'): the same
+  math with other float rounding, about 1.2x slower on CPU. Kept as the baseline of benchmarks/bench_engine.py and
+  for experiments/llm_layer_repro.py (``Attention.attend = unfolded_attend``)."""
+  c = self.config
+  b, t = q.shape[:2]
+  q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k) / np.sqrt(c.head_dim).astype(np.float32)
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  scores = jnp.where(causal, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, c.n_heads * c.head_dim)
+
+
 class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); (B, T, d) -> (B, T, d)."""
   config: LlamaConfig
