@@ -51,15 +51,16 @@ def _write(name: str, results: dict):
   print(json.dumps({'row': name, 'ppl': results['quantized']['ppl']}), flush=True)
 
 
-def eval_row(task, name: str, params, kernel_names, source: str):
-  """Perplexity of ``params`` with per-token A_BITS-bit inputs at every kernel in ``kernel_names``."""
+def eval_row(task, name: str, params, kernel_names, source: str, weight_only=None):
+  """Perplexity of ``params`` with per-token A_BITS-bit inputs at every kernel in ``kernel_names``
+  (``weight_only``: the same weights' A16 metrics, when their run recorded them)."""
   modules = sorted({k.rsplit('/', 1)[0] for k in kernel_names})
   acts = {m: (act_lib.per_token(A_BITS), {}) for m in modules}
   t0 = time.time()
   metrics = task.evaluate(params, act_lib.quantized_apply(task.apply_fn, acts))
   _write(name, {'task': task.name, 'setting': 'per_channel_w4a8', 'method': name, 'weights_from': source,
                 'activation': act_lib.per_token(A_BITS).describe(), 'quantized_inputs': len(modules),
-                'quantized': metrics, 'eval_wall_s': round(time.time() - t0, 2), 'commit': provenance.git_commit(),
+                'quantized': metrics, 'weight_only': weight_only, 'eval_wall_s': round(time.time() - t0, 2), 'commit': provenance.git_commit(),
                 'host': provenance.host_info()})
 
 
@@ -99,7 +100,9 @@ def main():
       print(f'skip {method} (exists)')
       continue
     params, qtensors = export.load_orbax(os.path.join(path, 'quantized'))
-    eval_row(task, method, params, qtensors, os.path.abspath(path))
+    ran = os.path.join(path, 'results.json')
+    weight_only = json.load(open(ran))['quantized'] if os.path.exists(ran) else None
+    eval_row(task, method, params, qtensors, os.path.abspath(path), weight_only)
   for method in [m for m in args.trained.split(',') if m]:
     name = f'{method}_trained'
     if os.path.exists(os.path.join(RESULTS, f'llm_per_channel_w4a8_{name}.json')):

@@ -101,8 +101,8 @@ class Attention(nn.Module):
 
 def unfolded_attend(self: Attention, q, k, v):
   """``Attention.attend`` as it was before issue 18 (query groups as their own axis, 'btkgd,bskd->bkgts'): the same
-  math with other float rounding, about 1.2x slower on CPU. Kept as the baseline of benchmarks/bench_engine.py and
-  for experiments/llm_layer_repro.py (``Attention.attend = unfolded_attend``)."""
+  math with other float rounding, about 1.2x slower on CPU. Kept as the baseline of benchmarks/bench_engine.py
+  (``Attention.attend = unfolded_attend`` restores the old layout)."""
   c = self.config
   b, t = q.shape[:2]
   q = q.reshape(b, t, c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim)
