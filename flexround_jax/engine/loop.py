@@ -177,8 +177,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
 
       def fn(t_states, batch, unit=unit):
         t, act_states = t_states
-        fns = {p: (lambda x, q=q, st=st: q.fake_quant(x, st)) for p, q, st in zip(paths, quantizers, act_states)}
-        with graph.map_inputs(fns):
+        with graph.map_inputs(act_lib.input_fns(dict(zip(paths, zip(quantizers, act_states))))):
           args, kwargs = graph.inputs_of(model_fn, t, batch, unit.name)
         return [l for l, b in zip(jax.tree.leaves((args, kwargs)), unit.batched) if b]
       inputs_fns[key] = jax.jit(fn)

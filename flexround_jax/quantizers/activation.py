@@ -293,13 +293,15 @@ def quantized_apply(apply_fn: Callable, activations: Mapping[str, tuple[ActQuant
   batch)``."""
   from flexround_jax.engine import graph  # pylint: disable=g-import-not-at-top
 
-  def fns():
-    return {path: (lambda x, q=q, st=st: q.fake_quant(x, st)) for path, (q, st) in activations.items()}
-
   def apply(params, *args, **kwargs):
-    with graph.map_inputs(fns()):
+    with graph.map_inputs(input_fns(activations)):
       return apply_fn(params, *args, **kwargs)
   return apply
+
+
+def input_fns(activations: Mapping[str, tuple[ActQuantizer, Mapping]]) -> dict[str, Callable]:
+  """{module path: x -> quantizer.fake_quant(x, state)} for ``engine.graph.map_inputs``."""
+  return {path: (lambda x, q=q, st=st: q.fake_quant(x, st)) for path, (q, st) in activations.items()}
 
 
 def to_tree(activations: Mapping[str, tuple[ActQuantizer, Mapping]]) -> tuple[dict, dict]:
