@@ -144,7 +144,8 @@ def llm_wa_table() -> str:
   lines = ['| weights | W4 (A16) perplexity | W4A8 perplexity |', '|---|---|---|',
            f"| float | {fp['ppl']:.2f} | {rows['float']['quantized']['ppl']:.2f} (W16A8) |" if 'float' in rows else
            f"| float | {fp['ppl']:.2f} | – |"]
-  for name, r in sorted(rows.items(), key=lambda kv: (kv[0].endswith('_trained'), kv[0])):
+  order = lambda name: METHODS.index(name.removesuffix('_trained')) if name.removesuffix('_trained') in METHODS else 99
+  for name, r in sorted(rows.items(), key=lambda kv: (kv[0].endswith('_trained'), order(kv[0]), kv[0])):
     if name == 'float':
       continue
     base = name.removesuffix('_trained')
