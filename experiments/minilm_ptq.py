@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4), ('per_channel', 3), ('per_tensor', 4), ('per_channel', 8), ('per_tensor', 3),
             ('per_tensor', 8)]
 METHODS = ('rtn', 'flexround', 'adaround', 'gptq')
-WA_SETTINGS = [('per_channel', 8, 8), ('per_channel', 4, 8)]   # (granularity, weight bits, activation bits)
+WA_SETTINGS = [('per_channel', 4, 8), ('per_channel', 8, 8)]   # (granularity, weight bits, activation bits)
 
 
 def load_config():
