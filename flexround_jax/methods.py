@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from flexround_jax.quantizers import _base as _qbase
 from flexround_jax.quantizers import adaround as _adaround
 from flexround_jax.quantizers import flexround as _flexround
 from flexround_jax.quantizers import gptq as _gptq
@@ -50,22 +51,7 @@ REGISTRY: dict[str, Callable[..., Method]] = {
 def get(method: str | Method | Mapping[str, Any], **knobs) -> Method:
   """A Method from a Method (returned as is), a registered name plus knobs, or a mapping {'name': ..., **knobs}
   (the form config files use)."""
-  if isinstance(method, Method):
-    if knobs:
-      raise ValueError(f'knobs {sorted(knobs)} given with an already built method {method!r}')
-    return method
-  if isinstance(method, Mapping):
-    method = dict(method)
-    if 'name' not in method:
-      raise ValueError(f"a method given as a mapping needs a 'name' key, got keys {sorted(method)}")
-    name = method.pop('name')
-    return get(name, **{**method, **knobs})
-  if not isinstance(method, str) or method not in REGISTRY:
-    raise ValueError(f'unknown method {method!r}; known methods: {sorted(REGISTRY)} (or pass a Method value)')
-  try:
-    return REGISTRY[method](**knobs)
-  except TypeError as e:
-    raise ValueError(f'method {method!r} does not take {sorted(knobs)}: {e}') from e
+  return _qbase.from_registry(method, REGISTRY, 'method', Method, knobs)
 
 
 __all__ = ['Method', 'REGISTRY', 'adaround', 'flexround', 'get', 'gptq', 'gptq_flexround', 'gptq_lrq', 'lrq', 'rtn',

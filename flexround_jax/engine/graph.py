@@ -116,8 +116,9 @@ def _linen_interceptor(recorder: _Recorder):
 
 
 @contextlib.contextmanager
-def _nnx_interception(recorder: _Recorder):
-  """Wraps nnx.merge so that, inside apply_fn, every merged submodule reports its calls."""
+def _wrap_nnx_calls(make_wrapper, want=lambda path: True):
+  """Wraps nnx.merge so that, inside, the ``__call__`` of every merged submodule whose path is ``want``ed is
+  ``make_wrapper(original __call__, {id(module): path})``."""
   real_merge = nnx.merge
   patched: dict[type, Any] = {}
   paths: dict[int, str] = {}
@@ -125,12 +126,12 @@ def _nnx_interception(recorder: _Recorder):
   def merge(*a, **kw):
     root = real_merge(*a, **kw)
     for path, node in nnx.iter_graph(root):
-      if isinstance(node, nnx.Module):
+      if isinstance(node, nnx.Module) and want(path_str(path)):
         paths[id(node)] = path_str(path)
         cls = type(node)
         if cls not in patched and '__call__' in vars(cls):
           patched[cls] = vars(cls)['__call__']
-          cls.__call__ = _nnx_call_wrapper(patched[cls], recorder, paths)
+          cls.__call__ = make_wrapper(patched[cls], paths)
     return root
 
   nnx.merge = merge
@@ -140,6 +141,11 @@ def _nnx_interception(recorder: _Recorder):
     nnx.merge = real_merge
     for cls, fn in patched.items():
       cls.__call__ = fn
+
+
+def _nnx_interception(recorder: _Recorder):
+  """Inside apply_fn, every merged nnx submodule reports its calls."""
+  return _wrap_nnx_calls(lambda fn, paths: _nnx_call_wrapper(fn, recorder, paths))
 
 
 def _nnx_call_wrapper(fn, recorder: _Recorder, paths: dict[int, str]):
@@ -196,29 +202,9 @@ def map_inputs(fns: dict[str, Callable]):
       return next_fun(*args, **kwargs)
     return next_fun(fns[path](_first_arg(path, args)), *args[1:], **kwargs)
 
-  real_merge = nnx.merge
-  patched: dict[type, Any] = {}
-  paths: dict[int, str] = {}
-
-  def merge(*a, **kw):
-    root = real_merge(*a, **kw)
-    for path, node in nnx.iter_graph(root):
-      if isinstance(node, nnx.Module) and path_str(path) in fns:
-        paths[id(node)] = path_str(path)
-        cls = type(node)
-        if cls not in patched and '__call__' in vars(cls):
-          patched[cls] = vars(cls)['__call__']
-          cls.__call__ = _nnx_input_wrapper(patched[cls], fns, paths)
-    return root
-
-  nnx.merge = merge
-  try:
-    with nn.intercept_methods(interceptor):
-      yield
-  finally:
-    nnx.merge = real_merge
-    for cls, fn in patched.items():
-      cls.__call__ = fn
+  with _wrap_nnx_calls(lambda fn, paths: _nnx_input_wrapper(fn, fns, paths), want=lambda path: path in fns), \
+      nn.intercept_methods(interceptor):
+    yield
 
 
 def _nnx_input_wrapper(fn, fns, paths):

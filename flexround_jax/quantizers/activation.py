@@ -253,23 +253,9 @@ FLOAT = 'float'   # in a Rule: these kernels' inputs stay float
 def get(quantizer, **knobs) -> ActQuantizer | None:
   """An ActQuantizer from an ActQuantizer (as is), None (no activation quantization), a registered name plus knobs,
   or a mapping {'name': ..., **knobs} (config files)."""
-  if quantizer is None or isinstance(quantizer, ActQuantizer):
-    if knobs:
-      raise ValueError(f'knobs {sorted(knobs)} given with {quantizer!r}')
-    return quantizer
-  if isinstance(quantizer, Mapping):
-    quantizer = dict(quantizer)
-    if 'name' not in quantizer:
-      raise ValueError(f"an activation quantizer given as a mapping needs a 'name' key, got keys {sorted(quantizer)}")
-    name = quantizer.pop('name')
-    return get(name, **{**quantizer, **knobs})
-  if not isinstance(quantizer, str) or quantizer not in REGISTRY:
-    raise ValueError(f'unknown activation quantizer {quantizer!r}; known: {sorted(REGISTRY)} (or pass an '
-                     f'ActQuantizer value)')
-  try:
-    return REGISTRY[quantizer](**knobs)
-  except TypeError as e:
-    raise ValueError(f'activation quantizer {quantizer!r} does not take {sorted(knobs)}: {e}') from e
+  if quantizer is None and not knobs:
+    return None
+  return _base.from_registry(quantizer, REGISTRY, 'activation quantizer', ActQuantizer, knobs)
 
 
 def state_to_json(state: Mapping) -> dict:
