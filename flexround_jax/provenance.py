@@ -34,21 +34,30 @@ class PeakRSS:
   """Context manager that samples this process's resident memory every ``every_s`` seconds.
 
   ``peak_mb`` is the highest sample taken inside the ``with`` block, so one process can measure several runs.
+  ``peak_anon_mb`` is the highest sample of the resident memory that is not file-backed (RSS minus shared pages on
+  Linux): pages of memory-mapped files count in RSS while mapped but the kernel drops them under pressure, so a
+  run over memory-mapped params needs ``peak_anon_mb`` of RAM, not ``peak_mb``.
   """
 
   def __init__(self, every_s: float = 0.2):
-    self.peak_bytes, self._every, self._stop = 0, every_s, threading.Event()
+    self.peak_bytes, self.peak_anon_bytes, self._every, self._stop = 0, 0, every_s, threading.Event()
     self._thread = threading.Thread(target=self._sample, daemon=True)
 
   def _sample(self):
     proc = psutil.Process()
     while not self._stop.is_set():
-      self.peak_bytes = max(self.peak_bytes, proc.memory_info().rss)
+      info = proc.memory_info()
+      self.peak_bytes = max(self.peak_bytes, info.rss)
+      self.peak_anon_bytes = max(self.peak_anon_bytes, info.rss - getattr(info, 'shared', 0))
       self._stop.wait(self._every)
 
   @property
   def peak_mb(self) -> float:
     return self.peak_bytes / 2**20
+
+  @property
+  def peak_anon_mb(self) -> float:
+    return self.peak_anon_bytes / 2**20
 
   def __enter__(self):
     self._thread.start()

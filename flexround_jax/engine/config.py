@@ -125,7 +125,11 @@ class QuantConfig:
       output channel (the mesh's 'model' axis; FSDP-style, so per-channel and per-group grids stay local). The
       calibration batch is split over the remaining num_devices / model_devices ('data'). 1: every device holds the
       whole block (plain data parallelism). Within one process.
-    spill_dir: keep the activation cache in memory-mapped files there instead of RAM.
+    spill_dir: keep the activation cache in memory-mapped files there instead of RAM, and move every finished
+      unit's quantized params and integer codes to files in a new ``quantized_*`` folder there (the result's
+      ``params`` and ``qtensors`` read them as memory maps, so host memory does not grow unit by unit; delete the
+      folder when done with the result). With params from ``weights.load_params`` (memory maps), a model larger
+      than host RAM is quantized unit by unit.
     fallback_to_rtn: a block that ends worse than its RTN start keeps RTN, and one trained from a closed-form start
       (GPTQ) that ends worse than that start keeps the start (with a warning; ``kept_start`` in the report).
     progress: tqdm progress bars.

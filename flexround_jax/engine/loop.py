@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from flax import nnx
 
 from .. import treepath
 from . import activations, graph
+from . import unit as unit_lib
 from . import plan as plan_lib
 from .activations import ActivationStore
 from .config import QuantConfig
@@ -100,6 +102,12 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
   n = activations.num_samples(calib)
   units = plan_lib.plan_units(model_fn, tree, calib, config)
   plan = plan_lib.describe(units, n, config)
+  sizes = {}
+  for u, p in zip(units, plan):   # identical units (static_key) have identical states
+    if u.static_key not in sizes:
+      sizes[u.static_key] = unit_lib.state_bytes(u, treepath.get_subtree(tree, u.prefix), config.iters,
+                                                  config.model_devices)
+    p['state_bytes'], p['state_bytes_exact'] = sizes[u.static_key]
   if any(m.trains for u in units for m in u.methods):   # checked in a dry run too: it validates what a run does
     if config.batch_size > n * jax.process_count():
       raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} calibration samples')
@@ -186,11 +194,28 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
 
   tree_q, qtensors, report, states = fp_tree, {}, [], {}
   start_index, x_q, x_fp = 0, None, None
+  spilled = SpilledArrays(config.spill_dir) if config.spill_dir else None
+
+  def finish(unit, fp_unit, unit_qtensors: dict[str, QTensor]):
+    """Records a finished unit's QTensors and puts its dequantized params into ``tree_q`` (both moved to files
+    with ``spill_dir``, so the rest of the run reads them from disk as it reads ``fp_tree``); returns the params."""
+    nonlocal tree_q
+    if spilled is not None:
+      unit_qtensors = {name: dataclasses.replace(qt, codes=spilled.put(f'{name}.codes', qt.codes))
+                       for name, qt in unit_qtensors.items()}
+    qtensors.update(unit_qtensors)
+    q_unit = dequantize_params(fp_unit, {treepath.path_str(unit.rel(k)): unit_qtensors[name]
+                                         for k, name in zip(unit.kernels, unit.kernel_names())})
+    if spilled is not None:
+      q_unit = spilled.put_tree(treepath.path_str(unit.prefix), q_unit)
+    tree_q = treepath.set_leaf(tree_q, tuple(unit.prefix), q_unit)
+    return q_unit
   if ckpt is not None:
     restored = ckpt.restore(units)
     if restored is not None:
-      start_index, qtensors, report, cached = restored
-      tree_q = dequantize_params(fp_tree, qtensors)
+      start_index, restored_qtensors, report, cached = restored
+      for u in units[:start_index]:
+        finish(u, treepath.get_subtree(fp_tree, u.prefix), {n: restored_qtensors[n] for n in u.kernel_names()})
       acts.update(_acts_from_report(units[:start_index], report))
       if cached is not None:
         x_q = ActivationStore.from_arrays(cached['x_q'], config.spill_dir)
@@ -212,13 +237,10 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     result.report['seconds'] = round(time.time() - t0, 3)
     report.append(result.report)
     log(event='unit_end', **result.report)
-    qtensors.update(result.qtensors)
     states.update(result.states)
     acts.update({m: (unit.acts[i], result.act_states[m]) for i, m in
                  ((i, unit.kernels[i].module) for i in unit.act_paths())})
-    q_unit = dequantize_params(fp_unit, {treepath.path_str(unit.rel(k)): result.qtensors[name]
-                                         for k, name in zip(unit.kernels, unit.kernel_names())})
-    tree_q = treepath.set_leaf(tree_q, tuple(unit.prefix), q_unit)
+    q_unit = finish(unit, fp_unit, result.qtensors)
 
     if chain:   # the final loss pass computed the outputs, unless the unit fell back to other kernels
       out_q = result.outputs
@@ -249,3 +271,30 @@ def _acts_from_report(units: list[plan_lib.Unit], report: list[dict]) -> dict[st
         raise ValueError(f'checkpoint report of unit {unit.name} has no activation state for {module!r}')
       out[module] = (unit.acts[i], act_lib.state_from_json(saved[module]['state']))
   return out
+
+
+class SpilledArrays:
+  """Arrays moved out of host memory into files under a new ``quantized_*`` folder of ``spill_dir``, each read
+  back as a read-only ``np.memmap`` (equal values, same dtype and shape). With ``spill_dir`` set, every finished
+  unit's dequantized params and integer codes go there, so host memory does not grow with the number of units;
+  the files stay after ``quantize`` returns (its result reads them): delete the folder when done with the result."""
+
+  def __init__(self, spill_dir: str):
+    os.makedirs(spill_dir, exist_ok=True)
+    self.directory = tempfile.mkdtemp(prefix='quantized_', dir=spill_dir)
+
+  def put(self, name: str, array) -> np.ndarray:
+    array = np.asarray(array)
+    if array.size == 0:
+      return array
+    path = os.path.join(self.directory, name.replace('/', '.') + '.bin')
+    out = np.memmap(path, dtype=array.dtype, mode='w+', shape=array.shape)
+    out[...] = array
+    out.flush()
+    del out
+    return np.memmap(path, dtype=array.dtype, mode='r', shape=array.shape)
+
+  def put_tree(self, prefix: str, tree):
+    """``tree`` (same structure) with every array leaf spilled under ``prefix``."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: self.put(f'{prefix}/{treepath.path_str(treepath.path_names(kp))}', leaf), tree)

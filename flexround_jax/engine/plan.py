@@ -338,10 +338,22 @@ def print_plan(plan, n, config: QuantConfig):
     lines.append(f"  [{p['kind']:5s}] {p['unit']:40s} {len(p['kernels']):3d} kernels  {p['params']:>11,d} weights  "
                  f"bits {sorted(set(p['bits']))}  {','.join(sorted(set(p['methods'])))}  "
                  f"{_act_summary(p['activations'])}"
-                 f"activations {p['activation_bytes'] / 2**20:8.1f} MiB  inputs: {p['inputs_from']}")
+                 f"activations {p['activation_bytes'] / 2**20:8.1f} MiB  {_state_summary(p)}"
+                 f"inputs: {p['inputs_from']}")
   peak = max(p['activation_bytes'] for p in plan)
   lines.append(f'  peak activation cache (one unit at a time): {peak / 2**20:.1f} MiB')
+  if all('state_bytes' in p for p in plan):
+    top = max(plan, key=lambda p: p['state_bytes'])
+    lines.append(f"  peak training state per device (params, method and optimizer state of one unit): "
+                 f"{_state_summary(top).split(' ', 1)[1].strip()} ({top['unit']})")
   print('\n'.join(lines))
+
+
+def _state_summary(p) -> str:
+  """'state 123.4 MiB  ' ('>=' when closed-form methods' states are not counted); '' before sizes are known."""
+  if 'state_bytes' not in p:
+    return ''
+  return f"state {'' if p['state_bytes_exact'] else '>='}{p['state_bytes'] / 2**20:.1f} MiB  "
 
 
 def _act_summary(acts) -> str:

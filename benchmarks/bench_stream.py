@@ -1,0 +1,114 @@
+"""Quantizing a model larger than this machine's free RAM: a 7B-shaped Llama streamed from a memory-mapped file.
+
+Builds (once) a Llama-2-7B-shaped model (vocab 32000, width 4096, 32 layers, 32 heads, SwiGLU 11008; 6.7 B params)
+with random bfloat16 weights in a safetensors file, written one tensor at a time (``weights.write_params``). Then,
+each phase in its own process so that its peak memory is its own:
+  * dry run: ``fr.quantize(..., QuantConfig(dry_run=True))`` on the memory-mapped params (W4 per-channel FlexRound,
+    every decoder layer a unit): the plan with each unit's activation cache and training state per device;
+  * one layer: the same run with every layer but ``layers_0`` skipped by a rule, ``ITERS`` FlexRound steps, with
+    ``spill_dir`` (the finished unit's params and codes go to disk).
+Each phase records its wall time, peak RSS, and peak anonymous (not file-backed) resident memory: pages of the
+memory-mapped file count in RSS while mapped, but the kernel drops them under pressure, so anonymous memory is what
+the run needs. Writes benchmarks/results/stream_7b_<backend>.json. Needs ~14 GB of disk under --workdir.
+
+  python benchmarks/bench_stream.py [--workdir work/bench_stream] [--iters 10]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIG = dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008,
+              max_seq_len=4096)
+SEQ, SAMPLES, BATCH = 128, 8, 2
+
+
+def build(path):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flexround_jax import weights  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  config = llama.LlamaConfig(**CONFIG)
+  specs = {'/'.join(p): (s, np.dtype(ml_dtypes.bfloat16)) for p, s in llama.flax_shapes(config).items()}
+  rng = np.random.default_rng(0)
+
+  def tensor(name, shape):   # HF's init: N(0, 0.02) weights, unit norm scales
+    if name.endswith('scale'):
+      return np.ones(shape, ml_dtypes.bfloat16)
+    return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(ml_dtypes.bfloat16)
+  size = weights.write_params(path, specs, ((n, tensor(n, s)) for n, (s, _) in specs.items()),
+                              llama.safetensors_metadata(config))
+  return {'file_bytes': size, 'params': int(sum(np.prod(s) for s, _ in specs.values()))}
+
+
+def quantize(path, workdir, one_layer: bool, iters: int):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import flexround_jax as fr  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  module, params, _ = llama.load_safetensors(path)
+  calib = np.random.default_rng(0).integers(0, CONFIG['vocab_size'], (SAMPLES, SEQ)).astype(np.int32)
+  rules = [fr.Rule(r'layers_([1-9]|[1-9][0-9])/.*', skip=True)] if one_layer else []
+  cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(bits=4, granularity='per_channel'),
+                       blocks=llama.BLOCK_REGEX, iters=iters, batch_size=BATCH, rules=rules, dry_run=not one_layer,
+                       spill_dir=os.path.join(workdir, 'spill'), progress=False)
+  result = fr.quantize(params, lambda p, t: module.apply({'params': p}, t), calib, cfg)
+  out = {'units': len(result.plan), 'plan_unit0': result.plan[0],
+         'peak_state_bytes_planned': max(p['state_bytes'] for p in result.plan),
+         'peak_activation_bytes_planned': max(p['activation_bytes'] for p in result.plan)}
+  if one_layer:
+    rep = result.report[0]
+    out.update({k: rep[k] for k in ('unit', 'seconds', 'seconds_train', 'state_bytes_per_device', 'loss_rtn',
+                                    'loss_final')})
+    out['spilled_kernel_is_memmap'] = isinstance(result.params['layers_0']['mlp']['down_proj']['kernel'], np.memmap)
+  return out
+
+
+def phase(name, path, workdir, iters):
+  from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  with provenance.PeakRSS(every_s=0.05) as rss:
+    out = build(path) if name == 'build' else quantize(path, workdir, name == 'layer', iters)
+  out.update({'wall_s': round(time.time() - t0, 1), 'peak_rss_mb': round(rss.peak_mb, 1),
+              'peak_anon_mb': round(rss.peak_anon_mb, 1)})
+  print('RESULT ' + json.dumps(out, default=float), flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--workdir', default=os.path.join('work', 'bench_stream'))
+  parser.add_argument('--iters', type=int, default=10)
+  parser.add_argument('--phase', choices=['build', 'dry', 'layer'], help=argparse.SUPPRESS)   # one child process
+  args = parser.parse_args()
+  path = os.path.join(args.workdir, 'llama7b_bf16.safetensors')
+  if args.phase:
+    phase(args.phase, path, args.workdir, args.iters)
+    return
+  os.makedirs(args.workdir, exist_ok=True)
+  results = {}
+  for name in ('build', 'dry', 'layer'):
+    if name == 'build' and os.path.exists(path):
+      continue
+    proc = subprocess.run([sys.executable, __file__, '--phase', name, '--workdir', args.workdir,
+                           '--iters', str(args.iters)], capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+    if proc.returncode or not lines:
+      sys.exit(f'phase {name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    results[name] = json.loads(lines[-1][len('RESULT '):])
+    print(name, json.dumps(results[name]), flush=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
+  results.update({'model': dict(CONFIG, dtype='bfloat16'), 'calibration': f'{SAMPLES} x {SEQ} random tokens',
+                  'batch_size': BATCH, 'iters': args.iters, 'host': provenance.host_info(),
+                  'commit': provenance.git_commit(), 'file_bytes': os.path.getsize(path)})
+  out = os.path.join(HERE, 'results', f'stream_7b_{jax.default_backend()}.json')
+  with open(out, 'w') as f:
+    json.dump(results, f, indent=2)
+  print('wrote', out)
+
+
+if __name__ == '__main__':
+  main()
