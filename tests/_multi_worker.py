@@ -1,6 +1,7 @@
 """Subprocess worker for multi-device / multi-process tests. Usage:
   python _multi_worker.py devices OUT.npz              (one process, 8 CPU devices: 1-device vs 8-device runs)
   python _multi_worker.py model OUT.npz                (8 CPU devices as 2 data x 4 model vs 1 device)
+  python _multi_worker.py sharded OUT.npz              (params placed by the user over 8 devices vs unplaced)
   python _multi_worker.py process PID NPROC PORT OUT   (jax.distributed; each process holds its shard of the data)
   python _multi_worker.py resume CKPT OUT              (a checkpointed run; may be SIGKILLed and rerun)
 """
@@ -9,7 +10,7 @@ import os
 import sys
 
 mode = sys.argv[1]
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + ('8' if mode in ('devices', 'model') else '2')
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + ('8' if mode in ('devices', 'model', 'sharded') else '2')
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
@@ -50,6 +51,27 @@ elif mode == 'model':
       r = fr.quantize(params, apply_fn, calib, config(blocks=blocks, **kw))
       out.update({f'{name}/{tag}/{k}': v for k, v in codes(r, apply_fn, params, calib).items()})
       out.update({f'{name}/{tag}/bytes:{u["unit"]}': np.int64(u['state_bytes_per_device']) for u in r.report})
+  np.savez(sys.argv[2], **out)
+
+elif mode == 'sharded':
+  # Params placed by the user over all 8 devices (kernels split along the output axis): the engine reduces its
+  # checks where the arrays live and gives the quantized kernels (and their codes) back with the same sharding.
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+  mesh = Mesh(np.array(jax.devices()), ('model',))
+  out = {}
+  params, apply_fn, calib = tiny_models.mlp()
+  split = lambda x: NamedSharding(mesh, P(*([None] * (x.ndim - 1) + ['model'])) if x.ndim >= 2 and
+                                  x.shape[-1] % 8 == 0 else P())
+  sharded = jax.tree.map(lambda x: jax.device_put(x, split(x)), params)
+  for tag, p in (('plain', params), ('sharded', sharded)):
+    r = fr.quantize(p, apply_fn, calib, config(blocks=r'block_\d+', num_devices=8, model_devices=4))
+    out.update({f'{tag}/{k}': v for k, v in codes(r).items()})
+  kept = jax.tree.map(lambda a, b: a.sharding == b.sharding, sharded, r.params)
+  out['kept_sharding'] = np.array(jax.tree.leaves(kept))
+  big = r.params['block_0']['Dense_0']['kernel']   # (64, 32): each device holds 32 / 8 output columns
+  out['shard_shapes'] = np.array([s.data.shape for s in big.addressable_shards] + [big.shape])
+  out['codes_sharded'] = np.array([r.qtensors[k].codes.sharding == sharded_leaf.sharding for k, sharded_leaf in
+                                   (('block_0/Dense_0/kernel', sharded['block_0']['Dense_0']['kernel']),)])
   np.savez(sys.argv[2], **out)
 
 elif mode == 'process':

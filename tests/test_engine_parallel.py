@@ -77,6 +77,20 @@ def test_model_axis_two_data_by_four_model_matches_one_device_with_a_quarter_of_
       assert 0.25 <= ratio < 0.3, (model, unit, ratio)   # replicated: biases, norm scales, per-tensor steps
 
 
+def test_params_that_arrive_sharded_leave_sharded(tmp_path):
+  """Issue 18: params the user placed over 8 devices (kernels split along the output axis) are quantized to the
+  same codes as unplaced params, and the quantized kernels and their codes come back with the user's sharding:
+  each device holds its columns, never the whole model."""
+  out = tmp_path / 'sharded.npz'
+  _run('sharded', out)
+  res = np.load(out)
+  plain = {k.split('/', 1)[1]: res[k] for k in res if k.startswith('plain/')}
+  sharded = {k.split('/', 1)[1]: res[k] for k in res if k.startswith('sharded/')}
+  _compare(plain, sharded, ['Dense_0', 'block_0'])
+  assert res['kept_sharding'].all() and res['codes_sharded'].all()
+  assert [tuple(s) for s in res['shard_shapes']] == [(64, 4)] * 8 + [(64, 32)]   # 8 column blocks of a (64, 32)
+
+
 def test_two_processes_match_one_process(tmp_path):
   """jax.distributed with gloo on 127.0.0.1: each process holds half of the calibration data."""
   port = _free_port()

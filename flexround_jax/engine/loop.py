@@ -188,13 +188,21 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
         with graph.map_inputs(act_lib.input_fns(dict(zip(paths, zip(quantizers, act_states))))):
           args, kwargs = graph.inputs_of(model_fn, t, batch, unit.name)
         return [l for l, b in zip(jax.tree.leaves((args, kwargs)), unit.batched) if b]
-      inputs_fns[key] = jax.jit(fn)
+      # Outputs split over the samples on the engine's mesh, also when params the user placed on another mesh
+      # steer XLA's sharding propagation.
+      inputs_fns[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(placement.local_mesh,
+                                                                            jax.sharding.PartitionSpec('data')))
     store = ActivationStore(n, config.spill_dir)
     return placement.map(inputs_fns[key], (tree, [acts[p][1] for p in paths]), calib, store, recon.chunk)
 
   tree_q, qtensors, report, states = fp_tree, {}, [], {}
   start_index, x_q, x_fp = 0, None, None
   spilled = SpilledArrays(config.spill_dir) if config.spill_dir else None
+
+  def engine_placed(unit_params):
+    """A unit's params with leaves the user placed (a NamedSharding, maybe on another mesh) moved to the
+    engine's placement for the unit's computations; other leaves are used where they are."""
+    return jax.tree.map(lambda x: placement.state(x) if _user_placed(x) else x, unit_params)
 
   def finish(unit, fp_unit, unit_qtensors: dict[str, QTensor]):
     """Records a finished unit's QTensors and puts its dequantized params into ``tree_q`` (both moved to files
@@ -203,11 +211,18 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     if spilled is not None:
       unit_qtensors = {name: dataclasses.replace(qt, codes=spilled.put(f'{name}.codes', qt.codes))
                        for name, qt in unit_qtensors.items()}
+    else:   # codes laid out like their kernel (the same shape unless a DenseGeneral kernel was viewed as 2-D)
+      fp_kernels = {name: treepath.get_subtree(fp_unit, unit.rel(k)) for k, name in zip(unit.kernels,
+                                                                                       unit.kernel_names())}
+      unit_qtensors = {name: dataclasses.replace(qt, codes=_placed_like(fp_kernels[name], qt.codes))
+                       for name, qt in unit_qtensors.items()}
     qtensors.update(unit_qtensors)
     q_unit = dequantize_params(fp_unit, {treepath.path_str(unit.rel(k)): unit_qtensors[name]
                                          for k, name in zip(unit.kernels, unit.kernel_names())})
     if spilled is not None:
       q_unit = spilled.put_tree(treepath.path_str(unit.prefix), q_unit)
+    else:
+      q_unit = jax.tree.map(_placed_like, fp_unit, q_unit)
     tree_q = treepath.set_leaf(tree_q, tuple(unit.prefix), q_unit)
     return q_unit
   if ckpt is not None:
@@ -228,7 +243,8 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     if x_q is None:
       x_q = unit_inputs(unit, tree_q, quantized=True)
       x_fp = unit_inputs(unit, fp_tree, quantized=False)
-    fp_unit = treepath.get_subtree(fp_tree, unit.prefix)
+    user_unit = treepath.get_subtree(fp_tree, unit.prefix)
+    fp_unit = engine_placed(user_unit)
     y_fp = recon.forward(unit, fp_unit, x_fp)
     log(event='unit_start', unit=unit.name, index=unit.index)
     nxt = units[unit.index + 1] if unit.index + 1 < len(units) else None
@@ -240,12 +256,12 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     states.update(result.states)
     acts.update({m: (unit.acts[i], result.act_states[m]) for i, m in
                  ((i, unit.kernels[i].module) for i in unit.act_paths())})
-    q_unit = finish(unit, fp_unit, result.qtensors)
+    q_unit = finish(unit, user_unit, result.qtensors)
 
     if chain:   # the final loss pass computed the outputs, unless the unit fell back to other kernels
       out_q = result.outputs
       if out_q is None:
-        out_q = recon.forward(unit, q_unit, x_q, [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
+        out_q = recon.forward(unit, engine_placed(q_unit), x_q, [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
       x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
       x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
       out_q.close()
@@ -271,6 +287,19 @@ def _acts_from_report(units: list[plan_lib.Unit], report: list[dict]) -> dict[st
         raise ValueError(f'checkpoint report of unit {unit.name} has no activation state for {module!r}')
       out[module] = (unit.acts[i], act_lib.state_from_json(saved[module]['state']))
   return out
+
+
+def _user_placed(leaf) -> bool:
+  return isinstance(getattr(leaf, 'sharding', None), jax.sharding.NamedSharding)
+
+
+def _placed_like(fp_leaf, array):
+  """``array`` with ``fp_leaf``'s sharding when the user placed ``fp_leaf`` with a ``NamedSharding`` (same
+  shape): params that arrive sharded leave sharded, each device holding its part of the quantized model, not all
+  of it. Anything else stays where the engine put it."""
+  if _user_placed(fp_leaf) and np.shape(array) == np.shape(fp_leaf):
+    return jax.device_put(array, fp_leaf.sharding)
+  return array
 
 
 class SpilledArrays:

@@ -115,9 +115,23 @@ def check_params(tree):
   if not leaves:
     raise ValueError('params is empty')
   for kp, leaf in leaves:
-    arr = np.asarray(leaf)
-    if jnp.issubdtype(arr.dtype, jnp.floating) and not np.isfinite(arr).all():   # every float dtype (bfloat16 too)
+    dtype = np.dtype(getattr(leaf, 'dtype', None) or np.asarray(leaf).dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and not _all_finite(leaf):   # every float dtype (bfloat16 too)
       raise ValueError(f'params contain NaN or Inf at {jax.tree_util.keystr(kp)}')
+
+
+@jax.jit
+def _finite_and_peak(x):
+  x = x.astype(jnp.float32)
+  return jnp.isfinite(x).all(), jnp.max(jnp.abs(x), initial=0.0)
+
+
+def _all_finite(leaf) -> bool:
+  """Whether every element is finite: a jax.Array is reduced where it lives (a sharded array is never gathered
+  to one device or host), anything else with numpy (a memory-mapped leaf is read, not copied to a device)."""
+  if isinstance(leaf, jax.Array):
+    return bool(_finite_and_peak(leaf)[0])
+  return bool(np.isfinite(np.asarray(leaf)).all())
 
 
 def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
@@ -249,12 +263,15 @@ def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf):
   if 0 in kernel.shape:
     raise ValueError(f'kernel {name} has shape {kernel.shape}, with a zero-size axis: nothing to quantize; keep it '
                      f'float with a rule: QuantConfig(rules=[Rule({kernel.module!r}, skip=True)])')
-  arr = np.asarray(leaf)
-  with np.errstate(over='ignore'):
+  if isinstance(leaf, jax.Array):   # reduced where it lives: a sharded kernel is not gathered
+    peak = np.float32(_finite_and_peak(leaf)[1])
+  else:
+    arr = np.asarray(leaf)
     peak = max(abs(np.float32(arr.max())), abs(np.float32(arr.min())))   # float32, as the quantizers compute
+  with np.errstate(over='ignore'):
     if np.isfinite(np.float32(4) * peak):   # every step <= 2 max|w| / (2^b - 1), and |w_hat| <= 2 max|w|: finite
       return
-  view = jnp.reshape(jnp.asarray(arr), kernel.view_shape)
+  view = jnp.reshape(jnp.asarray(leaf), kernel.view_shape)
   w_hat = rtn.finalize(view, rtn.init(view, spec), spec).dequantize(jnp.float32)
   if not np.isfinite(np.asarray(w_hat)).all():
     raise ValueError(f'kernel {name}: max |w| = {float(peak):.4g} is too close to the float32 maximum: its '
