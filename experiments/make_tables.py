@@ -258,9 +258,30 @@ def bench_table() -> str:
   return '\n'.join(lines)
 
 
+def stream_table() -> str:
+  """benchmarks/results/stream_7b_cpu.json: a 7B-shaped Llama quantized from a memory-mapped file, per phase."""
+  b = json.load(open(os.path.join(BENCH, 'stream_7b_cpu.json')))
+  m, layer = b['model'], b['layer']
+  gib = lambda mb: f'{mb / 1024:.1f} GiB'
+  lines = [f"Host: {b['host']['cpu']}, {b['host']['cpu_count']} cores; model: {m['n_layers']} layers, width {m['dim']}, "
+           f"SwiGLU {m['ffn_dim']}, vocab {m['vocab_size']}, {m['dtype']} ({b['file_bytes'] / 2**30:.1f} GiB file); "
+           f"calibration {b['calibration']}, batch {b['batch_size']}.", '',
+           '| phase | wall | peak RSS | peak anonymous memory (what RAM must hold) |', '|---|---|---|---|']
+  names = {'build': 'write the file, one tensor at a time', 'dry': 'dry run (plan of 32 units)',
+           'layer': f"quantize layers_0 (FlexRound W4, {b['iters']} steps, spill_dir)"}
+  for phase in ('build', 'dry', 'layer'):
+    if phase in b:
+      r = b[phase]
+      lines.append(f"| {names[phase]} | {r['wall_s']:.0f} s | {gib(r['peak_rss_mb'])} | {gib(r['peak_anon_mb'])} |")
+  lines += ['', f"Training state of one layer per device: planned {layer['peak_state_bytes_planned'] / 2**30:.2f} GiB "
+                f"(dry run, abstract), measured {layer['state_bytes_per_device'] / 2**30:.2f} GiB (report)."]
+  return '\n'.join(lines)
+
+
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
-          'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table}
+          'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,
+          'stream': stream_table}
 # (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
 PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),

@@ -18,9 +18,10 @@ _PUBLIC = {
     'dequantize_params': 'flexround_jax.engine',
     'quantize': 'flexround_jax.engine',
 }
-_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', 'quantizers', 'run', 'tasks')
+_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', 'quantizers', 'run', 'tasks',
+               'weights')
 
-__all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'quantizers']
+__all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'quantizers', 'weights']
 __version__ = '0.2.0'
 
 

@@ -86,7 +86,8 @@ def write_params(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
         raise ValueError(f'write_params: {len(order) - count} tensors of specs never arrived (first: '
                          f'{order[count]!r})')
   except BaseException:
-    os.remove(partial)
+    if os.path.exists(partial):
+      os.remove(partial)
     raise
   os.replace(partial, path)
   return 8 + len(blob) + offset
