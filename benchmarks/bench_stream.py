@@ -6,12 +6,13 @@ each phase in its own process so that its peak memory is its own:
   * dry run: ``fr.quantize(..., QuantConfig(dry_run=True))`` on the memory-mapped params (W4 per-channel FlexRound,
     every decoder layer a unit): the plan with each unit's activation cache and training state per device;
   * one layer: the same run with every layer but ``layers_0`` skipped by a rule, ``ITERS`` FlexRound steps, with
-    ``spill_dir`` (the finished unit's params and codes go to disk).
+    ``spill_dir`` (the finished unit's params and codes go to disk);
+  * step: XLA's memory analysis of that layer's compiled training step (arguments, temporaries), from shapes.
 Each phase records its wall time, peak RSS, and peak anonymous (not file-backed) resident memory: pages of the
 memory-mapped file count in RSS while mapped, but the kernel drops them under pressure, so anonymous memory is what
 the run needs. Writes benchmarks/results/stream_7b_<backend>.json. Needs ~14 GB of disk under --workdir.
 
-  python benchmarks/bench_stream.py [--workdir work/bench_stream] [--iters 10]
+  python benchmarks/bench_stream.py [--workdir work/bench_stream] [--iters 10] [--phases build,dry,layer,step]
 """
 
 import argparse
@@ -25,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008,
               max_seq_len=4096)
 SEQ, SAMPLES, BATCH = 128, 8, 2
+PHASES = ('build', 'dry', 'layer', 'step')
 
 
 def build(path):
@@ -67,12 +69,53 @@ def quantize(path, workdir, one_layer: bool, iters: int):
   return out
 
 
+def step_memory(path, iters):
+  """XLA's memory analysis of the compiled FlexRound training step of ``layers_0`` (K = ``iters`` steps per dispatch,
+  lowered from shapes alone: nothing is allocated): arguments (state + minibatches), temporaries, outputs."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import flexround_jax as fr  # pylint: disable=g-import-not-at-top
+  from flexround_jax import treepath  # pylint: disable=g-import-not-at-top
+  from flexround_jax.engine import plan as plan_lib, unit as unit_lib  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  module, params, config = llama.load_safetensors(path)
+  one = llama.LlamaConfig(**{**CONFIG, 'n_layers': 1})   # the first layer alone: planning does not run all 32
+  params = {k: v for k, v in params.items() if k in ('embed_tokens', 'norm', 'layers_0')}
+  module = llama.Llama(one)
+  calib = np.random.default_rng(0).integers(0, CONFIG['vocab_size'], (SAMPLES, SEQ)).astype(np.int32)
+  cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(bits=4, granularity='per_channel'),
+                       blocks=llama.BLOCK_REGEX, iters=iters, batch_size=BATCH, progress=False)
+  unit = plan_lib.plan_units(lambda p, t: module.apply({'params': p}, t), params, calib, cfg)[0]
+  steps, opt = unit_lib.make_train_step(unit, iters, 0.0)
+  shaped = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype))
+  unit_params = jax.tree.map(shaped, treepath.get_subtree(params, unit.prefix))
+
+  def start(p):
+    split = [m.split(m.init(v, s)) for v, m, s in zip(unit_lib.kernel_views(unit, p), unit.methods, unit.specs)]
+    trainable = [t for t, _ in split]
+    return trainable, [f for _, f in split], opt.init(trainable)
+  trainable, frozen, opt_state = jax.eval_shape(start, unit_params)
+  k = unit_lib.steps_per_dispatch(iters, unit)   # as the run dispatches them
+  batch = jax.ShapeDtypeStruct((k, BATCH, SEQ, CONFIG['dim']), np.float32)
+  lowered = steps.lower(trainable, opt_state, frozen, unit_params, [batch], [batch],
+                        jax.ShapeDtypeStruct((k,), np.float32), jax.eval_shape(lambda: jax.random.key(0)),
+                        jax.ShapeDtypeStruct((), np.int32))
+  m = lowered.compile().memory_analysis()
+  return {'steps_per_dispatch': k,
+          **{f'step_{n}_bytes': int(getattr(m, f'{n}_size_in_bytes')) for n in ('argument', 'temp', 'output', 'alias')}}
+
+
 def phase(name, path, workdir, iters):
   from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   with provenance.PeakRSS(every_s=0.05) as rss:
-    out = build(path) if name == 'build' else quantize(path, workdir, name == 'layer', iters)
-  out.update({'wall_s': round(time.time() - t0, 1), 'peak_rss_mb': round(rss.peak_mb, 1),
+    if name == 'build':
+      out = build(path)
+    elif name == 'step':
+      out = step_memory(path, iters)
+    else:
+      out = quantize(path, workdir, name == 'layer', iters)
+  out.update({'commit': provenance.git_commit(), 'wall_s': round(time.time() - t0, 1), 'peak_rss_mb': round(rss.peak_mb, 1),
               'peak_anon_mb': round(rss.peak_anon_mb, 1)})
   print('RESULT ' + json.dumps(out, default=float), flush=True)
 
@@ -81,15 +124,22 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', default=os.path.join('work', 'bench_stream'))
   parser.add_argument('--iters', type=int, default=10)
-  parser.add_argument('--phase', choices=['build', 'dry', 'layer'], help=argparse.SUPPRESS)   # one child process
+  parser.add_argument('--phases', default='build,dry,layer,step',
+                      help='phases to (re)run; the others are kept from an existing JSON')
+  parser.add_argument('--phase', choices=PHASES, help=argparse.SUPPRESS)   # one child process
   args = parser.parse_args()
   path = os.path.join(args.workdir, 'llama7b_bf16.safetensors')
   if args.phase:
     phase(args.phase, path, args.workdir, args.iters)
     return
   os.makedirs(args.workdir, exist_ok=True)
-  results = {}
-  for name in ('build', 'dry', 'layer'):
+  import jax  # pylint: disable=g-import-not-at-top
+  out = os.path.join(HERE, 'results', f'stream_7b_{jax.default_backend()}.json')
+  results = json.load(open(out)) if os.path.exists(out) else {}
+  wanted = args.phases.split(',')
+  if set(wanted) - set(PHASES):
+    parser.error(f'unknown --phases {sorted(set(wanted) - set(PHASES))}; choose from {PHASES}')
+  for name in wanted:
     if name == 'build' and os.path.exists(path):
       continue
     proc = subprocess.run([sys.executable, __file__, '--phase', name, '--workdir', args.workdir,
@@ -99,12 +149,10 @@ def main():
       sys.exit(f'phase {name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     results[name] = json.loads(lines[-1][len('RESULT '):])
     print(name, json.dumps(results[name]), flush=True)
-  import jax  # pylint: disable=g-import-not-at-top
   from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
   results.update({'model': dict(CONFIG, dtype='bfloat16'), 'calibration': f'{SAMPLES} x {SEQ} random tokens',
                   'batch_size': BATCH, 'iters': args.iters, 'host': provenance.host_info(),
                   'commit': provenance.git_commit(), 'file_bytes': os.path.getsize(path)})
-  out = os.path.join(HERE, 'results', f'stream_7b_{jax.default_backend()}.json')
   with open(out, 'w') as f:
     json.dump(results, f, indent=2)
   print('wrote', out)
