@@ -115,7 +115,8 @@ def phase(name, path, workdir, iters):
       out = step_memory(path, iters)
     else:
       out = quantize(path, workdir, name == 'layer', iters)
-  out.update({'commit': provenance.git_commit(), 'wall_s': round(time.time() - t0, 1), 'peak_rss_mb': round(rss.peak_mb, 1),
+  out.update({'commit': provenance.git_commit(), 'wall_s': round(time.time() - t0, 1),
+              'peak_rss_mb': round(rss.peak_mb, 1),
               'peak_anon_mb': round(rss.peak_anon_mb, 1)})
   print('RESULT ' + json.dumps(out, default=float), flush=True)
 

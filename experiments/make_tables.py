@@ -263,9 +263,9 @@ def stream_table() -> str:
   b = json.load(open(os.path.join(BENCH, 'stream_7b_cpu.json')))
   m, layer = b['model'], b['layer']
   gib = lambda mb: f'{mb / 1024:.1f} GiB'
-  lines = [f"Host: {b['host']['cpu']}, {b['host']['cpu_count']} cores; model: {m['n_layers']} layers, width {m['dim']}, "
-           f"SwiGLU {m['ffn_dim']}, vocab {m['vocab_size']}, {m['dtype']} ({b['file_bytes'] / 2**30:.1f} GiB file); "
-           f"calibration {b['calibration']}, batch {b['batch_size']}.", '',
+  lines = [f"Host: {b['host']['cpu']}, {b['host']['cpu_count']} cores; model: {m['n_layers']} layers, width "
+           f"{m['dim']}, SwiGLU {m['ffn_dim']}, vocab {m['vocab_size']}, {m['dtype']} "
+           f"({b['file_bytes'] / 2**30:.1f} GiB file); calibration {b['calibration']}, batch {b['batch_size']}.", '',
            '| phase | wall | peak RSS | peak anonymous memory (what RAM must hold) |', '|---|---|---|---|']
   names = {'build': 'write the file, one tensor at a time', 'dry': 'dry run (plan of 32 units)',
            'layer': f"quantize layers_0 (FlexRound W4, {b['iters']} steps, spill_dir)"}
@@ -275,6 +275,12 @@ def stream_table() -> str:
       lines.append(f"| {names[phase]} | {r['wall_s']:.0f} s | {gib(r['peak_rss_mb'])} | {gib(r['peak_anon_mb'])} |")
   lines += ['', f"Training state of one layer per device: planned {layer['peak_state_bytes_planned'] / 2**30:.2f} GiB "
                 f"(dry run, abstract), measured {layer['state_bytes_per_device'] / 2**30:.2f} GiB (report)."]
+  if 'step' in b:
+    st = b['step']
+    lines[-1] += (f" Its compiled training step ({st['steps_per_dispatch']} steps per dispatch; XLA's memory "
+                  f"analysis): arguments {st['step_argument_bytes'] / 2**30:.2f} GiB (state and minibatches), "
+                  f"temporaries "
+                  f"{st['step_temp_bytes'] / 2**30:.2f} GiB.")
   return '\n'.join(lines)
 
 

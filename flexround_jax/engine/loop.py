@@ -261,7 +261,8 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     if chain:   # the final loss pass computed the outputs, unless the unit fell back to other kernels
       out_q = result.outputs
       if out_q is None:
-        out_q = recon.forward(unit, engine_placed(q_unit), x_q, [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
+        out_q = recon.forward(unit, engine_placed(q_unit), x_q,
+                              [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
       x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
       x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
       out_q.close()
