@@ -97,7 +97,7 @@ def save_params(path: str, params, metadata: dict[str, str] | None = None) -> in
   """Writes a params tree (nested dicts, an nnx pure dict; leaves: numpy, jax or memory-mapped arrays) as a
   safetensors file, one leaf in host memory at a time; returns the file's size. ``load_params`` reads it back."""
   flat = treepath.flatten(params)
-  specs = {name: (np.shape(leaf), np.dtype(getattr(leaf, 'dtype', None) or np.asarray(leaf).dtype))
+  specs = {name: (np.shape(leaf), np.dtype(leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype))
            for name, leaf in flat.items()}
   return write_params(path, specs, ((name, np.asarray(leaf)) for name, leaf in flat.items()), metadata)
 

@@ -115,7 +115,7 @@ def check_params(tree):
   if not leaves:
     raise ValueError('params is empty')
   for kp, leaf in leaves:
-    dtype = np.dtype(getattr(leaf, 'dtype', None) or np.asarray(leaf).dtype)
+    dtype = np.dtype(leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype)   # no host copy
     if jnp.issubdtype(dtype, jnp.floating) and not _all_finite(leaf):   # every float dtype (bfloat16 too)
       raise ValueError(f'params contain NaN or Inf at {jax.tree_util.keystr(kp)}')
 
