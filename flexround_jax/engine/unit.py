@@ -151,6 +151,8 @@ def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> 
     split = [m.split(m.init(v, s)) if ok else ({}, {})
              for v, m, s, ok in zip(views, unit.methods, unit.specs, shaped)]
     trainable = [t for t, _ in split]
+    if iters == 0:   # nothing trains: no optimizer state
+      return trainable, [f for _, f in split]
     tx = _by_kernel([m if m.trains and ok else None for m, ok in zip(unit.methods, shaped)], iters)
     return trainable, [f for _, f in split], tx.init(trainable)
 
