@@ -86,15 +86,9 @@ def step_memory(path, iters):
   cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(bits=4, granularity='per_channel'),
                        blocks=llama.BLOCK_REGEX, iters=iters, batch_size=BATCH, progress=False)
   unit = plan_lib.plan_units(lambda p, t: module.apply({'params': p}, t), params, calib, cfg)[0]
-  steps, opt = unit_lib.make_train_step(unit, iters, 0.0)
-  shaped = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype))
-  unit_params = jax.tree.map(shaped, treepath.get_subtree(params, unit.prefix))
-
-  def start(p):
-    split = [m.split(m.init(v, s)) for v, m, s in zip(unit_lib.kernel_views(unit, p), unit.methods, unit.specs)]
-    trainable = [t for t, _ in split]
-    return trainable, [f for _, f in split], opt.init(trainable)
-  trainable, frozen, opt_state = jax.eval_shape(start, unit_params)
+  steps, _ = unit_lib.make_train_step(unit, iters, 0.0)
+  unit_params, trainable, frozen, opt_state = unit_lib.state_shapes(
+      unit, treepath.get_subtree(params, unit.prefix), iters)
   k = unit_lib.steps_per_dispatch(iters, unit)   # as the run dispatches them
   batch = jax.ShapeDtypeStruct((k, BATCH, SEQ, CONFIG['dim']), np.float32)
   lowered = steps.lower(trainable, opt_state, frozen, unit_params, [batch], [batch],

@@ -136,13 +136,10 @@ def make_optimizer(unit: Unit, iters: int):
   return _pair(tx_w, _by_kernel(list(unit.acts), iters)) if unit.act_paths() else tx_w
 
 
-def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> tuple[int, bool]:
-  """(bytes on one device, exact?) of what training ``unit`` holds besides minibatches, from shapes alone (abstract
-  evaluation, nothing computed or read): its params, its kernels' method states (``init``) and the optimizer state
-  of their trainable parts, as ``UnitReconstructor.train`` places them (``Placement.state``: an array whose last
-  axis splits over ``model_devices`` counts that fraction). Closed-form methods' states need the data (no
-  ``init``); they are left out and the count is flagged inexact. Activation-quantizer steps (scalars) are left out.
-  """
+def state_shapes(unit: Unit, unit_params, iters: int):
+  """(params, trainable, frozen, optimizer state) of training ``unit`` as ``jax.ShapeDtypeStruct`` trees, from
+  shapes alone (abstract evaluation, nothing computed or read): the kernels' method states from ``init`` (a
+  closed-form method without ``init`` contributes empty dicts), no optimizer state when ``iters`` is 0."""
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype)), unit_params)
   shaped = [m.init is not None for m in unit.methods]
 
@@ -152,15 +149,22 @@ def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> 
              for v, m, s, ok in zip(views, unit.methods, unit.specs, shaped)]
     trainable = [t for t, _ in split]
     if iters == 0:   # nothing trains: no optimizer state
-      return trainable, [f for _, f in split]
+      return trainable, [f for _, f in split], ()
     tx = _by_kernel([m if m.trains and ok else None for m, ok in zip(unit.methods, shaped)], iters)
     return trainable, [f for _, f in split], tx.init(trainable)
+  return (abstract,) + tuple(jax.eval_shape(states, abstract))
 
+
+def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> tuple[int, bool]:
+  """(bytes on one device, exact?) of what training ``unit`` holds besides minibatches (``state_shapes``), as
+  ``UnitReconstructor.train`` places them (``Placement.state``: an array whose last axis splits over
+  ``model_devices`` counts that fraction). Closed-form methods' states need the data (no ``init``); they are left
+  out and the count is flagged inexact. Activation-quantizer steps (scalars) are left out."""
   def per_device(x):
     split = model_devices > 1 and len(x.shape) >= 2 and x.shape[-1] % model_devices == 0
     return x.size * x.dtype.itemsize // (model_devices if split else 1)
-  total = sum(per_device(x) for x in jax.tree.leaves((abstract, jax.eval_shape(states, abstract))))
-  return int(total), all(shaped)
+  total = sum(per_device(x) for x in jax.tree.leaves(state_shapes(unit, unit_params, iters)))
+  return int(total), all(m.init is not None for m in unit.methods)
 
 
 def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
