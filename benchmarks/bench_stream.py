@@ -8,11 +8,14 @@ each phase in its own process so that its peak memory is its own:
   * one layer: the same run with every layer but ``layers_0`` skipped by a rule, ``ITERS`` FlexRound steps, with
     ``spill_dir`` (the finished unit's params and codes go to disk);
   * step: XLA's memory analysis of that layer's compiled training step (arguments, temporaries), from shapes.
+With ``--fused-grad`` the layer and step phases use ``fr.methods.flexround(fused_grad=True)`` (closed-form gradient,
+fewer kernel-sized temporaries) and are stored as ``layer_fused_grad`` / ``step_fused_grad`` next to the default's.
 Each phase records its wall time, peak RSS, and peak anonymous (not file-backed) resident memory: pages of the
 memory-mapped file count in RSS while mapped, but the kernel drops them under pressure, so anonymous memory is what
 the run needs. Writes benchmarks/results/stream_7b_<backend>.json. Needs ~14 GB of disk under --workdir.
 
   python benchmarks/bench_stream.py [--workdir work/bench_stream] [--iters 10] [--phases build,dry,layer,step]
+  python benchmarks/bench_stream.py --phases layer,step --fused-grad
 """
 
 import argparse
@@ -47,14 +50,19 @@ def build(path):
   return {'file_bytes': size, 'params': int(sum(np.prod(s) for s, _ in specs.values()))}
 
 
-def quantize(path, workdir, one_layer: bool, iters: int):
+def _method(fused_grad: bool):
+  import flexround_jax as fr  # pylint: disable=g-import-not-at-top
+  return fr.methods.flexround(fused_grad=fused_grad)
+
+
+def quantize(path, workdir, one_layer: bool, iters: int, fused_grad: bool = False):
   import numpy as np  # pylint: disable=g-import-not-at-top
   import flexround_jax as fr  # pylint: disable=g-import-not-at-top
   from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
   module, params, _ = llama.load_safetensors(path)
   calib = np.random.default_rng(0).integers(0, CONFIG['vocab_size'], (SAMPLES, SEQ)).astype(np.int32)
   rules = [fr.Rule(r'layers_([1-9]|[1-9][0-9])/.*', skip=True)] if one_layer else []
-  cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(bits=4, granularity='per_channel'),
+  cfg = fr.QuantConfig(method=_method(fused_grad), weight=fr.QuantSpec(bits=4, granularity='per_channel'),
                        blocks=llama.BLOCK_REGEX, iters=iters, batch_size=BATCH, rules=rules, dry_run=not one_layer,
                        spill_dir=os.path.join(workdir, 'spill'), progress=False)
   result = fr.quantize(params, lambda p, t: module.apply({'params': p}, t), calib, cfg)
@@ -69,7 +77,7 @@ def quantize(path, workdir, one_layer: bool, iters: int):
   return out
 
 
-def step_memory(path, iters):
+def step_memory(path, iters, fused_grad: bool = False):
   """XLA's memory analysis of the compiled FlexRound training step of ``layers_0`` (K = ``iters`` steps per dispatch,
   lowered from shapes alone: nothing is allocated): arguments (state + minibatches), temporaries, outputs."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -83,7 +91,7 @@ def step_memory(path, iters):
   params = {k: v for k, v in params.items() if k in ('embed_tokens', 'norm', 'layers_0')}
   module = llama.Llama(one)
   calib = np.random.default_rng(0).integers(0, CONFIG['vocab_size'], (SAMPLES, SEQ)).astype(np.int32)
-  cfg = fr.QuantConfig(method='flexround', weight=fr.QuantSpec(bits=4, granularity='per_channel'),
+  cfg = fr.QuantConfig(method=_method(fused_grad), weight=fr.QuantSpec(bits=4, granularity='per_channel'),
                        blocks=llama.BLOCK_REGEX, iters=iters, batch_size=BATCH, progress=False)
   unit = plan_lib.plan_units(lambda p, t: module.apply({'params': p}, t), params, calib, cfg)[0]
   steps, _ = unit_lib.make_train_step(unit, iters, 0.0)
@@ -99,16 +107,16 @@ def step_memory(path, iters):
           **{f'step_{n}_bytes': int(getattr(m, f'{n}_size_in_bytes')) for n in ('argument', 'temp', 'output', 'alias')}}
 
 
-def phase(name, path, workdir, iters):
+def phase(name, path, workdir, iters, fused_grad):
   from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   with provenance.PeakRSS(every_s=0.05) as rss:
     if name == 'build':
       out = build(path)
     elif name == 'step':
-      out = step_memory(path, iters)
+      out = step_memory(path, iters, fused_grad)
     else:
-      out = quantize(path, workdir, name == 'layer', iters)
+      out = quantize(path, workdir, name == 'layer', iters, fused_grad)
   out.update({'commit': provenance.git_commit(), 'wall_s': round(time.time() - t0, 1),
               'peak_rss_mb': round(rss.peak_mb, 1),
               'peak_anon_mb': round(rss.peak_anon_mb, 1)})
@@ -121,11 +129,13 @@ def main():
   parser.add_argument('--iters', type=int, default=10)
   parser.add_argument('--phases', default='build,dry,layer,step',
                       help='phases to (re)run; the others are kept from an existing JSON')
+  parser.add_argument('--fused-grad', action='store_true',
+                      help='layer/step phases with flexround(fused_grad=True), stored as <phase>_fused_grad')
   parser.add_argument('--phase', choices=PHASES, help=argparse.SUPPRESS)   # one child process
   args = parser.parse_args()
   path = os.path.join(args.workdir, 'llama7b_bf16.safetensors')
   if args.phase:
-    phase(args.phase, path, args.workdir, args.iters)
+    phase(args.phase, path, args.workdir, args.iters, args.fused_grad)
     return
   os.makedirs(args.workdir, exist_ok=True)
   import jax  # pylint: disable=g-import-not-at-top
@@ -134,16 +144,20 @@ def main():
   wanted = args.phases.split(',')
   if set(wanted) - set(PHASES):
     parser.error(f'unknown --phases {sorted(set(wanted) - set(PHASES))}; choose from {PHASES}')
+  if args.fused_grad and set(wanted) - {'layer', 'step'}:
+    parser.error('--fused-grad applies to the layer and step phases only')
   for name in wanted:
     if name == 'build' and os.path.exists(path):
       continue
     proc = subprocess.run([sys.executable, __file__, '--phase', name, '--workdir', args.workdir,
-                           '--iters', str(args.iters)], capture_output=True, text=True)
+                           '--iters', str(args.iters)] + ['--fused-grad'] * args.fused_grad,
+                          capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
     if proc.returncode or not lines:
       sys.exit(f'phase {name} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    results[name] = json.loads(lines[-1][len('RESULT '):])
-    print(name, json.dumps(results[name]), flush=True)
+    key = name + '_fused_grad' * args.fused_grad
+    results[key] = json.loads(lines[-1][len('RESULT '):])
+    print(key, json.dumps(results[key]), flush=True)
   from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
   results.update({'model': dict(CONFIG, dtype='bfloat16'), 'calibration': f'{SAMPLES} x {SEQ} random tokens',
                   'batch_size': BATCH, 'iters': args.iters, 'host': provenance.host_info(),

@@ -276,8 +276,9 @@ def stream_table() -> str:
            f"({b['file_bytes'] / 2**30:.1f} GiB file); calibration {b['calibration']}, batch {b['batch_size']}.", '',
            '| phase | wall | peak RSS | peak anonymous memory (what RAM must hold) |', '|---|---|---|---|']
   names = {'build': 'write the file, one tensor at a time', 'dry': 'dry run (plan of 32 units)',
-           'layer': f"quantize layers_0 (FlexRound W4, {b['iters']} steps, spill_dir)"}
-  for phase in ('build', 'dry', 'layer'):
+           'layer': f"quantize layers_0 (FlexRound W4, {b['iters']} steps, spill_dir)",
+           'layer_fused_grad': f"the same with `flexround(fused_grad=True)`"}
+  for phase in ('build', 'dry', 'layer', 'layer_fused_grad'):
     if phase in b:
       r = b[phase]
       lines.append(f"| {names[phase]} | {r['wall_s']:.0f} s | {gib(r['peak_rss_mb'])} | {gib(r['peak_anon_mb'])} |")
@@ -289,6 +290,9 @@ def stream_table() -> str:
                   f"analysis): arguments {st['step_argument_bytes'] / 2**30:.2f} GiB (state and minibatches), "
                   f"temporaries "
                   f"{st['step_temp_bytes'] / 2**30:.2f} GiB.")
+  if 'step_fused_grad' in b:
+    lines[-1] += (f" With `fused_grad=True` (closed-form gradient) the temporaries are "
+                  f"{b['step_fused_grad']['step_temp_bytes'] / 2**30:.2f} GiB.")
   return '\n'.join(lines)
 
 

@@ -99,3 +99,15 @@ def test_kernels_with_one_input_share_its_hessian_and_get_the_same_codes():
     plan_lib._input_groups = real
   for name, qt in shared.qtensors.items():
     np.testing.assert_array_equal(qt.codes, separate.qtensors[name].codes)
+
+
+def test_flexround_fused_grad_trains_like_autodiff_in_the_engine():
+  """``flexround(fused_grad=True)`` through ``fr.quantize``: same start (RTN), and every block's trained loss within
+  a few per cent of the default's (the gradients differ only in float rounding order)."""
+  _, _, _, auto = _quantize(tiny_models.transformer, fr.methods.flexround(lr=5e-3), r'layer_\d+', iters=60)
+  _, _, _, fused = _quantize(tiny_models.transformer, fr.methods.flexround(lr=5e-3, fused_grad=True), r'layer_\d+',
+                             iters=60)
+  assert fused.report[0]['loss_rtn'] == auto.report[0]['loss_rtn']   # later blocks see inputs of the trained ones
+  for a, f in zip(auto.report, fused.report):
+    assert f['loss_trained'] < f['loss_rtn']
+    assert f['loss_trained'] == pytest.approx(a['loss_trained'], rel=0.05), (a, f)

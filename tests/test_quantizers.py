@@ -225,6 +225,36 @@ def test_reciprocal_rule_gradient_at_init(shape):
   assert float(jnp.abs(grads['log_s1']).max()) > 0
 
 
+@given(specs_and_kernels(), st.sampled_from(['float32', 'bfloat16']))
+def test_fused_grad_same_forward_and_gradient_as_autodiff(case, dtype):
+  """``method(fused_grad=True)``: the forward is bit for bit the default's, the closed-form gradient is autodiff's
+  up to float rounding (a different summation order), for every layout, granularity and kernel dtype."""
+  spec, kernel = case
+  kernel = kernel.astype(dtype)
+  state = perturbed_flexround_state(kernel, spec, amount=0.2)
+  g = jax.random.normal(jax.random.key(7), kernel.shape)
+  trainable = {k: state[k] for k in flexround.TRAINABLE if k in state}
+  fused = jax.jit(flexround.fake_quant_fused, static_argnums=2)
+  np.testing.assert_array_equal(fused(kernel, state, spec), jax.jit(flexround.fake_quant, static_argnums=2)(
+      kernel, state, spec))
+
+  def grads(fake_quant):
+    loss = lambda t: jnp.sum(fake_quant(kernel, {**state, **t}, spec).astype(jnp.float32) * g)
+    return jax.jit(jax.grad(loss))(trainable)
+
+  auto, closed = grads(flexround.fake_quant), grads(flexround.fake_quant_fused)
+  for key in trainable:
+    scale = float(jnp.abs(auto[key]).max()) + 1e-30
+    np.testing.assert_allclose(closed[key] / scale, auto[key] / scale, rtol=0, atol=2e-5, err_msg=key)
+
+
+def test_fused_grad_knob():
+  assert flexround.method().hparams == {'lr': 3e-3, 'lr_s1': None}   # off: fingerprints of earlier runs unchanged
+  assert flexround.method(fused_grad=True).hparams['fused_grad'] is True
+  with pytest.raises(ValueError, match='fused_grad'):
+    flexround.method(fused_grad='yes')
+
+
 def test_clamp_passes_full_gradient_at_the_bounds():
   x = jnp.array([-9.2, -8.0, -7.6, 0.3, 6.6, 7.0, 7.4, 9.0])
   grad = jax.grad(lambda v: jnp.sum(_base.clip_inclusive(_base.round_ste(v), -8.0, 7.0)))(x)
