@@ -105,14 +105,14 @@ class UnfoldedDecoderLayer(llama.DecoderLayer):
 STEPS_PER_DISPATCH = fr.engine.unit.steps_per_dispatch(250)   # what a 250-step transformer unit uses
 
 
-def bench_block(name, block, x, n_devices, repeats, spec, k_steps=None, method='flexround'):
+def bench_block(name, block, x, n_devices, repeats, spec, k_steps=None):
   """Per-step time of the engine's jitted K-step training function (K = ``k_steps`` steps per dispatch, default:
   what the engine uses for this block in a 250-step run; the minibatches already on the devices) and the forward
   of the float block over the batch."""
   model = Wrap(block)
   params = model.init(jax.random.key(1), x[:1])['params']
   apply_fn = lambda p, b: model.apply({'params': p}, b)
-  cfg = fr.QuantConfig(method=method, weight=spec, blocks='block', iters=1000,
+  cfg = fr.QuantConfig(method='flexround', weight=spec, blocks='block', iters=1000,
                        batch_size=x.shape[0], num_devices=n_devices, progress=False)
   unit = fr.engine.plan_units(apply_fn, params, np.asarray(x), cfg)[0]
   k_steps = k_steps or fr.engine.unit.steps_per_dispatch(250, unit)
