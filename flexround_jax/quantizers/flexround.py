@@ -56,19 +56,23 @@ def init(kernel, spec: QuantSpec) -> dict:
 
 
 def _codes(kernel, state, spec: QuantSpec, round_fn):
-  """s1 (broadcastable) and q = clamp(round(W / (s1 * S2 * s3 [* s4]))).
+  """s1 (broadcastable) and q = clamp(round(W / (s1 * S2 * s3 [* s4])))."""
+  s1, x, lo, hi = _quotient(spec, kernel, _base.step_size(state['log_s1'], spec), state['log_s2'], state['log_s3'],
+                            state.get('log_s4'), state['zero_point'])
+  return s1, _base.clip_inclusive(round_fn(x), lo, hi)
+
+
+def _quotient(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point):
+  """s1 (broadcastable), the quotient x = W / (s1 * S2 * s3 [* s4]) and the integer bounds.
 
   The divisor is formed as s1 * exp(log_s2 + log_s3 [+ log_s4]), the same value as exp(log_s1 + ...) up to
   rounding, so that at init (exp(0) = 1) it is exactly RTN's step.
   """
   n_in = kernel.shape[-2]
-  s1 = _layout.expand(_base.step_size(state['log_s1'], spec), spec, n_in)
-  log_rest = state['log_s2'] + state['log_s3']
-  if 'log_s4' in state:
-    log_rest = log_rest + state['log_s4']
-  lo, hi = _base.integer_bounds(state['zero_point'], spec, n_in)
-  x = _base.divide(kernel, s1 * jnp.exp(log_rest))
-  return s1, _base.clip_inclusive(round_fn(x), lo, hi)
+  s1 = _layout.expand(s1_grid, spec, n_in)
+  log_rest = log_s2 + log_s3 if log_s4 is None else log_s2 + log_s3 + log_s4
+  lo, hi = _base.integer_bounds(zero_point, spec, n_in)
+  return s1, _base.divide(kernel, s1 * jnp.exp(log_rest)), lo, hi
 
 
 def fake_quant(kernel, state, spec: QuantSpec):
@@ -90,17 +94,8 @@ def _fused(spec: QuantSpec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point)
   return _fused_fwd(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point)[0]
 
 
-def _fused_quotient(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point):
-  """s1 (broadcastable), the quotient x = W / (s1 * S2 * s3 [* s4]) and the integer bounds, as ``_codes`` forms them."""
-  n_in = kernel.shape[-2]
-  s1 = _layout.expand(s1_grid, spec, n_in)
-  log_rest = log_s2 + log_s3 if log_s4 is None else log_s2 + log_s3 + log_s4
-  lo, hi = _base.integer_bounds(zero_point, spec, n_in)
-  return s1, _base.divide(kernel, s1 * jnp.exp(log_rest)), lo, hi
-
-
 def _fused_fwd(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point):
-  s1, x, lo, hi = _fused_quotient(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point)
+  s1, x, lo, hi = _quotient(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point)
   w_hat = (s1 * jnp.clip(jnp.round(x), lo, hi)).astype(kernel.dtype)
   # Residuals are the inputs only (alive anyway): no kernel-sized float32 array is kept from forward to backward.
   return w_hat, (kernel, s1_grid, log_s2, log_s3, log_s4, zero_point)
@@ -108,7 +103,7 @@ def _fused_fwd(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point):
 
 def _fused_bwd(spec, residuals, g):
   kernel, s1_grid, log_s2, log_s3, log_s4, zero_point = residuals
-  s1, x, lo, hi = _fused_quotient(spec, *residuals)
+  s1, x, lo, hi = _quotient(spec, *residuals)
   r = jnp.round(x)
   inside = (r >= lo) & (r <= hi)
   g = g.astype(jnp.float32)
