@@ -173,13 +173,13 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
   n = activations.num_samples(calib)
   probe_sizes = (1, 2) if n >= 2 else (1,)
   traces = []
-  for size in probe_sizes:
+  for size in probe_sizes:   # the last probe runs (values: constants, shared inputs); the one before only traces
+    trace = graph.trace_call_shapes if size < probe_sizes[-1] else lambda *a: graph.trace_calls(*a)[0]
     try:
-      calls, _ = graph.trace_calls(model_fn, tree, activations.take(calib, np.arange(size)))
+      traces.append(trace(model_fn, tree, activations.take(calib, np.arange(size))))
     except Exception as e:  # the user's model failing is reported before any long work
       raise ValueError(f'apply_fn(params, batch) failed on the first {size} calibration sample(s): '
                        f'{type(e).__name__}: {e}') from e
-    traces.append(calls)
   calls = traces[-1]
   if not calls:
     raise ValueError('apply_fn called no Flax submodule: is it a Flax linen (module.apply) or nnx (nnx.merge) '
