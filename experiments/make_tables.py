@@ -276,9 +276,10 @@ def stream_table() -> str:
            f"({b['file_bytes'] / 2**30:.1f} GiB file); calibration {b['calibration']}, batch {b['batch_size']}.", '',
            '| phase | wall | peak RSS | peak anonymous memory (what RAM must hold) |', '|---|---|---|---|']
   names = {'build': 'write the file, one tensor at a time', 'dry': 'dry run (plan of 32 units)',
+           'dry_before_planning_changes': 'dry run, before the planning changes below',
            'layer': f"quantize layers_0 (FlexRound W4, {b['iters']} steps, spill_dir)",
            'layer_fused_grad': f"the same with `flexround(fused_grad=True)`"}
-  for phase in ('build', 'dry', 'layer', 'layer_fused_grad'):
+  for phase in ('build', 'dry_before_planning_changes', 'dry', 'layer', 'layer_fused_grad'):
     if phase in b:
       r = b[phase]
       lines.append(f"| {names[phase]} | {r['wall_s']:.0f} s | {gib(r['peak_rss_mb'])} | {gib(r['peak_anon_mb'])} |")
