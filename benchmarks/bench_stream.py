@@ -7,7 +7,9 @@ each phase in its own process so that its peak memory is its own:
     every decoder layer a unit): the plan with each unit's activation cache and training state per device;
   * one layer: the same run with every layer but ``layers_0`` skipped by a rule, ``ITERS`` FlexRound steps, with
     ``spill_dir`` (the finished unit's params and codes go to disk);
-  * step: XLA's memory analysis of that layer's compiled training step (arguments, temporaries), from shapes.
+  * step: XLA's memory analysis of that layer's compiled training step (arguments, temporaries), from shapes;
+  * checks: planning's value checks of every leaf (all finite, max |w|), the engine's bit-level host path against
+    numpy's isfinite/max/min on the same memory-mapped pages (not run by default: ``--phases checks``).
 With ``--fused-grad`` the layer and step phases use ``fr.methods.flexround(fused_grad=True)`` (closed-form gradient,
 fewer kernel-sized temporaries) and are stored as ``layer_fused_grad`` / ``step_fused_grad`` next to the default's.
 Each phase records its wall time, peak RSS, and peak anonymous (not file-backed) resident memory: pages of the
@@ -29,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008,
               max_seq_len=4096)
 SEQ, SAMPLES, BATCH = 128, 8, 2
-PHASES = ('build', 'dry', 'layer', 'step')
+PHASES = ('build', 'dry', 'layer', 'step', 'checks')
 
 
 def build(path):
@@ -107,6 +109,30 @@ def step_memory(path, iters, fused_grad: bool = False):
           **{f'step_{n}_bytes': int(getattr(m, f'{n}_size_in_bytes')) for n in ('argument', 'temp', 'output', 'alias')}}
 
 
+def checks(path):
+  """The value checks planning makes on every leaf of the memory-mapped params (all finite? max |w|?), timed two ways
+  in one process over the same pages: numpy's ``isfinite``, ``max`` and ``min`` on the bfloat16 arrays (the engine's
+  host path before), and the engine's ``host_finite_and_peak`` (an integer max over the bits, in chunks)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flexround_jax.engine import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  leaves = [np.asarray(l) for l in jax.tree.leaves(llama.load_safetensors(path)[1])]
+  def numpy_path(a):
+    return bool(np.isfinite(a).all()), max(abs(np.float32(a.max())), abs(np.float32(a.min())))
+  out = {'elements': int(sum(a.size for a in leaves))}
+  bits = plan_lib.host_finite_and_peak
+  for name, fn in (('bits', bits), ('numpy', numpy_path), ('bits_again', bits)):
+    t = time.perf_counter()   # the first pass also brings the file's pages in; 'bits_again' times bits from memory
+    results = [fn(a) for a in leaves]
+    out[f'{name}_s'] = round(time.perf_counter() - t, 2)
+    if name == 'bits':
+      first = results
+    elif results != first:
+      raise AssertionError(f'{name} disagrees with the bits path')
+  return out
+
+
 def phase(name, path, workdir, iters, fused_grad):
   from flexround_jax import provenance  # pylint: disable=g-import-not-at-top
   t0 = time.time()
@@ -115,6 +141,8 @@ def phase(name, path, workdir, iters, fused_grad):
       out = build(path)
     elif name == 'step':
       out = step_memory(path, iters, fused_grad)
+    elif name == 'checks':
+      out = checks(path)
     else:
       out = quantize(path, workdir, name == 'layer', iters, fused_grad)
   out.update({'commit': provenance.git_commit(), 'wall_s': round(time.time() - t0, 1),

@@ -276,9 +276,10 @@ def stream_table() -> str:
            f"({b['file_bytes'] / 2**30:.1f} GiB file); calibration {b['calibration']}, batch {b['batch_size']}.", '',
            '| phase | wall | peak RSS | peak anonymous memory (what RAM must hold) |', '|---|---|---|---|']
   names = {'build': 'write the file, one tensor at a time', 'dry': 'dry run (plan of 32 units)',
+           'dry_before_planning_changes': 'dry run, before the planning changes below',
            'layer': f"quantize layers_0 (FlexRound W4, {b['iters']} steps, spill_dir)",
            'layer_fused_grad': f"the same with `flexround(fused_grad=True)`"}
-  for phase in ('build', 'dry', 'layer', 'layer_fused_grad'):
+  for phase in ('build', 'dry_before_planning_changes', 'dry', 'layer', 'layer_fused_grad'):
     if phase in b:
       r = b[phase]
       lines.append(f"| {names[phase]} | {r['wall_s']:.0f} s | {gib(r['peak_rss_mb'])} | {gib(r['peak_anon_mb'])} |")
@@ -293,6 +294,13 @@ def stream_table() -> str:
   if 'step_fused_grad' in b:
     lines[-1] += (f" With `fused_grad=True` (closed-form gradient) the temporaries are "
                   f"{b['step_fused_grad']['step_temp_bytes'] / 2**30:.2f} GiB.")
+  if 'checks' in b:
+    c = b['checks']
+    lines += ['', f"Planning's value checks of all {c['elements'] / 1e9:.1f} B weights of the memory map (every leaf "
+                  f"finite? each kernel's max |w|?): {c['numpy_s']:.1f} s with numpy's isfinite, max and min on the "
+                  f"bfloat16 arrays (the engine's host path before), {c['bits_again_s']:.1f} s with the engine's "
+                  f"integer max over the bits, both from pages in memory ({c['numpy_s'] / c['bits_again_s']:.0f}x); "
+                  f"{c['bits_s']:.1f} s for the bits path's first pass, which read the file from disk."]
   return '\n'.join(lines)
 
 

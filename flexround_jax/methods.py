@@ -19,9 +19,11 @@ from flexround_jax.quantizers.base import Method
 from flexround_jax.quantizers.gptq_start import start_from_gptq
 
 
-def gptq_flexround(lr: float = 3e-3, lr_s1: float | None = None, **gptq_knobs) -> Method:
-  """FlexRound started from the GPTQ solution of the same layer (``quantizers/gptq_start.py``)."""
-  return start_from_gptq(_flexround.method(lr=lr, lr_s1=lr_s1), **gptq_knobs)
+def gptq_flexround(lr: float = 3e-3, lr_s1: float | None = None, fused_grad: bool = False,
+                   **gptq_knobs) -> Method:
+  """FlexRound started from the GPTQ solution of the same layer (``quantizers/gptq_start.py``); ``lr``, ``lr_s1``,
+  ``fused_grad``: FlexRound's (``fr.methods.flexround``), the rest GPTQ's (``fr.methods.gptq``)."""
+  return start_from_gptq(_flexround.method(lr=lr, lr_s1=lr_s1, fused_grad=fused_grad), **gptq_knobs)
 
 
 def gptq_lrq(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int = 0, **gptq_knobs) -> Method:

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flexround_jax as fr
 from flexround_jax.engine import loop
@@ -227,3 +229,40 @@ def test_runner_validates_the_quant_config_before_loading_the_model(tmp_path, mo
   config.quant.drop_prob = 1.5
   with pytest.raises(ValueError, match=r'QuantConfig\.drop_prob'):
     run.run(config, str(tmp_path / 'work'))
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(['bfloat16', 'float16', 'float32', 'float64', 'float8_e4m3fn']),
+       size=st.integers(0, 50), scale=st.sampled_from([1e-30, 1.0, 6e4, 1e38]),
+       bad=st.sampled_from([None, 'nan', 'inf', '-inf']), chunk=st.sampled_from([1, 7, 1 << 22]),
+       seed=st.integers(0, 2 ** 16))
+def test_host_finite_and_peak_equals_numpy_in_float32(dtype, size, scale, bad, chunk, seed):
+  """Host leaves (memory maps) are checked by their bits in chunks: the same answer as numpy in float32."""
+  from flexround_jax.engine import plan
+  dt = np.dtype(jnp.dtype(dtype))
+  with np.errstate(over='ignore'):
+    a = (np.random.default_rng(seed).standard_normal(size) * scale).astype(dt)
+  if bad is not None and size and dtype != 'float8_e4m3fn':   # e4m3fn has no Inf (NaN only)
+    a[size // 2] = float(bad)
+  wide = a.astype(np.float64)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(plan, '_HOST_CHUNK', chunk)
+    finite, peak = plan.host_finite_and_peak(a.reshape(-1, 1) if size % 2 else a)
+  assert finite == bool(np.isfinite(wide).all())
+  if finite:
+    assert peak.dtype == np.float32 and peak == np.float32(np.abs(wide).max(initial=0.0))
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, np.float32])
+def test_host_params_with_nan_or_a_huge_kernel_are_refused(dtype, no_work):
+  """Params held as numpy arrays (as memory maps are) take the host path of both checks."""
+  params, apply_fn, calib = _mlp()
+  params = jax.tree.map(lambda a: np.asarray(a).astype(dtype), params)
+  bad = jax.tree.map(np.copy, params)
+  bad['block_0']['Dense_1']['bias'][1] = np.nan
+  with pytest.raises(ValueError, match=r"params contain NaN or Inf at \['block_0'\]\['Dense_1'\]\['bias'\]"):
+    fr.quantize(bad, apply_fn, calib, _config(dry_run=True))
+  params['block_1']['Dense_0']['kernel'][0, 0] = 3e38
+  params['block_1']['Dense_0']['kernel'][1, 0] = -3e38
+  with pytest.raises(ValueError, match=r'kernel block_1/Dense_0/kernel: max \|w\| = 3(\.\d+)?e\+38 .*float32'):
+    fr.quantize(params, apply_fn, calib, _config(dry_run=True))

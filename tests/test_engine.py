@@ -96,6 +96,25 @@ def test_dry_run_prints_the_plan_and_trains_nothing(capsys):
   assert result.plan[2]['inputs_from'] == 'previous unit'
 
 
+@pytest.mark.parametrize('name', ['transformer', 'nnx_mlp'])
+def test_planning_runs_the_model_once_with_values(name):
+  """Planning traces the model at two batch sizes, but only the last probe computes (its values give constants and
+  shared inputs); the smaller one, which only tells batched inputs apart, is traced for shapes alone."""
+  make, blocks = MODELS[name]
+  params, apply_fn, calib = make()
+  sizes = []
+
+  def counting(p, batch):
+    leaf = jax.tree.leaves(batch)[0]
+    if not isinstance(leaf, jax.core.Tracer):
+      sizes.append(len(leaf))
+    return apply_fn(p, batch)
+  config = fr.QuantConfig(blocks=blocks, dry_run=True, progress=False)
+  result = fr.quantize(params, counting, calib, config)
+  assert sizes == [2]
+  assert result.plan == fr.quantize(params, apply_fn, calib, config).plan
+
+
 def test_fallback_to_rtn_when_training_makes_a_block_worse():
   with pytest.warns(UserWarning, match='keeping RTN'):
     _, _, _, result = _run('mlp', 'flexround', iters=30, lr=5.0)

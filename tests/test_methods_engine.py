@@ -111,3 +111,18 @@ def test_flexround_fused_grad_trains_like_autodiff_in_the_engine():
   for a, f in zip(auto.report, fused.report):
     assert f['loss_trained'] < f['loss_rtn']
     assert f['loss_trained'] == pytest.approx(a['loss_trained'], rel=0.05), (a, f)
+
+
+def test_gptq_flexround_passes_fused_grad_and_trains_like_autodiff():
+  """``gptq_flexround(fused_grad=True)``: the closed-form gradient on GPTQ's error-compensated weights (w~, a frozen
+  input of the fused VJP) starts at the same GPTQ solution and trains to within a few per cent of autodiff."""
+  assert fr.methods.gptq_flexround(fused_grad=True).hparams['fused_grad'] is True
+  assert 'fused_grad' not in fr.methods.gptq_flexround().hparams   # default runs keep their fingerprints
+  _, _, _, auto = _quantize(tiny_models.transformer, fr.methods.gptq_flexround(lr=5e-3), r'layer_\d+', iters=60)
+  _, _, _, fused = _quantize(tiny_models.transformer, fr.methods.gptq_flexround(lr=5e-3, fused_grad=True),
+                             r'layer_\d+', iters=60)
+  assert fused.report[0]['loss_start'] == auto.report[0]['loss_start']   # later blocks see inputs of trained ones
+  for a, f in zip(auto.report, fused.report):
+    assert f['methods'] == ['gptq+flexround']
+    assert f['loss_trained'] < f['loss_start']
+    assert f['loss_trained'] == pytest.approx(a['loss_trained'], rel=0.05), (a, f)

@@ -233,6 +233,22 @@ def trace_calls(apply_fn, params, batch) -> tuple[list[Call], Any]:
   return recorder.calls, out
 
 
+def trace_call_shapes(apply_fn, params, batch) -> list[Call]:
+  """``trace_calls`` without compute (``jax.eval_shape``): every submodule call, its array args and kwargs as
+  ``jax.ShapeDtypeStruct`` (no values, no output, no apply)."""
+  recorder = _Recorder(keep_values=True, want_apply=False)
+  as_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.Array) else x
+
+  def run(p, b):
+    with intercept(recorder):
+      apply_fn(p, b)
+    for c in recorder.calls:   # inside the trace: no tracer outlives it
+      c.args, c.kwargs, c.output = jax.tree.map(as_struct, c.args), jax.tree.map(as_struct, c.kwargs), None
+
+  jax.eval_shape(run, params, batch)
+  return recorder.calls
+
+
 def inputs_of(apply_fn, params, batch, path: str):
   """(args, kwargs) of the first call of module ``path`` when the model runs on ``batch``; stops right there."""
   recorder = _Recorder(keep_values=False, stop_at=path, want_apply=False)
