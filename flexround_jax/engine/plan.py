@@ -135,8 +135,9 @@ _HOST_CHUNK = 1 << 22   # elements per pass: a temporary of 8-32 MB whatever the
 
 
 def host_finite_and_peak(leaf) -> tuple[bool, np.float32]:
-  """(every element finite, max |x| in float32) of a host float array (a memory map is read once, in chunks, never
-  copied whole). max |x| is exact: the largest magnitude, cast to float32 as the quantizers compute."""
+  """(every element finite, max |x| in float32) of a host float array, read once in chunks (a contiguous one, as a
+  memory map is, is never copied whole). max |x| is exact: the largest magnitude, cast to float32 as the quantizers
+  compute."""
   a = np.asarray(leaf)
   flat = a.reshape(-1)
   bits = _IEEE.get(a.dtype)
