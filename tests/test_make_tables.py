@@ -31,3 +31,16 @@ def test_every_llm_result_has_a_row():
   n_results = sum(not json.load(open(p)).get('activation') for p in paths)   # weight-only rows (W/A: llm_wa)
   assert n_results > 0
   assert len(table.splitlines()) == 3 + n_results   # header, rule, float row
+
+
+def test_compare_layers_gives_the_readme_per_layer_facts():
+  """The per-layer claims of the README's GPTQ -> FlexRound W4 paragraph come out of compare_layers.py."""
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_channel_w4',
+                        'gptq_flexround', 'flexround'], capture_output=True, text=True, check=True).stdout
+  assert 'final/start 0.70-1.00' in out
+  assert "ends below flexround: 5 of 30 ['layers_11', 'layers_12', 'layers_13', 'layers_14', 'layers_15']" in out
+  assert "kept start: ['layers_11', 'layers_28']" in out
+  readme = open(os.path.join(ROOT, 'README.md')).read()
+  assert 'in layers 11-15 it ends below FlexRound' in readme and 'final / start 0.70-1.00' in readme
