@@ -64,11 +64,28 @@ def llm_table() -> str:
            '|---|---|---|---|---|---|',
            f"| float (Q4_1-dequantized) | – | {fp['ppl']:.2f} | – | {fp.get('peak_rss_mb', float('nan')):.0f} | "
            f"{4 * 134515008 / 2**20:.0f} (f32) |"]
+  resumed_rows = 0
   for r in sorted(rows, key=lambda r: (r['granularity'], -r['bits'], METHODS.index(r['method']))):
     setting = f"W{r['bits']} " + ('per-channel' if r['granularity'] == 'per_channel' else f"g{r['group_size']}")
-    lines.append(f"| {setting} | {r['method']} | {r['quantized']['ppl']:.2f} | {r['quantize_wall_s']:.0f} | "
-                 f"{r.get('peak_rss_mb', float('nan')):.0f} | {r.get('export_bytes', 0) / 2**20:.0f} |")
+    wall, rss = f"{r['quantize_wall_s']:.0f}", f"{r.get('peak_rss_mb', float('nan')):.0f}"
+    units_s = _units_seconds(r)
+    if units_s > r['quantize_wall_s']:   # resumed: the last process did not quantize every layer itself
+      wall, rss, resumed_rows = f'{units_s:.0f}\\*', f'{rss}\\*', resumed_rows + 1
+    lines.append(f"| {setting} | {r['method']} | {r['quantized']['ppl']:.2f} | {wall} | {rss} | "
+                 f"{r.get('export_bytes', 0) / 2**20:.0f} |")
+  if resumed_rows:
+    lines += ['', '\\* Resumed run: the wall time is the sum of the per-layer times (report `seconds`) over the '
+              'processes that ran them, and the peak RSS is that of the last process only.']
   return '\n'.join(lines)
+
+
+def _units_seconds(result) -> float:
+  """Sum of the per-unit wall times in a result's report; they survive a resume, the process's own timer does not.
+
+  A process cannot take less wall time than the units it ran, so a sum above ``quantize_wall_s`` means some units
+  were run (and checkpointed) by an earlier process.
+  """
+  return sum(u.get('seconds', 0.0) for u in result.get('report') or [])
 
 
 def llm_iters_table() -> str:
