@@ -74,7 +74,7 @@ def llm_table() -> str:
     lines.append(f"| {setting} | {r['method']} | {r['quantized']['ppl']:.2f} | {wall} | {rss} | "
                  f"{r.get('export_bytes', 0) / 2**20:.0f} |")
   if resumed_rows:
-    lines += ['', '\\* Resumed run: the wall time is the sum of the per-layer times (report `seconds`) over the '
+    lines += ['', '\\* Resumed run: the wall time is the sum of the per-layer times (report `seconds`) over the',
               'processes that ran them, and the peak RSS is that of the last process only.']
   return '\n'.join(lines)
 
