@@ -34,19 +34,21 @@ def main():
   for r in run['report']:
     b = base_by_unit[r['unit']]
     start = r.get('loss_start')
+    f_start = r['loss_final'] / start if start else float('nan')
     ratios.append(r['loss_final'] / r['loss_rtn'])
     base_ratios.append(b['loss_final'] / b['loss_rtn'])
     if start:
-      shrink.append(r['loss_final'] / start)
+      shrink.append(f_start)
     win = r['loss_final'] < b['loss_final']
     for names, flag in ((wins, win), (kept, r.get('kept_start')), (fell, r.get('fell_back_to_rtn'))):
       if flag:
         names.append(r['unit'])
     print(f"{r['unit']:>10} {r['loss_rtn']:10.4g} {start or float('nan'):10.4g} {r['loss_final']:10.4g} "
           f"{b['loss_final']:10.4g} {ratios[-1]:6.2f} {base_ratios[-1]:6.2f} "
-          f"{(r['loss_final'] / start) if start else float('nan'):7.2f} {str(bool(r.get('kept_start'))):>5} "
+          f"{f_start:7.2f} {str(bool(r.get('kept_start'))):>5} "
           f"{str(win):>5}")
-  print(f'final/rtn {min(ratios):.2f}-{max(ratios):.2f} ({args.baseline}: {min(base_ratios):.2f}-{max(base_ratios):.2f})')
+  print(f'final/rtn {min(ratios):.2f}-{max(ratios):.2f} '
+        f'({args.baseline}: {min(base_ratios):.2f}-{max(base_ratios):.2f})')
   if shrink:
     print(f'final/start {min(shrink):.2f}-{max(shrink):.2f}')
   print(f'ends below {args.baseline}: {len(wins)} of {len(ratios)} {wins}')

@@ -5,6 +5,8 @@ import json
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 
@@ -44,8 +46,6 @@ def test_resumed_llm_runs_show_their_summed_layer_times():
 
 def test_compare_layers_gives_the_readme_per_layer_facts():
   """The per-layer claims of the README's GPTQ -> FlexRound W4 paragraph come out of compare_layers.py."""
-  import subprocess
-  import sys
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_channel_w4',
                         'gptq_flexround', 'flexround'], capture_output=True, text=True, check=True).stdout
   assert 'final/start 0.70-1.00' in out
