@@ -29,7 +29,7 @@ from flexround_jax import compile_cache, export, provenance, run as runner, task
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
-METHODS = ('rtn', 'flexround', 'adaround', 'gptq', 'lrq', 'gptq_flexround')
+METHODS = ('rtn', 'flexround', 'adaround', 'gptq', 'lrq', 'gptq_flexround', 'gptq_lrq')
 LR = {4: 3e-3, 3: 2.5e-3}            # the official Llama-2-7B FlexRound learning rates
 LRQ_LR = {4: 9e-4, 3: 6e-4}          # the official Llama-2-7B LRQ learning rates
 # LRQ's rank: 64 for every kernel of SmolLM2 (576 / 1536 wide): 15-45 % of FlexRound's learned entries per kernel
@@ -37,7 +37,8 @@ LRQ_LR = {4: 9e-4, 3: 6e-4}          # the official Llama-2-7B LRQ learning rate
 LRQ_RANK = 64
 METHOD_KNOBS = {'flexround': lambda bits: {'lr': LR[bits]}, 'adaround': lambda bits: {'lr': 1e-3},
                 'lrq': lambda bits: {'rank': LRQ_RANK, 'lr': LRQ_LR[bits]},
-                'gptq_flexround': lambda bits: {'lr': LR[bits]}}
+                'gptq_flexround': lambda bits: {'lr': LR[bits]},
+                'gptq_lrq': lambda bits: {'rank': LRQ_RANK, 'lr': LRQ_LR[bits]}}
 EXACT_CHECK_WINDOWS = 16
 CURVE_ITERS = (50, 100, 500)
 
