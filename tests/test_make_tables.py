@@ -53,3 +53,14 @@ def test_compare_layers_gives_the_readme_per_layer_facts():
   assert "kept start: ['layers_11', 'layers_28']" in out
   readme = open(os.path.join(ROOT, 'README.md')).read()
   assert 'in layers 11-15 it ends below FlexRound' in readme and 'final / start 0.70-1.00' in readme
+
+
+def test_compare_layers_gives_the_readme_w3_g128_facts():
+  """The per-layer claims of the README's GPTQ -> FlexRound W3 g128 sentences come out of compare_layers.py."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_group128_w3',
+                        'gptq_flexround', 'flexround'], capture_output=True, text=True, check=True).stdout
+  assert 'final/rtn 0.20-0.87 (flexround: 0.17-0.85)' in out and 'final/start 0.57-0.94' in out
+  assert "ends below flexround: 1 of 30 ['layers_28']" in out and 'kept start: []' in out
+  readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())   # wrapping-independent
+  assert 'final/RTN 0.20-0.87 against 0.17-0.85' in readme and '(final/start 0.57-0.94)' in readme
+  assert 'the one below is layer 28' in readme and 'no layer kept the start' in readme
