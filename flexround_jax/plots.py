@@ -79,12 +79,22 @@ def metric_vs_bits(rows: Iterable[Mapping[str, Any]], metric: str, path: str | N
   for row in rows:
     key = ' / '.join(str(row[g]) for g in group.split('+'))
     lines.setdefault(key, {}).setdefault(int(row['bits']), []).append(float(get(row, metric)))
+  # Colour by the last group key (the method), line style and marker by the rest (e.g. the granularity): the same
+  # method has the same colour in every setting, and no two lines share colour and style (matplotlib's default
+  # cycle repeats its 10 colours from the 11th line on).
+  split = {key: key.rsplit(' / ', 1) if ' / ' in key else ('', key) for key in lines}
+  last = sorted({v[1] for v in split.values()})
+  rest = sorted({v[0] for v in split.values()})
+  cmap = plt.get_cmap('tab10' if len(last) <= 10 else 'tab20')
+  linestyles, markers = ('-', '--', ':', '-.'), ('o', 's', '^', 'D', 'v', 'P')
   fig, ax = plt.subplots(figsize=(6, 4))
   for key, by_bits in sorted(lines.items()):
     bits = sorted(by_bits)
     mean = [np.mean(by_bits[b]) for b in bits]
     std = [np.std(by_bits[b]) for b in bits]
-    ax.errorbar(bits, mean, yerr=std, marker='o', capsize=3, label=key)
+    i = rest.index(split[key][0])
+    ax.errorbar(bits, mean, yerr=std, color=cmap(last.index(split[key][1]) % cmap.N), linestyle=linestyles[i % 4],
+                marker=markers[i % 6], capsize=3, label=key)
   ax.set_xlabel('weight bits')
   ax.set_ylabel(metric + ('' if higher_is_better else ' (lower is better)'))
   ax.set_xticks(sorted({b for v in lines.values() for b in v}))

@@ -37,3 +37,19 @@ def test_figures_render(tmp_path):
   assert plots.metric_vs_bits(rows, 'quantized.top1', log_y=True).axes[0].get_yscale() == 'log'
   for name in ('losses', 'curves', 'scales', 'moves', 'bits'):
     _png(tmp_path / f'{name}.png')
+
+
+def test_metric_vs_bits_colours_by_method_and_styles_by_setting():
+  """12 lines (2 granularities x 6 methods): one colour per method, one line style per granularity, no two lines
+  alike (matplotlib's default cycle would repeat a colour from the 11th line on)."""
+  methods = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq', 'gptq+flexround')
+  rows = [{'granularity': g, 'method': m, 'bits': b, 'quantized': {'ppl': 20.0 + i + b}}
+          for g in ('per_channel', 'per_group') for i, m in enumerate(methods) for b in (3, 4)]
+  ax = plots.metric_vs_bits(rows, 'quantized.ppl', group='granularity+method').axes[0]
+  handles, labels = ax.get_legend_handles_labels()
+  styles = {label: (h.lines[0].get_color(), h.lines[0].get_linestyle()) for h, label in zip(handles, labels)}
+  assert len(styles) == 12 and len(set(styles.values())) == 12
+  for m in methods:
+    assert styles[f'per_channel / {m}'][0] == styles[f'per_group / {m}'][0]
+  assert len({styles[f'per_channel / {m}'][0] for m in methods}) == 6
+  assert {styles[f'per_channel / {m}'][1] for m in methods} != {styles[f'per_group / {m}'][1] for m in methods}
