@@ -68,24 +68,36 @@ def llm_table() -> str:
   for r in sorted(rows, key=lambda r: (r['granularity'], -r['bits'], METHODS.index(r['method']))):
     setting = f"W{r['bits']} " + ('per-channel' if r['granularity'] == 'per_channel' else f"g{r['group_size']}")
     wall, rss = f"{r['quantize_wall_s']:.0f}", f"{r.get('peak_rss_mb', float('nan')):.0f}"
-    units_s = _units_seconds(r)
-    if units_s > r['quantize_wall_s']:   # resumed: the last process did not quantize every layer itself
-      wall, rss, resumed_rows = f'{units_s:.0f}\\*', f'{rss}\\*', resumed_rows + 1
+    resumed_s = _resumed_seconds(r)
+    if resumed_s is not None:   # resumed: the last process did not quantize every layer itself
+      wall, rss, resumed_rows = f"{r['quantize_wall_s'] + resumed_s:.0f}\\*", f'{rss}\\*', resumed_rows + 1
     lines.append(f"| {setting} | {r['method']} | {r['quantized']['ppl']:.2f} | {wall} | {rss} | "
                  f"{r.get('export_bytes', 0) / 2**20:.0f} |")
   if resumed_rows:
-    lines += ['', '\\* Resumed run: the wall time is the sum of the per-layer times (report `seconds`) over the',
-              'processes that ran them, and the peak RSS is that of the last process only.']
+    lines += ['', '\\* Resumed run: the wall time counts the layers that earlier processes ran by their per-layer',
+              'times (report `seconds`), and the peak RSS is that of the last process only.']
   return '\n'.join(lines)
 
 
 def _units_seconds(result) -> float:
-  """Sum of the per-unit wall times in a result's report; they survive a resume, the process's own timer does not.
-
-  A process cannot take less wall time than the units it ran, so a sum above ``quantize_wall_s`` means some units
-  were run (and checkpointed) by an earlier process.
-  """
+  """Sum of the per-unit wall times in a result's report; they survive a resume, the process's own timer does not."""
   return sum(u.get('seconds', 0.0) for u in result.get('report') or [])
+
+
+def _resumed_seconds(result) -> float | None:
+  """Wall time that earlier processes spent on the units a resumed run restored; None when it was not resumed.
+
+  Runs since ``resumed_units`` was recorded say which units they restored: the restored units' ``seconds`` are
+  what ``quantize_wall_s`` leaves out. Older results do not say it; for them, a per-unit sum above
+  ``quantize_wall_s`` gives a resume away (a process cannot take less time than the units it ran), and the sum then
+  replaces the process's time (this misses a run whose last process took longer than all the per-unit times).
+  """
+  report = result.get('report') or []
+  if 'resumed_units' in result:
+    n = result['resumed_units']
+    return sum(u.get('seconds', 0.0) for u in report[:n]) if n else None
+  units_s = _units_seconds(result)
+  return units_s - result['quantize_wall_s'] if units_s > result['quantize_wall_s'] else None
 
 
 def llm_iters_table() -> str:

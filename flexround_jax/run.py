@@ -85,6 +85,7 @@ def run(config, workdir: str) -> dict:
       'activation': None if qcfg.activation is None else qcfg.activation.describe(),
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,
       'quantized': metrics, 'quantize_wall_s': round(quant_s, 2), 'total_wall_s': round(time.time() - t0, 2),
+      'resumed_units': result.resumed_units,   # units an earlier process ran: quantize_wall_s leaves them out
       'report': result.report, 'notes': task.notes, 'commit': provenance.git_commit(),
       'host': provenance.host_info(),
   }

@@ -125,6 +125,7 @@ def test_dynamic_per_token_inputs_on_nnx_and_a_resumed_run_restores_the_learned_
   finally:
     unit_lib.UnitReconstructor.reconstruct = real
   resumed = fr.quantize(params, apply_fn, x, cfg)
+  assert full.resumed_units == 0 and resumed.resumed_units == 2   # the two units the first call finished
   assert set(resumed.activations) == set(full.activations)
   for m, (q, st) in full.activations.items():
     assert np.float32(resumed.activations[m][1]['step']) == np.float32(st['step']), m

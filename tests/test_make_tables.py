@@ -64,3 +64,14 @@ def test_compare_layers_gives_the_readme_w3_g128_facts():
   readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())   # wrapping-independent
   assert 'final/RTN 0.20-0.87 against 0.17-0.85' in readme and '(final/start 0.57-0.94)' in readme
   assert 'the one below is layer 28' in readme and 'no layer kept the start' in readme
+
+
+def test_a_recorded_resume_adds_the_restored_units_seconds():
+  """Runs that record ``resumed_units`` get the earlier processes' time from exactly those units' ``seconds``."""
+  mt = _make_tables()
+  report = [{'seconds': 100.0}] * 3
+  assert mt._resumed_seconds({'quantize_wall_s': 50.0, 'resumed_units': 0, 'report': report}) is None
+  assert mt._resumed_seconds({'quantize_wall_s': 500.0, 'resumed_units': 2, 'report': report}) == 200.0
+  # Unrecorded (older results): inferred from the per-unit sum, caught only when the sum exceeds the timer.
+  assert mt._resumed_seconds({'quantize_wall_s': 120.0, 'report': report}) == 180.0
+  assert mt._resumed_seconds({'quantize_wall_s': 500.0, 'report': report}) is None

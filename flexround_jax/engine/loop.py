@@ -48,6 +48,8 @@ class QuantizeResult:
       training loss] pairs, one per dispatch of K steps), new_train_step (whether the unit compiled its own step),
       state_bytes_per_device (params, quantizer and optimizer state of the unit on one device while training),
       method_facts (per kernel, from methods that report, e.g. GPTQ's damping).
+    resumed_units: how many leading units were restored from ``checkpoint_dir`` instead of run by this call (0: it
+      ran them all). Their ``report`` entries, ``seconds`` included, are the earlier process's.
     plan: the units, kernels and sizes, as printed by ``dry_run``.
     config: the QuantConfig.
     states: with ``QuantConfig.keep_states``, the final quantizer state of every kernel (FlexRound: log_s1..4),
@@ -63,6 +65,7 @@ class QuantizeResult:
   config: QuantConfig
   states: dict[str, dict] = dataclasses.field(default_factory=dict)
   activations: dict[str, tuple] = dataclasses.field(default_factory=dict)
+  resumed_units: int = 0
 
   def apply_quantized(self, apply_fn: Callable) -> Callable:
     """``(params, batch) -> output`` of the model as reconstructed: ``apply_fn`` with this result's activation
@@ -132,9 +135,9 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
       if resumed is not None:
         print(f'  checkpoint_dir {config.checkpoint_dir}: this run resumes after {resumed[0]} of {len(units)} units')
     return QuantizeResult(params=params, qtensors={}, report=[], plan=plan, config=config)
-  tree_q, qtensors, report, states, acts = _run(model_fn, tree, calib, units, config)
+  tree_q, qtensors, report, states, acts, resumed = _run(model_fn, tree, calib, units, config)
   return QuantizeResult(params=to_user(tree_q), qtensors=qtensors, report=report, plan=plan, config=config,
-                        states=states, activations=acts)
+                        states=states, activations=acts, resumed_units=resumed)
 
 
 def dequantize_params(params, qtensors: dict[str, QTensor]):
@@ -159,7 +162,8 @@ def _checkpointer(model_fn, fp_tree, calib, config: QuantConfig, placement: acti
 
 
 def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConfig):
-  """The unit loop; returns (quantized tree, qtensors, report, kept states, activation quantizers)."""
+  """The unit loop; returns (quantized tree, qtensors, report, kept states, activation quantizers, units restored
+  from the checkpoint)."""
   placement = activations.Placement.of(config)
   n = activations.num_samples(calib)
   log_file = None
@@ -278,7 +282,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
       ckpt.save(unit.index + 1, qtensors, report, cached)
   if ckpt is not None:
     ckpt.close()
-  return tree_q, qtensors, report, states, acts
+  return tree_q, qtensors, report, states, acts, start_index
 
 
 @functools.cache
