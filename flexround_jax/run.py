@@ -59,6 +59,7 @@ def run(config, workdir: str) -> dict:
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   t0 = time.time()
+  commit = provenance.git_commit()   # the code this process runs (HEAD may move on during a long run)
   task = tasks.make(config.task, config.get('task_args', {}))
   q = config.quant
   if q.get('blocks') is None and task.blocks:
@@ -86,7 +87,7 @@ def run(config, workdir: str) -> dict:
       'group_size': qcfg.weight.group_size, 'iters': qcfg.iters, 'seed': qcfg.seed, 'fp': fp_metrics,
       'quantized': metrics, 'quantize_wall_s': round(quant_s, 2), 'total_wall_s': round(time.time() - t0, 2),
       'resumed_units': result.resumed_units,   # units an earlier process ran: quantize_wall_s leaves them out
-      'report': result.report, 'notes': task.notes, 'commit': provenance.git_commit(),
+      'report': result.report, 'notes': task.notes, 'commit': commit,
       'host': provenance.host_info(),
   }
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
