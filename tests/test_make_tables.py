@@ -75,3 +75,14 @@ def test_a_recorded_resume_adds_the_restored_units_seconds():
   # Unrecorded (older results): inferred from the per-unit sum, caught only when the sum exceeds the timer.
   assert mt._resumed_seconds({'quantize_wall_s': 120.0, 'report': report}) == 180.0
   assert mt._resumed_seconds({'quantize_wall_s': 500.0, 'report': report}) is None
+
+
+def test_compare_layers_gives_the_readme_gptq_lrq_facts():
+  """The per-layer claims of the README's GPTQ -> LRQ paragraph come out of compare_layers.py."""
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_channel_w3',
+                        'gptq_lrq', 'lrq'], capture_output=True, text=True, check=True).stdout
+  assert 'final/rtn 0.31-0.95 (lrq: 0.38-0.99)' in out and 'ends below lrq: 30 of 30' in out
+  assert "kept start: ['layers_0', 'layers_28']" in out
+  readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())   # wrapping-independent
+  assert 'final/RTN 0.31-0.95 against 0.38-0.99' in readme and 'Layers 0 and 28 kept GPTQ\'s start' in readme
+
