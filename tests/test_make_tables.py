@@ -44,10 +44,20 @@ def test_resumed_llm_runs_show_their_summed_layer_times():
   assert f'| {mt._units_seconds(r):.0f}\\* |' in row
 
 
+def _compare_layers(setting, method, baseline):
+  """The printout of experiments/compare_layers.py (the README's per-layer facts come from it)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), setting, method,
+                         baseline], capture_output=True, text=True, check=True).stdout
+
+
+def _readme_words():
+  """The README with every run of whitespace one space, so a claim can be found however the text is wrapped."""
+  return ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())
+
+
 def test_compare_layers_gives_the_readme_per_layer_facts():
   """The per-layer claims of the README's GPTQ -> FlexRound W4 paragraph come out of compare_layers.py."""
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_channel_w4',
-                        'gptq_flexround', 'flexround'], capture_output=True, text=True, check=True).stdout
+  out = _compare_layers('per_channel_w4', 'gptq_flexround', 'flexround')
   assert 'final/start 0.70-1.00' in out
   assert "ends below flexround: 5 of 30 ['layers_11', 'layers_12', 'layers_13', 'layers_14', 'layers_15']" in out
   assert "kept start: ['layers_11', 'layers_28']" in out
@@ -57,11 +67,10 @@ def test_compare_layers_gives_the_readme_per_layer_facts():
 
 def test_compare_layers_gives_the_readme_w3_g128_facts():
   """The per-layer claims of the README's GPTQ -> FlexRound W3 g128 sentences come out of compare_layers.py."""
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_group128_w3',
-                        'gptq_flexround', 'flexround'], capture_output=True, text=True, check=True).stdout
+  out = _compare_layers('per_group128_w3', 'gptq_flexround', 'flexround')
   assert 'final/rtn 0.20-0.87 (flexround: 0.17-0.85)' in out and 'final/start 0.57-0.94' in out
   assert "ends below flexround: 1 of 30 ['layers_28']" in out and 'kept start: []' in out
-  readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())   # wrapping-independent
+  readme = _readme_words()
   assert 'final/RTN 0.20-0.87 against 0.17-0.85' in readme and '(final/start 0.57-0.94)' in readme
   assert 'the one below is layer 28' in readme and 'no layer kept the start' in readme
 
@@ -79,10 +88,8 @@ def test_a_recorded_resume_adds_the_restored_units_seconds():
 
 def test_compare_layers_gives_the_readme_gptq_lrq_facts():
   """The per-layer claims of the README's GPTQ -> LRQ paragraph come out of compare_layers.py."""
-  out = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), 'per_channel_w3',
-                        'gptq_lrq', 'lrq'], capture_output=True, text=True, check=True).stdout
+  out = _compare_layers('per_channel_w3', 'gptq_lrq', 'lrq')
   assert 'final/rtn 0.31-0.95 (lrq: 0.38-0.99)' in out and 'ends below lrq: 30 of 30' in out
   assert "kept start: ['layers_0', 'layers_28']" in out
-  readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())   # wrapping-independent
+  readme = _readme_words()
   assert 'final/RTN 0.31-0.95 against 0.38-0.99' in readme and 'Layers 0 and 28 kept GPTQ\'s start' in readme
-
