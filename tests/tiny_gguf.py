@@ -48,3 +48,22 @@ def write_gguf(path, params, config, block_count=None, extra=None, drop=None):
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
   writer.close()
+
+
+
+def tensor_ranges(path):
+  """(start of the data section, {tensor name: (first byte, end byte)} of each tensor's data) in the file, as the
+  gguf package's reader finds them."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf.GGUFReader(path, 'r')
+  return reader.data_offset, {t.name: (t.data_offset, t.data_offset + t.n_bytes) for t in reader.tensors}
+
+
+def set_tensor_offset(path, name, offset):
+  """Rewrites, in place, the data offset (a uint64 counted from the data section's start) in tensor ``name``'s
+  info."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  reader = gguf.GGUFReader(path, 'r+')
+  (tensor,) = [t for t in reader.tensors if t.name == name]
+  tensor.field.parts[-1][0] = offset
+  reader.data.flush()
