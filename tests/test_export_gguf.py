@@ -142,3 +142,40 @@ def test_a_failed_write_leaves_no_file(tmp_path, model, monkeypatch):
   with pytest.raises(OSError, match='disk full'):
     export.save_gguf(path, params, qts, template_gguf=template)
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('bad, message', [
+    ('zero_scale', r'scale 0\.0 is not positive'), ('negative_scale', r'scale -0\.0[0-9]+ is not positive'),
+    ('nan_scale', 'scale nan is not finite'), ('inf_scale', 'scale inf is not finite'),
+    ('scale_not_float16', r'scale 0\.1000000014\d* is not exact in float16'),
+    ('scale_beyond_float16', r'scale 100000\.0 is not exact in float16'),
+    ('code_8', r'code 8 cannot be stored in Q4_0'), ('code_minus_9', 'code -9 cannot be stored in Q4_0'),
+    ('fractional_code', r'its codes \(float32\) are not all integers')])
+def test_values_gguf_cannot_hold_are_refused_naming_the_tensor_before_writing(tmp_path, model, bad, message):
+  """Each used to be written (zero / negative steps) or fail as 'AssertionError ... (packing bug)'."""
+  _, params, template = model
+  key = 'layers_1/attn/v_proj/kernel'
+  qts = _qtensors(params, 4, learned=False)
+  qt = qts[key]
+  codes, scale = np.array(qt.codes), np.array(qt.scale)
+  if bad.endswith('scale'):
+    scale.flat[5] = {'zero_scale': 0.0, 'negative_scale': -scale.flat[5], 'nan_scale': np.nan,
+                     'inf_scale': np.inf}[bad]
+  elif bad == 'scale_not_float16':
+    scale.flat[5] = np.float32(0.1)
+  elif bad == 'scale_beyond_float16':
+    scale.flat[5] = 1e5
+  elif bad == 'fractional_code':
+    codes = codes.astype(np.float32)
+    codes[3, 4] = 0.5
+  else:
+    codes[3, 4] = 8 if bad == 'code_8' else -9
+  qts[key] = qt.__class__(codes, scale, qt.zero_point, qt.spec)
+  path = tmp_path / 'q.gguf'
+  with pytest.raises(ValueError, match=f'kernel {key}: {message}'):
+    export.save_gguf(str(path), params, qts, template_gguf=template)
+  assert os.listdir(tmp_path) == []
+  path.write_bytes(b'an earlier export')   # overwrite=True replaces a file only with a complete, checked one
+  with pytest.raises(ValueError, match=f'kernel {key}: {message}'):
+    export.save_gguf(str(path), params, qts, template_gguf=template, overwrite=True)
+  assert os.listdir(tmp_path) == ['q.gguf'] and path.read_bytes() == b'an earlier export'
