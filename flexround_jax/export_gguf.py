@@ -186,7 +186,10 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
   def write(tmp):
     writer = gguf.GGUFWriter(tmp, meta['general.architecture'])
     for key, (value, vtype, sub_type) in kv.items():
-      writer.add_key_value(key, value, vtype, sub_type=sub_type)
+      if key == 'general.alignment':   # the padding of the tensor data, not only a key
+        writer.add_custom_alignment(value)
+      else:
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
     for name, data, qtype in encoded:
       writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()

@@ -179,3 +179,20 @@ def test_values_gguf_cannot_hold_are_refused_naming_the_tensor_before_writing(tm
   with pytest.raises(ValueError, match=f'kernel {key}: {message}'):
     export.save_gguf(str(path), params, qts, template_gguf=template, overwrite=True)
   assert os.listdir(tmp_path) == ['q.gguf'] and path.read_bytes() == b'an earlier export'
+
+
+@pytest.mark.parametrize('alignment', [64, 256])
+def test_a_template_with_its_own_alignment_is_written_with_that_alignment(tmp_path, model, alignment):
+  """general.alignment was copied as a key while the data stayed 32-byte aligned: the reader then looked for the
+  tensors at other bytes."""
+  import gguf
+  config, params, _ = model
+  template = str(tmp_path / 'aligned.gguf')
+  tiny_gguf.write_gguf(template, params, config, alignment=alignment)
+  qts = _qtensors(params, 4, learned=False)
+  path = str(tmp_path / 'q.gguf')
+  export.save_gguf(path, params, qts, template_gguf=template)
+  reader = gguf.GGUFReader(path, 'r')
+  assert reader.alignment == alignment and all(t.data_offset % alignment == 0 for t in reader.tensors)
+  _, loaded, _, _ = llama.load_smollm2(path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, fr.dequantize_params(params, qts))

@@ -20,12 +20,15 @@ def tiny_llama(dim=32, ffn_dim=48, head_dim=8, seed=0):
   return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
 
-def write_gguf(path, params, config, block_count=None, extra=None, drop=None):
-  """Writes ``params`` as F32 tensors in torch layout (out, in), q/k rows permuted for adjacent RoPE."""
+def write_gguf(path, params, config, block_count=None, extra=None, drop=None, alignment=None):
+  """Writes ``params`` as F32 tensors in torch layout (out, in), q/k rows permuted for adjacent RoPE; tensor data
+  aligned to ``alignment`` bytes (general.alignment) if given, else GGUF's default 32."""
   import gguf  # pylint: disable=g-import-not-at-top
   from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
   heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
   writer = gguf.GGUFWriter(path, 'llama')
+  if alignment is not None:
+    writer.add_custom_alignment(alignment)
   for add, value in [('add_block_count', config.n_layers if block_count is None else block_count),
                      ('add_context_length', config.max_seq_len), ('add_embedding_length', config.dim),
                      ('add_feed_forward_length', config.ffn_dim), ('add_head_count', config.n_heads),
