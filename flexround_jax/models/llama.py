@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 
 import flax.linen as nn
@@ -247,11 +248,8 @@ def _check_ranges(path: str, fields, start: int, file_bytes: int) -> None:
       block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
     except (ValueError, KeyError) as e:
       raise _GGUFRefused(f'{path}: tensor {name!r} has unknown GGML type {int(raw_type[0])}') from e
-    n = 1
-    for d in dims.tolist():
-      n *= int(d)
     begin = start + int(offset[0])
-    end = begin + n * type_bytes // block
+    end = begin + math.prod(dims.tolist()) * type_bytes // block
     if end > file_bytes:
       raise _GGUFRefused(f'{path}: tensor {name!r} data (bytes {begin} to {end}) lies beyond the end of the file '
                          f'({file_bytes} bytes)')
