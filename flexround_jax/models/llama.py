@@ -214,6 +214,11 @@ GGUF_DIGEST_KEY = 'flexround_jax.sha256'
 GGUF_MANIFEST_KEY = 'flexround_jax.tensors'
 
 
+# A tool that rewrites a file but copies every key (llama-quantize does) leaves a seal that no longer matches.
+_RESEAL_HINT = (f'corrupted, or rewritten by a tool that copied the seal, as llama-quantize does; `gguf-new-metadata '
+                f'IN OUT --remove-metadata {GGUF_DIGEST_KEY} --remove-metadata {GGUF_MANIFEST_KEY}` drops the seal')
+
+
 class _GGUFRefused(ValueError):
   """A GGUF refused by our own checks (its message names the file and the tensor): not re-wrapped."""
 
@@ -273,7 +278,7 @@ def _check_digest(path: str, reader, meta: dict, tensors: bool = True) -> None:
                        f'{GGUF_MANIFEST_KEY!r} (corrupted)')
   body = {k: v for k, v in meta.items() if not k.startswith('GGUF.') and k != GGUF_DIGEST_KEY}
   if integrity.json_sha256(body) != meta[GGUF_DIGEST_KEY]:
-    raise _GGUFRefused(f'{path}: its metadata does not match its checksum {GGUF_DIGEST_KEY} (corrupted)')
+    raise _GGUFRefused(f'{path}: its metadata does not match its checksum {GGUF_DIGEST_KEY} ({_RESEAL_HINT})')
   if not tensors:
     return
   stored = json.loads(meta[GGUF_MANIFEST_KEY])   # sealed above: written by gguf_seal
@@ -285,8 +290,8 @@ def _check_digest(path: str, reader, meta: dict, tensors: bool = True) -> None:
       raise _GGUFRefused(f'{path}: tensor {name!r} is not in its checksum manifest')
     got = gguf_tensor_digest(found[name].tensor_type, found[name].data)
     if got != stored[name]:
-      raise _GGUFRefused(f'{path}: tensor {name!r} does not match its checksum (corrupted; stored {stored[name]}, '
-                         f'read {got})')
+      raise _GGUFRefused(f'{path}: tensor {name!r} does not match its checksum (stored {stored[name]}, read '
+                         f'{got}; {_RESEAL_HINT})')
 
 
 def open_gguf(path: str, tensors: bool = True):
