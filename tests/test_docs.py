@@ -40,7 +40,7 @@ def code_blocks(text: str, page: str) -> list[tuple[int, str, str, str | None]]:
   return out
 
 
-def test_every_block_runs_or_says_why_not():
+def test_pages_parse_and_not_run_markers_give_a_reason():
   """The page parser itself: a bare marker, an unknown fence language are errors; indented fences are found."""
   good = 'x\n<!-- not run: needs a TPU -->\n```python\n1/0\n```\n  ```python\n  y = 1\n  ```\n'
   assert [(l, r) for l, _, _, r in code_blocks(good, 'p')] == [(3, 'needs a TPU'), (6, None)]
