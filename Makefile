@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo data train clean llama-cpp deploy
+.PHONY: install test demo data train clean llama-cpp deploy docs
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+# The docs site (mkdocs.yml, docs/) into build/site; --strict: any warning (a broken link, a docstring mkdocstrings
+# cannot collect) fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 demo: install
 	$(BIN)/python -m flexround_jax.demo

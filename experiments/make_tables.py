@@ -1,8 +1,9 @@
-"""README result tables (and plots) generated from the committed JSON in experiments/results.
+"""The docs' result tables (and plots) generated from the committed JSON in experiments/results.
 
-  python experiments/make_tables.py            # print the tables
-  python experiments/make_tables.py --readme   # also rewrite the blocks between <!-- results:NAME --> markers
-                                               # and write experiments/results/<name>_vs_bits.png
+  python experiments/make_tables.py          # print the tables
+  python experiments/make_tables.py --docs   # also rewrite the blocks between <!-- results:NAME --> markers in
+                                             # docs/*.md (docs/results.md, docs/benchmarks.md) and write
+                                             # docs/assets/<name>_vs_bits.png
 Only settings with a JSON appear; missing ones are listed as not run yet.
 """
 
@@ -16,7 +17,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'results')
-README = os.path.join(HERE, '..', 'README.md')
+DOCS = os.path.join(HERE, '..', 'docs')
+ASSETS = os.path.join(DOCS, 'assets')   # the figures the docs pages show
 METHODS = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq', 'gptq+flexround', 'gptq+lrq')   # row order
 IMAGE_METHODS = ('rtn', 'adaround', 'flexround')   # the image table's columns (GPTQ / LRQ quantize Dense only)
 
@@ -274,7 +276,7 @@ def bench_table() -> str:
   for r in bench['rows']:
     name = next(v for k, v in BENCH_BLOCKS.items() if r['block'].startswith(k))
     if r.get('baseline'):
-      name += f" ({r['baseline']}: before issue 18)"
+      name += f" ({r['baseline']}: the previous engine)"
     lines.append(f"| {name} | {r['granularity'].replace('_', '-')} | {r['batch']} | {r['devices']} | "
                  f"{r['steps_per_dispatch']} | {r['step_ms']:.0f} ms | {r['forward_ms']:.0f} ms | "
                  f"{r['gflop_per_step']:.1f} | {r['gflops']:.0f} | {100 * r['fraction_of_matmul_peak']:.0f} % |")
@@ -337,8 +339,7 @@ TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
           'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,
           'stream': stream_table}
-# (result files, metric, plot group, lower is better) for experiments/results/<name>_vs_bits.png
-PLOTS = {   # name -> (results pattern, metric, lines by, lower is better (and a log axis))
+PLOTS = {   # docs/assets/<name>_vs_bits.png: (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
     'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),
     'image': ('image_*_s*.json', 'quantized.top1', 'model+granularity+method', False)}
@@ -351,28 +352,45 @@ def make_plots() -> list[str]:
   for name, (pattern, metric, group, lower) in PLOTS.items():
     rows = _load(pattern)
     if rows:
-      path = os.path.join(RESULTS, f'{name}_vs_bits.png')
+      path = os.path.join(ASSETS, f'{name}_vs_bits.png')
       plots.metric_vs_bits(rows, metric, path, title=f'{name}: {metric} vs weight bits', group=group,
                            higher_is_better=not lower, log_y=lower)
       written.append(path)
   return written
 
 
+def doc_pages() -> list[str]:
+  """The docs pages that may hold result blocks."""
+  return sorted(glob.glob(os.path.join(DOCS, '*.md')))
+
+
+def block_pattern(name: str) -> re.Pattern:
+  """The block between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` (group 2: the table)."""
+  return re.compile(rf'(<!-- results:{name} -->\n)(.*?\n)?(<!-- /results:{name} -->)', re.S)
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument('--readme', action='store_true')
+  parser.add_argument('--docs', action='store_true', help='rewrite the result blocks in docs/*.md and the figures')
   args = parser.parse_args()
-  text = open(README).read()
+  pages = {path: open(path).read() for path in doc_pages()}
   for name, fn in TABLES.items():
     try:
       table = fn()
     except FileNotFoundError as e:
       table = f'(not run yet: {os.path.basename(e.filename)} missing)'
     print(f'## {name}\n{table}\n')
-    pattern = re.compile(rf'(<!-- results:{name} -->\n)(?:.*?\n)?(<!-- /results:{name} -->)', re.S)
-    text = pattern.sub(lambda m: m.group(1) + table + '\n' + m.group(2), text)
-  if args.readme:
-    open(README, 'w').write(text)
+    pattern = block_pattern(name)
+    holders = [path for path, text in pages.items() if pattern.search(text)]
+    if args.docs and len(holders) != 1:
+      raise SystemExit(f'results:{name}: expected one docs page with this block, found {len(holders)}: {holders}')
+    for path in holders:
+      pages[path] = pattern.sub(lambda m: m.group(1) + table + '\n' + m.group(3), pages[path])
+  if args.docs:
+    for path, text in pages.items():
+      if text != open(path).read():
+        open(path, 'w').write(text)
+        print(f'wrote {os.path.relpath(path)}')
     for path in make_plots():
       print(f'wrote {os.path.relpath(path)}')
 

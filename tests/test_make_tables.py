@@ -1,10 +1,10 @@
-"""The README's result tables are the ones experiments/make_tables.py generates from the committed JSON."""
+"""The docs' result tables are the ones experiments/make_tables.py generates from the committed JSON, and the
+per-layer facts their prose states come from experiments/compare_layers.py."""
 
 import glob
 import json
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 
@@ -18,13 +18,24 @@ def _make_tables():
   return module
 
 
-def test_readme_tables_match_committed_results():
+def test_docs_tables_match_committed_results():
   mt = _make_tables()
-  readme = open(os.path.join(ROOT, 'README.md')).read()
+  pages = {os.path.relpath(p, ROOT): open(p).read() for p in mt.doc_pages()}
   for name, fn in mt.TABLES.items():
-    block = re.search(rf'<!-- results:{name} -->\n(.*?)<!-- /results:{name} -->', readme, re.S)
-    assert block, f'README has no results:{name} block'
-    assert block.group(1).strip() == fn().strip(), f'README table {name!r} is stale: run make_tables.py --readme'
+    blocks = [(page, m) for page, text in pages.items() for m in mt.block_pattern(name).finditer(text)]
+    assert len(blocks) == 1, f'results:{name}: expected one block in docs/*.md, found {[p for p, _ in blocks]}'
+    page, block = blocks[0]
+    assert (block.group(2) or '').strip() == fn().strip(), \
+        f'{page}: table {name!r} is stale: run python experiments/make_tables.py --docs'
+
+
+def test_docs_figures_exist():
+  """The figures make_tables.py draws are the ones the results page shows."""
+  mt = _make_tables()
+  results_page = open(os.path.join(ROOT, 'docs', 'results.md')).read()
+  for name in mt.PLOTS:
+    assert os.path.exists(os.path.join(mt.ASSETS, f'{name}_vs_bits.png')), name
+    assert f'](assets/{name}_vs_bits.png)' in results_page, name
 
 
 def test_every_llm_result_has_a_row():
@@ -45,34 +56,34 @@ def test_resumed_llm_runs_show_their_summed_layer_times():
 
 
 def _compare_layers(setting, method, baseline):
-  """The printout of experiments/compare_layers.py (the README's per-layer facts come from it)."""
+  """The printout of experiments/compare_layers.py (the results page's per-layer facts come from it)."""
   return subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'compare_layers.py'), setting, method,
                          baseline], capture_output=True, text=True, check=True).stdout
 
 
-def _readme_words():
-  """The README with every run of whitespace one space, so a claim can be found however the text is wrapped."""
-  return ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())
+def _results_words():
+  """docs/results.md with every run of whitespace one space, so a claim can be found however the text is wrapped."""
+  return ' '.join(open(os.path.join(ROOT, 'docs', 'results.md')).read().split())
 
 
-def test_compare_layers_gives_the_readme_per_layer_facts():
-  """The per-layer claims of the README's GPTQ -> FlexRound W4 paragraph come out of compare_layers.py."""
+def test_compare_layers_gives_the_results_per_layer_facts():
+  """The per-layer claims of the results page's GPTQ -> FlexRound W4 paragraph come out of compare_layers.py."""
   out = _compare_layers('per_channel_w4', 'gptq_flexround', 'flexround')
   assert 'final/start 0.70-1.00' in out
   assert "ends below flexround: 5 of 30 ['layers_11', 'layers_12', 'layers_13', 'layers_14', 'layers_15']" in out
   assert "kept start: ['layers_11', 'layers_28']" in out
-  readme = open(os.path.join(ROOT, 'README.md')).read()
-  assert 'in layers 11-15 it ends below FlexRound' in readme and 'final / start 0.70-1.00' in readme
+  page = _results_words()
+  assert 'in layers 11-15 it ends below FlexRound' in page and 'final / start 0.70-1.00' in page
 
 
-def test_compare_layers_gives_the_readme_w3_g128_facts():
-  """The per-layer claims of the README's GPTQ -> FlexRound W3 g128 sentences come out of compare_layers.py."""
+def test_compare_layers_gives_the_results_w3_g128_facts():
+  """The per-layer claims of the results page's GPTQ -> FlexRound W3 g128 sentences come out of compare_layers.py."""
   out = _compare_layers('per_group128_w3', 'gptq_flexround', 'flexround')
   assert 'final/rtn 0.20-0.87 (flexround: 0.17-0.85)' in out and 'final/start 0.57-0.94' in out
   assert "ends below flexround: 1 of 30 ['layers_28']" in out and 'kept start: []' in out
-  readme = _readme_words()
-  assert 'final/RTN 0.20-0.87 against 0.17-0.85' in readme and '(final/start 0.57-0.94)' in readme
-  assert 'the one below is layer 28' in readme and 'no layer kept the start' in readme
+  page = _results_words()
+  assert 'final/RTN 0.20-0.87 against 0.17-0.85' in page and '(final/start 0.57-0.94)' in page
+  assert 'the one below is layer 28' in page and 'no layer kept the start' in page
 
 
 def test_a_recorded_resume_adds_the_restored_units_seconds():
@@ -86,10 +97,10 @@ def test_a_recorded_resume_adds_the_restored_units_seconds():
   assert mt._resumed_seconds({'quantize_wall_s': 500.0, 'report': report}) is None
 
 
-def test_compare_layers_gives_the_readme_gptq_lrq_facts():
-  """The per-layer claims of the README's GPTQ -> LRQ paragraph come out of compare_layers.py."""
+def test_compare_layers_gives_the_results_gptq_lrq_facts():
+  """The per-layer claims of the results page's GPTQ -> LRQ paragraph come out of compare_layers.py."""
   out = _compare_layers('per_channel_w3', 'gptq_lrq', 'lrq')
   assert 'final/rtn 0.31-0.95 (lrq: 0.38-0.99)' in out and 'ends below lrq: 30 of 30' in out
   assert "kept start: ['layers_0', 'layers_28']" in out
-  readme = _readme_words()
-  assert 'final/RTN 0.31-0.95 against 0.38-0.99' in readme and 'Layers 0 and 28 kept GPTQ\'s start' in readme
+  page = _results_words()
+  assert 'final/RTN 0.31-0.95 against 0.38-0.99' in page and 'Layers 0 and 28 kept GPTQ\'s start' in page
