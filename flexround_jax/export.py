@@ -1,5 +1,10 @@
 """Export a quantized model: packed integer codes + scales + zero points, as safetensors or Orbax.
 
+Every exporter (these two, ``save_gguf``, ``save_compressed_tensors``, ``export_qwix``) takes the params as a linen
+dict or an nnx ``State`` (``QuantizeResult.params`` either way; ``treepath.flatten_params`` names their leaves, and
+refuses a key holding '/'). ``load_safetensors`` / ``load_orbax`` return ``Loaded(params, qtensors)``, params as
+nested dicts, or with ``like=`` (a linen dict or an nnx ``State``, concrete or abstract) in that structure.
+
 safetensors layout (``save_safetensors``), one file, no pickle:
   <kernel path>.qweight     uint8, the codes as a little-endian bit stream, ``bits`` bits per code (4-bit: two per
                             byte, low nibble first; 3-bit: 8 codes in 3 bytes); flattened in the kernel's C order
@@ -16,8 +21,9 @@ safetensors layout (``save_safetensors``), one file, no pickle:
 A kernel is rebuilt as scale * (codes - zero_point) on its view, cast to its dtype and reshaped to its shape: bit for
 bit the fake-quantized kernel the engine trained.
 
-``save_safetensors`` writes only QTensors that pass ``qtensor.validate``. What ``load_safetensors`` verifies, each
-failure a ValueError naming the file (and the kernel or param, and the field):
+``save_safetensors`` refuses an existing path unless ``overwrite=True``, writes only QTensors that pass
+``qtensor.validate``, and renames a complete '<path>.tmp-<pid>' into place (``integrity.write_in_place``). What
+``load_safetensors`` verifies, each failure a ValueError naming the file (and the kernel or param, and the field):
   - the checksum, so any changed tensor or metadata field is an error, never a different model;
   - then every field against the tensors: kernel shape and view of equal size (view of rank >= 2), a floating
     kernel dtype, the spec fields a valid QuantSpec, qweight uint8 of ceil(size * bits / 8) bytes, and

@@ -103,8 +103,8 @@ def qwix_rules(params, qtensors: dict[str, QTensor], *, act_qtype=None,
   (weight_qtype, calibration, tile_size)), weight-only unless ``act_qtype`` is given (e.g. ``jnp.int8``).
 
   ``params``: the float params the QTensors were made from (linen, without the 'params' collection key, or an nnx
-  ``State``); its kernel shapes place per-group tiles. ValueError naming the kernels qwix cannot hold (see the module docstring), or,
-  with ``float_fallback``, those kernels get no rule.
+  ``State``); its kernel shapes place per-group tiles. ValueError naming the kernels qwix cannot hold (see the module
+  docstring), or, with ``float_fallback``, those kernels get no rule.
   """
   flat = treepath.flatten_params(params)
   configs: dict[tuple, list[str]] = {}
