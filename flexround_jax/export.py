@@ -135,6 +135,8 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor], activation
   into place, so a crash never leaves a half-written file at ``path``.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):   # overwrite=True replaces a file, never deletes a folder
+    raise FileExistsError(f'{path} is a folder; save_safetensors writes one file and never replaces a folder')
   if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
   flat = _flatten(params, f'save_safetensors {path}')

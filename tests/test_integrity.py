@@ -113,6 +113,10 @@ def test_save_safetensors_refuses_an_existing_file_and_replaces_it_atomically(tm
   export.save_safetensors(path, params, qtensors, overwrite=True)
   _assert_same(*export.load_safetensors(path), params, qtensors)
   assert sorted(os.listdir(tmp_path)) == ['model.safetensors']   # no temporary or old copy left behind
+  os.makedirs(tmp_path / 'folder' / 'inside')
+  with pytest.raises(FileExistsError, match=re.escape(str(tmp_path / 'folder')) + ' is a folder'):
+    export.save_safetensors(str(tmp_path / 'folder'), params, qtensors, overwrite=True)
+  assert os.path.isdir(tmp_path / 'folder' / 'inside')
 
 
 def test_loads_return_a_documented_named_tuple(tmp_path):
