@@ -99,7 +99,7 @@ def main():
     # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
     params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
     path = os.path.join(workdir, 'model.safetensors')
-    sizes = export.save_safetensors(path, params_q, qtensors)
+    sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
     results.update({
         'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
         'peak_rss_mb': round(rss.peak_mb, 1), 'export_bytes': sizes['file_bytes'],

@@ -1,5 +1,10 @@
 """Export a quantized model: packed integer codes + scales + zero points, as safetensors or Orbax.
 
+Every exporter (these two, ``save_gguf``, ``save_compressed_tensors``, ``export_qwix``) takes the params as a linen
+dict or an nnx ``State`` (``QuantizeResult.params`` either way; ``treepath.flatten_params`` names their leaves, and
+refuses a key holding '/'). ``load_safetensors`` / ``load_orbax`` return ``Loaded(params, qtensors)``, params as
+nested dicts, or with ``like=`` (a linen dict or an nnx ``State``, concrete or abstract) in that structure.
+
 safetensors layout (``save_safetensors``), one file, no pickle:
   <kernel path>.qweight     uint8, the codes as a little-endian bit stream, ``bits`` bits per code (4-bit: two per
                             byte, low nibble first; 3-bit: 8 codes in 3 bytes); flattened in the kernel's C order
@@ -16,8 +21,9 @@ safetensors layout (``save_safetensors``), one file, no pickle:
 A kernel is rebuilt as scale * (codes - zero_point) on its view, cast to its dtype and reshaped to its shape: bit for
 bit the fake-quantized kernel the engine trained.
 
-``save_safetensors`` writes only QTensors that pass ``qtensor.validate``. What ``load_safetensors`` verifies, each
-failure a ValueError naming the file (and the kernel or param, and the field):
+``save_safetensors`` refuses an existing path unless ``overwrite=True``, writes only QTensors that pass
+``qtensor.validate``, and renames a complete '<path>.tmp-<pid>' into place (``integrity.write_in_place``). What
+``load_safetensors`` verifies, each failure a ValueError naming the file (and the kernel or param, and the field):
   - the checksum, so any changed tensor or metadata field is an error, never a different model;
   - then every field against the tensors: kernel shape and view of equal size (view of rank >= 2), a floating
     kernel dtype, the spec fields a valid QuantSpec, qweight uint8 of ceil(size * bits / 8) bytes, and
@@ -43,6 +49,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +71,43 @@ _PARTS = ('qweight', 'scale', 'zero_point')
 _ACT_PARTS = ('input_step', 'input_zero_point')   # tensors '<module>.<part>' of a static input quantizer
 
 
-def _flatten(params) -> dict[str, np.ndarray]:
-  return {name: np.asarray(leaf) for name, leaf in treepath.flatten(params).items()}
+class Loaded(NamedTuple):
+  """A model read back by ``load_safetensors`` / ``load_orbax``; unpacks as ``params, qtensors = load_orbax(path)``.
+
+  Attributes:
+    params: the params with every quantized kernel dequantized (``QTensor.dequantize`` in the kernel's dtype, reshaped
+      to the kernel): nested dicts with str keys and numpy leaves, or, with ``like=``, a tree of ``like``'s structure
+      (an nnx ``State`` of ``nnx.Param`` for an nnx ``like``).
+    qtensors: {'/'-joined kernel path ('block_0/fc1/kernel'): QTensor}, codes on each kernel's 2-D / conv view.
+  """
+  params: Any
+  qtensors: dict[str, QTensor]
+
+
+def _flatten(params, where: str = 'params') -> dict[str, np.ndarray]:
+  """{'/'-joined name: numpy leaf} of a linen params dict or an nnx State (``treepath.flatten_params``)."""
+  return {name: np.asarray(leaf) for name, leaf in treepath.flatten_params(params, where).items()}
+
+
+def _like(params: dict, like, path: str):
+  """``params`` (nested dicts as loaded) in the structure of ``like`` (a linen dict or nnx State, leaves arrays or
+  ``jax.ShapeDtypeStruct``); ValueError naming the export and the param unless both hold the same names, shapes and
+  dtypes."""
+  if like is None:
+    return params
+  got, want = treepath.flatten(params), treepath.flatten_params(like, f'{path}: like')
+  for name in sorted(set(got) | set(want)):
+    if name not in want:
+      raise ValueError(f'{path}: param {name!r} of the export is not in like=')
+    if name not in got:
+      raise ValueError(f'{path}: param {name!r} of like= is not in the export')
+    g, w = got[name], want[name]
+    if (tuple(np.shape(g)), np.dtype(g.dtype)) != (tuple(w.shape), np.dtype(w.dtype)):
+      raise ValueError(f'{path}: param {name!r} is {np.dtype(g.dtype).name} {tuple(np.shape(g))} in the export, '
+                       f'{np.dtype(w.dtype).name} {tuple(w.shape)} in like=')
+  leaves = jax.tree.leaves(like)
+  assert len(leaves) == len(want), 'like= has leaves that are not params'
+  return jax.tree.unflatten(jax.tree.structure(like), [got[name] for name in want])
 
 
 def _checksum(tensors: dict[str, np.ndarray], info: dict) -> str:
@@ -83,11 +125,21 @@ def _checksum_1(tensors: dict[str, np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def save_safetensors(path: str, params, qtensors: dict[str, QTensor], activations: dict | None = None) -> dict:
+def save_safetensors(path: str, params, qtensors: dict[str, QTensor], activations: dict | None = None, *,
+                     overwrite: bool = False) -> dict:
   """Writes the quantized model (with ``activations``, ``QuantizeResult.activations``: its input quantizers too);
-  returns sizes {'file_bytes', 'float32_bytes'} for reports."""
+  returns sizes {'file_bytes', 'float32_bytes'} for reports.
+
+  ``params``: a linen params dict or an nnx ``State`` (``QuantizeResult.params`` either way). Refuses an existing
+  ``path`` unless ``overwrite`` (FileExistsError, before any work). Writes a sibling '<path>.tmp-<pid>' and renames it
+  into place, so a crash never leaves a half-written file at ``path``.
+  """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  flat = _flatten(params)
+  if os.path.isdir(path):   # overwrite=True replaces a file, never deletes a folder
+    raise FileExistsError(f'{path} is a folder; save_safetensors writes one file and never replaces a folder')
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  flat = _flatten(params, f'save_safetensors {path}')
   missing = set(qtensors) - set(flat)
   if missing:
     raise ValueError(f'qtensors name kernels that are not in params: {sorted(missing)[:5]}')
@@ -117,18 +169,19 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor], activation
             raise ValueError(f'save_safetensors: tensor name {module}.{part} is taken by a param')
           tensors[f'{module}.{part}'] = np.asarray(arrays[f'a{i:05d}'][key])
   meta = {'flexround_jax': json.dumps(info), 'sha256': _checksum(tensors, json.loads(json.dumps(info)))}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp'
-  save_file(tensors, tmp, metadata=meta)
-  os.replace(tmp, path)
+  path = os.path.abspath(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  integrity.write_in_place(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
   return {'file_bytes': os.path.getsize(path), 'float32_bytes': int(sum(v.size for v in flat.values()) * 4)}
 
 
-def load_safetensors(path: str) -> tuple[dict, dict[str, QTensor]]:
-  """(params with dequantized kernels, {kernel path: QTensor}); ValueError naming the file if it is damaged or any
-  field does not fit the tensors (see the module docstring). Input quantizers: ``load_activations``."""
+def load_safetensors(path: str, *, like=None) -> Loaded:
+  """``Loaded(params, qtensors)`` of a ``save_safetensors`` file; ValueError naming the file if it is damaged or any
+  field does not fit the tensors (see the module docstring). ``like``: a linen params dict or an nnx ``State`` (of
+  arrays or ``jax.ShapeDtypeStruct``s) to return params in its structure, ValueError naming the param unless it has
+  the export's param names, shapes and dtypes. Input quantizers: ``load_activations``."""
   params, qtensors, _ = _load_safetensors(path)
-  return params, qtensors
+  return Loaded(_like(params, like, path), qtensors)
 
 
 def load_activations(path: str) -> dict[str, tuple]:
@@ -252,7 +305,8 @@ def _kernel(tensors: dict, name: str, entry, legacy: bool, where: str) -> tuple[
 
 
 def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
-  """The dequantized params and every QTensor (codes, scale, zero point, spec) as an Orbax checkpoint.
+  """The dequantized params and every QTensor (codes, scale, zero point, spec) of ``result`` (a ``QuantizeResult``,
+  its params a linen dict or an nnx ``State``) as an Orbax checkpoint.
 
   Refuses an existing ``path`` unless ``overwrite``. Writes a sibling '<path>.tmp-<pid>' and renames it into place
   (an existing export is moved aside first and deleted last), so a crash never leaves a half-written export at
@@ -262,8 +316,12 @@ def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
   path = os.path.abspath(path)
   if os.path.lexists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+  flat = _flatten(result.params, f'save_orbax {path}')
+  missing = sorted(set(result.qtensors) - set(flat))
+  if missing:
+    raise ValueError(f'save_orbax {path}: qtensors name kernels that are not in params: {missing[:5]}')
   arrays, qmeta = qtensor_lib.to_tree(result.qtensors)
-  state = {'params': treepath.unflatten(_flatten(result.params)), 'qtensors': arrays}
+  state = {'params': treepath.unflatten(flat), 'qtensors': arrays}
   activations = getattr(result, 'activations', None) or {}
   if activations:
     act_arrays, qmeta['activations'] = act_lib.to_tree(activations)
@@ -277,11 +335,13 @@ def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
   integrity.write_in_place(path, write)
 
 
-def load_orbax(path: str) -> tuple[dict, dict[str, QTensor]]:
-  """(params, {kernel path: QTensor}) of a ``save_orbax`` export, verified (see the module docstring). Input
-  quantizers: ``load_activations``."""
+def load_orbax(path: str, *, like=None) -> Loaded:
+  """``Loaded(params, qtensors)`` of a ``save_orbax`` export, verified (see the module docstring). ``like``: a linen
+  params dict or an nnx ``State`` to return params in its structure (as ``load_safetensors``). Input quantizers:
+  ``load_activations``."""
+  path = os.path.abspath(path)
   params, qtensors, _ = _load_orbax(path)
-  return params, qtensors
+  return Loaded(_like(params, like, path), qtensors)
 
 
 def _load_orbax(path: str):

@@ -155,8 +155,8 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
 
   Args:
     directory: the folder to write (built as '<directory>.tmp-<pid>' and renamed into place when complete).
-    params: Flax params of ``models.llama.Llama(config)`` (a kernel named in ``qtensors`` is written from its
-      QTensor, only its shape is read here).
+    params: Flax params of ``models.llama.Llama(config)``, a linen dict or an nnx ``State`` (a kernel named in
+      ``qtensors`` is written from its QTensor, only its shape is read here).
     qtensors: {projection kernel path ('layers_0/attn/q_proj/kernel'): QTensor}; other kernels are written dense.
     config: the ``models.llama.LlamaConfig``.
     overwrite: replace an existing ``directory`` (moved aside, deleted once the new one is in place).
@@ -181,7 +181,7 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
   names = hf_names(config)
   shapes = {k: tuple(v.shape) for k, v in treepath.flatten(jax.eval_shape(lambda: llama.make_llama(config)[1])).items()}
   assert set(shapes) == set(names), 'hf_names out of step with models.llama'
-  flat = treepath.flatten(params)
+  flat = treepath.flatten_params(params, f'save_compressed_tensors {directory}')
   for path in sorted(set(flat) | set(shapes)):
     if path not in flat:
       raise ValueError(f'params lack {path} (HF {names[path]})')

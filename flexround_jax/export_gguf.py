@@ -115,7 +115,7 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
   reader, meta = llama.open_gguf(template_gguf)
   config = llama.config_from_gguf(meta, template_gguf)
   names = llama.gguf_tensor_names(config)
-  flat = treepath.flatten(params)
+  flat = treepath.flatten_params(params, f'save_gguf {path}')   # a linen dict or an nnx State
   by_param = {treepath.path_str(p): n for n, p in names.items()}
   unknown = sorted(set(qtensors) - set(by_param))
   if unknown:

@@ -11,7 +11,14 @@ qwix itself only rounds to nearest (RTN, GPTQ, AWQ); here it is handed the codes
   qparams = export_qwix.to_qwix_params(params, qtensors, abstract)
   qmodel.apply({'params': qparams}, *inputs)           # ptq_model() does the first four steps
 
-Flax linen models. Kernels: Dense (in, out), DenseGeneral (in axes..., out axes...) = our view (prod in, prod out).
+nnx models (``params`` an nnx ``State``, e.g. ``QuantizeResult.params``): qwix quantizes the module itself, running it
+once on example inputs, and the params go in with ``nnx.update``:
+
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(export_qwix.qwix_rules(params, qtensors)), *example_inputs)
+  nnx.update(qmodel, export_qwix.to_qwix_params(params, qtensors, qmodel))
+  qmodel(*inputs)                                      # ptq_model(model, params, qtensors, *example_inputs) does this
+
+Kernels (linen and nnx): Dense (in, out), DenseGeneral (in axes..., out axes...) = our view (prod in, prod out).
 
   our grid                 qwix rule                                    QArray (kernel shape)
   symmetric, b bits        weight_qtype int4 / int8 (b = 4 / 8), else   qvalue = codes, no zero point
@@ -51,6 +58,7 @@ import math
 import re
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,11 +102,11 @@ def qwix_rules(params, qtensors: dict[str, QTensor], *, act_qtype=None,
   """qwix rules that quantize exactly the kernels of ``qtensors`` (module paths ``re.escape``d, one rule per
   (weight_qtype, calibration, tile_size)), weight-only unless ``act_qtype`` is given (e.g. ``jnp.int8``).
 
-  ``params``: the float params tree (linen, without the 'params' collection key) the QTensors were made from; its
-  kernel shapes place per-group tiles. ValueError naming the kernels qwix cannot hold (see the module docstring), or,
-  with ``float_fallback``, those kernels get no rule.
+  ``params``: the float params the QTensors were made from (linen, without the 'params' collection key, or an nnx
+  ``State``); its kernel shapes place per-group tiles. ValueError naming the kernels qwix cannot hold (see the module
+  docstring), or, with ``float_fallback``, those kernels get no rule.
   """
-  flat = treepath.flatten(params)
+  flat = treepath.flatten_params(params)
   configs: dict[tuple, list[str]] = {}
   module_config: dict[str, tuple] = {}
   problems = []
@@ -191,19 +199,20 @@ def to_qwix_params(params, qtensors: dict[str, QTensor], abstract_quantized_para
   """Params for the qwix PTQ model: every kernel qwix quantizes (a ``WithAux`` leaf of ``abstract_quantized_params``)
   filled from its QTensor, every other leaf taken from ``params``.
 
-  ``params``: the float params tree (linen, without the 'params' key); ``abstract_quantized_params``: the 'params'
-  of ``jax.eval_shape(qwix_model.init, ...)`` (any tree of the PTQ model's params with WithAux leaves). Returns a tree
-  of that structure, jax arrays throughout. ValueError naming the leaf when a quantized kernel has no QTensor, a
+  ``params``: the float params (linen, without the 'params' key, or an nnx ``State``). ``abstract_quantized_params``,
+  linen: the 'params' of ``jax.eval_shape(qwix_model.init, ...)`` (any tree of the PTQ model's params with WithAux
+  leaves); returns a tree of that structure, jax arrays throughout. nnx: the PTQ model itself (from
+  ``qwix.quantize_model``, or abstract from ``nnx.eval_shape``), as for ``qwix.quantize_params``; returns the pure
+  dict of its ``nnx.Param`` state (``nnx.to_pure_dict(nnx.state(qmodel, nnx.Param))``'s structure) for
+  ``nnx.update(qmodel, ...)``. ValueError naming the leaf when a quantized kernel has no QTensor, a
   QTensor's kernel is not quantized by qwix (unless ``float_fallback``: then its dequantized float kernel is written),
   the trees differ, or a grid does not fit qwix's (codes outside its type, scales varying inside its tiles or not
   exact in its scale dtype).
   """
-  flat = treepath.flatten(params)
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_quantized_params),
-                                                         is_leaf=lambda x: isinstance(x, ptq.WithAux))
+  flat = treepath.flatten_params(params)
+  named, rebuild = _abstract_params(abstract_quantized_params)
   out, seen = [], set()
-  for key_path, abstract in leaves:
-    name = treepath.path_str(treepath.path_names(key_path))
+  for name, abstract in named:
     if name not in flat:
       raise ValueError(f'qwix param {name!r} is not in params')
     seen.add(name)
@@ -228,15 +237,54 @@ def to_qwix_params(params, qtensors: dict[str, QTensor], abstract_quantized_para
     missing = sorted(set(names) - seen)
     if missing:
       raise ValueError(f'{what} hold {missing[:5]} ({len(missing)} in all), which the qwix model does not have')
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return rebuild(out)
 
 
-def ptq_model(model: nn.Module, params, qtensors: dict[str, QTensor], *example_inputs, act_qtype=None,
-              float_fallback: bool = False, **example_kwargs) -> tuple[nn.Module, dict]:
-  """(qwix PTQ model, its params) for a linen ``model``: ``qwix_rules``, ``qwix.quantize_model``, the abstract
-  params from ``jax.eval_shape`` of its init on ``example_inputs`` (nothing is computed), ``to_qwix_params``.
-  Run it as ``qmodel.apply({'params': qparams}, *inputs)``."""
+def _abstract_params(abstract):
+  """([(param name, abstract leaf or unboxed WithAux)], rebuild: values in that order -> the tree to_qwix_params
+  returns) of a linen params tree or an nnx PTQ model."""
+  if not isinstance(abstract, nnx.Module):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract),
+                                                           is_leaf=lambda x: isinstance(x, ptq.WithAux))
+    named = [(treepath.path_str(treepath.path_names(kp)), leaf) for kp, leaf in leaves]
+    return named, functools.partial(jax.tree_util.tree_unflatten, treedef)
+  aux = {treepath.path_str(p): node.value for p, node in nnx.iter_graph(abstract) if isinstance(node, ptq.WithAux)}
+  pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))   # a WithAux kernel: '<kernel>/array/{qvalue,scale,...}'
+  leaves = treepath.flatten(pure)
+  names = list(leaves)
+  under_aux = lambda name: any(name.startswith(a + '/') for a in aux)
+  named = [(n, leaf) for n, leaf in leaves.items() if not under_aux(n)] + list(aux.items())
+
+  def rebuild(values):
+    flat = {}
+    for (name, _), value in zip(named, values):
+      if name in aux:
+        flat.update({f'{name}/{sub}': v for sub, v in treepath.flatten(value).items()})
+      else:
+        flat[name] = value
+    if set(flat) != set(names):
+      raise ValueError(f'the qwix model holds {sorted(set(names) ^ set(flat))[:5]} in another form than its '
+                       f'WithAux kernels (qwix version?)')
+    return jax.tree.unflatten(jax.tree.structure(pure), [flat[n] for n in names])
+
+  return named, rebuild
+
+
+def ptq_model(model: nn.Module | nnx.Module, params, qtensors: dict[str, QTensor], *example_inputs, act_qtype=None,
+              float_fallback: bool = False, **example_kwargs) -> tuple[nn.Module | nnx.Module, dict]:
+  """(qwix PTQ model, its params) of ``model``: ``qwix_rules``, ``qwix.quantize_model``, ``to_qwix_params``.
+
+  linen: the abstract params come from ``jax.eval_shape`` of the PTQ model's init on ``example_inputs`` (nothing is
+  computed); run it as ``qmodel.apply({'params': qparams}, *inputs)``. nnx (``params`` the model's nnx ``State``):
+  qwix runs a copy of ``model`` once on ``example_inputs`` to build the PTQ model, which already holds ``qparams``
+  (``nnx.update``) when returned; run it as ``qmodel(*inputs)``.
+  """
   rules = qwix_rules(params, qtensors, act_qtype=act_qtype, float_fallback=float_fallback)
+  if isinstance(model, nnx.Module):
+    qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), *example_inputs, **example_kwargs)
+    qparams = to_qwix_params(params, qtensors, qmodel, float_fallback=float_fallback)
+    nnx.update(qmodel, qparams)
+    return qmodel, qparams
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
   init = functools.partial(qmodel.init, jax.random.key(0))
   abstract = jax.eval_shape(init, *example_inputs, **example_kwargs)['params']

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from flax import nnx
 
 
 def key_name(key) -> Any:
@@ -32,6 +33,27 @@ def path_str(path) -> str:
 def flatten(tree) -> dict[str, Any]:
   """{'/'-joined name: leaf} in tree order."""
   return {path_str(path_names(kp)): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def plain(params):
+  """``params`` as nested dicts: an nnx ``State`` as ``nnx.to_pure_dict`` gives it (each Variable its value, nnx-list
+  indices int keys), any other tree (a linen params dict) as it is. One spelling of a model's params for every
+  exporter, whichever Flax API made them."""
+  return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+
+
+def flatten_params(params, where: str = 'params') -> dict[str, Any]:
+  """``flatten(plain(params))``; ValueError naming ``where`` and the key if a key holds '/' (Flax accepts a module
+  named 'a/b'), whose leaf the '/'-joined name would split into a path or merge with another leaf's."""
+  flat = {}
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(plain(params))[0]:
+    names = path_names(kp)
+    bad = next((k for k in names if isinstance(k, str) and '/' in k), None)
+    if bad is not None:
+      raise ValueError(f"{where}: key {bad!r} (of {path_str(names)!r}) holds '/', which separates the levels of "
+                       f'exported names; rename the module or param')
+    flat[path_str(names)] = leaf
+  return flat
 
 
 def flatten_keys(tree) -> dict[str, tuple]:

@@ -91,6 +91,43 @@ def _replace_in_file(path, old: bytes, new: bytes):
   open(path, 'wb').write(data.replace(old, new))
 
 
+def test_save_safetensors_refuses_an_existing_file_and_replaces_it_atomically(tmp_path, monkeypatch):
+  from safetensors.numpy import save_file
+  path = str(tmp_path / 'model.safetensors')
+  save_file({'w': np.ones((2, 2), np.float32)}, path)   # a user's float model, not an export
+  before = open(path, 'rb').read()
+  params, qtensors = _model()
+  with pytest.raises(FileExistsError, match=re.escape(path) + '.*overwrite=True'):
+    export.save_safetensors(path, params, qtensors)
+  assert open(path, 'rb').read() == before
+
+  def crash(tensors, filename, metadata=None):   # dies after writing part of the new file
+    open(filename, 'wb').write(b'partial')
+    raise RuntimeError('disk full')
+  with monkeypatch.context() as m:
+    m.setattr('safetensors.numpy.save_file', crash)
+    with pytest.raises(RuntimeError, match='disk full'):
+      export.save_safetensors(path, params, qtensors, overwrite=True)
+  assert open(path, 'rb').read() == before
+
+  export.save_safetensors(path, params, qtensors, overwrite=True)
+  _assert_same(*export.load_safetensors(path), params, qtensors)
+  assert sorted(os.listdir(tmp_path)) == ['model.safetensors']   # no temporary or old copy left behind
+  os.makedirs(tmp_path / 'folder' / 'inside')
+  with pytest.raises(FileExistsError, match=re.escape(str(tmp_path / 'folder')) + ' is a folder'):
+    export.save_safetensors(str(tmp_path / 'folder'), params, qtensors, overwrite=True)
+  assert os.path.isdir(tmp_path / 'folder' / 'inside')
+
+
+def test_loads_return_a_documented_named_tuple(tmp_path):
+  params, qtensors = _model()
+  export.save_safetensors(str(tmp_path / 'q.safetensors'), params, qtensors)
+  export.save_orbax(str(tmp_path / 'q'), _Result(params, qtensors))
+  for loaded in (export.load_safetensors(str(tmp_path / 'q.safetensors')), export.load_orbax(str(tmp_path / 'q'))):
+    assert isinstance(loaded, export.Loaded) and loaded._fields == ('params', 'qtensors')
+    _assert_same(loaded.params, loaded.qtensors, params, qtensors)
+
+
 def test_group_size_flip_in_the_metadata_is_an_error(tmp_path):
   """group_size 8 -> 9 keeps 2 groups on 16 inputs: every shape still fits, only the checksum can tell."""
   params, qtensors = _model()
