@@ -118,47 +118,36 @@ def _set_section(config, path: list[str], raw: str) -> None:
     config.quant[section] = {**current, 'name': raw} if current and current['name'] == raw else {'name': raw}
     return
   if current is None:
-    registry, _ = _sections()[section]
-    raise ConfigError(f'config.quant.{section}.{key}: set {where}.name first ({", ".join(registry)})')
-  value = parse_value(raw)
-  default = knobs(_sections()[section][0][current['name']]).get(key) if current['name'] in _sections()[section][0] \
-      else None
+    raise ConfigError(f'{where}.{key}: set {where}.name first ({", ".join(_sections()[section][0])})')
+  value, factory = parse_value(raw), _sections()[section][0].get(current['name'])
+  default = knobs(factory).get(key) if factory else None
   if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   config.quant[section] = {**current, key: value}
 
 
 def _set_field(config, path: list[str], raw: str) -> None:
-  node = config
-  for i, key in enumerate(path[:-1]):
-    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-      break
-    node = node[key]
-  else:
-    key = path[-1]
-    if isinstance(node, ml_collections.ConfigDict) and (key in node or path[0] == 'task_args'):
-      value, expected = parse_value(raw), None
-      if key in node:
-        expected = node.get_ref(key).get_type()
-        if expected is str and not isinstance(value, str) and value is not None:
-          value = raw   # a string field keeps the text as typed ('123', a regex)
-        elif expected is float and isinstance(value, int) and not isinstance(value, bool):
-          value = float(value)
-        elif expected is bool and not isinstance(value, bool):
-          raise ConfigError(f'config.{".".join(path)}: expected true or false, got {raw!r}')
-      try:
-        node[key] = value
-      except TypeError:
-        raise ConfigError(f'config.{".".join(path)}: {raw!r} is not a valid '
-                          f'{getattr(expected, "__name__", expected)}') from None
-      return
-    i = len(path) - 1
-  parent = 'config' + ''.join('.' + k for k in path[:i])
+  where, parent, node = 'config.' + '.'.join(path), 'config', config
   if path[0] == 'quant' and len(path) == 2 and path[1] in RUNNER_FIELDS:
-    raise ConfigError(f'config.quant.{path[1]}: set by the runner from --workdir')
-  if not isinstance(node, ml_collections.ConfigDict):
-    raise ConfigError(f'config.{".".join(path)}: {parent} is {node!r}, not a section with fields')
-  raise ConfigError(f'config.{".".join(path)}: no such field; {parent} has {", ".join(sorted(node))}')
+    raise ConfigError(f'{where}: set by the runner from --workdir')
+  for i, key in enumerate(path):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f'{where}: {parent} is {node!r}, not a section with fields')
+    if key not in node and not (path[0] == 'task_args' and i == len(path) - 1):   # a task reads the args it knows
+      raise ConfigError(f'{where}: no such field; {parent} has {", ".join(sorted(node))}')
+    if i < len(path) - 1:
+      node, parent = node[key], f'{parent}.{key}'
+  value, expected = parse_value(raw), node.get_ref(key).get_type() if key in node else None
+  if expected is str and value is not None and not isinstance(value, str):
+    value = raw   # a string field keeps the text as typed ('123', a regex)
+  elif expected is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  elif expected is bool and not isinstance(value, bool):
+    raise ConfigError(f'{where}: expected true or false, got {raw!r}')
+  try:
+    node[key] = value
+  except TypeError:
+    raise ConfigError(f'{where}: {raw!r} is not a valid {getattr(expected, "__name__", expected)}') from None
 
 
 def apply_overrides(config, overrides: Sequence[tuple[str, str]]) -> None:

@@ -128,6 +128,14 @@ def test_config_mistakes_are_one_error_naming_the_path(overrides, message):
   assert '\n' not in str(e.value)
 
 
+def test_task_args_take_new_keys_and_strings_stay_text():
+  config = _config('task_args.data_dir=/tmp/x', 'task_args.width=16', 'quant.blocks=12', 'task=toy_mlp')
+  assert config.task_args.data_dir == '/tmp/x' and config.task_args.width == 16 and config.task == 'toy_mlp'
+  assert config_base.check(config).blocks == '12'   # a string field keeps the text, not the number 12
+  with pytest.raises(ConfigError, match='config.task_args.a.b: no such field; config.task_args has'):
+    _config('task_args.a.b=1')
+
+
 def test_tasks_by_import_path():
   assert tasks.resolve('test_cli:make_toy_task') is make_toy_task
   assert tasks.resolve('toy_mlp').__module__ == 'flexround_jax.tasks.toy'
@@ -140,7 +148,8 @@ def test_run_command_end_to_end_with_an_own_task_a_knob_and_a_scheme(tmp_path, m
   from flexround_jax import compile_cache
   monkeypatch.setattr(compile_cache, 'enable', lambda path: path)   # a process-wide JAX setting: not in tests
   workdir = str(tmp_path / 'work')
-  rc = run.main(['run', TOY_CONFIG, '--workdir', workdir, '--scheme', 'W4G128', '--config.task=test_cli:make_toy_task',
+  rc = run.main(['run', TOY_CONFIG, '--workdir', workdir, '--scheme', 'W4G128',
+                 '--config.task=test_cli:make_toy_task',
                  '--config.quant.weight.group_size=16', '--config.quant.method.lr', '1e-3', '--config.quant.iters=3',
                  '--config.task_args.n_calib=64', '--config.quant.batch_size=8', '--config.quant.progress=False'])
   assert rc == 0 and 'wrote ' in capsys.readouterr().out
