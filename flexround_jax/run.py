@@ -50,6 +50,9 @@ def load_config_file(path: str):
   spec = importlib.util.spec_from_file_location('flexround_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not callable(getattr(module, 'get_config', None)):
+    from flexround_jax.config_base import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f'{path}: not a config file (it defines no get_config())')
   return module.get_config()
 
 
@@ -230,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from flexround_jax import compile_cache, config_base  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every file it writes at INFO
-  config = load_config_file(path)
   try:
+    config = load_config_file(path)
     if args.scheme:
       config_base.apply_preset(config, args.scheme)
     config_base.apply_overrides(config, overrides)

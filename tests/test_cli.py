@@ -175,6 +175,8 @@ def test_dry_run_and_presets_commands(capsys):
     (['run', TOY_CONFIG, '--workdir', 'w', '--scheme', 'W5'], "--scheme: unknown preset 'W5'; presets: W4,"),
     (['run', 'missing.py', '--workdir', 'w'], 'missing.py: no such config file'),
     (['run', '--workdir', 'w'], 'no config file: flexround-jax run CONFIG'),
+    (['run', os.path.join(ROOT, 'flexround_jax', 'cpu.py'), '--workdir', 'w'],
+     f"{os.path.join(ROOT, 'flexround_jax', 'cpu.py')}: not a config file (it defines no get_config())"),
     (['run', TOY_CONFIG, '--config', TOY_CONFIG, '--workdir', 'w'], 'two config files'),
     (['run', TOY_CONFIG, '--workdir', 'w', '--config.quant.iters'], r'--config.quant.iters: no value'),
 ])
