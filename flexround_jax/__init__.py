@@ -16,12 +16,13 @@ _PUBLIC = {
     'QuantizeResult': 'flexround_jax.engine',
     'Rule': 'flexround_jax.engine',
     'dequantize_params': 'flexround_jax.engine',
+    'preset': 'flexround_jax.presets',
     'quantize': 'flexround_jax.engine',
 }
-_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', 'quantizers', 'run', 'tasks',
-               'weights')
+_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', 'presets', 'quantizers', 'run',
+               'tasks', 'weights')
 
-__all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'quantizers', 'weights']
+__all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'presets', 'quantizers', 'weights']
 __version__ = '0.2.0'
 
 

@@ -5,7 +5,9 @@
 Default: the pretrained MiniLM-L6 sentence encoder, W4 per-channel, on a small CPU budget (256 calibration
 sentences, 250 steps per layer), scored on SimLex-999, WordSim-353 and the cosine to the float embeddings.
 
-Writes each method's results.json, log and quantized model under the workdir (default ./work/demo) and says where.
+Writes each method's results.json, log and quantized model in a folder of the workdir (default ./work/demo) named by
+the settings (``minilm_W4_250iters/{rtn,flexround}``) and says where: a rerun with the same settings resumes its own
+run, and other settings start their own.
 """
 
 from __future__ import annotations
@@ -35,6 +37,29 @@ def _load_config(task: str):
   return runner.load_config_file(os.path.join(here, '..', 'configs', CONFIGS[task]))
 
 
+def _config(task: str, method: str, bits: int | None, iters: int | None):
+  """The demo's runner config: the task's config file with the demo budget and the command line's settings."""
+  config = _load_config(task)
+  config.quant.method = {'name': method}
+  budget = DEMO_BUDGET[task]
+  if 'iters' in budget:
+    config.quant.iters = budget['iters']
+  if 'n_calib' in budget:
+    config.task_args.n_calib = budget['n_calib']
+  if bits is not None:
+    config.quant.weight.bits = bits
+  if iters is not None:
+    config.quant.iters = iters
+  config.eval_fp = method == 'rtn'
+  return config
+
+
+def settings_dir(workdir: str, task: str, bits: int, iters: int) -> str:
+  """The folder of one demo setting under ``workdir`` (absolute): 'minilm_W4_250iters'. Each setting has its own
+  checkpoints, so a run with other settings never meets a checkpoint of another config."""
+  return os.path.abspath(os.path.join(workdir, f'{task}_W{bits}_{iters}iters'))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--task', default=DEFAULT_TASK, choices=sorted(CONFIGS))
@@ -45,21 +70,12 @@ def main(argv=None):
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)
 
+  configs = {method: _config(args.task, method, args.bits, args.iters) for method in ('rtn', 'flexround')}
+  q = configs['flexround'].quant
+  where = settings_dir(args.workdir, args.task, q.weight.bits, q.iters)
   rows = {}
-  for method in ('rtn', 'flexround'):
-    config = _load_config(args.task)
-    config.quant.method = {'name': method}
-    budget = DEMO_BUDGET[args.task]
-    if 'iters' in budget:
-      config.quant.iters = budget['iters']
-    if 'n_calib' in budget:
-      config.task_args.n_calib = budget['n_calib']
-    if args.bits is not None:
-      config.quant.weight.bits = args.bits
-    if args.iters is not None:
-      config.quant.iters = args.iters
-    config.eval_fp = method == 'rtn'
-    workdir = os.path.abspath(os.path.join(args.workdir, f'{args.task}_{method}'))
+  for method, config in configs.items():
+    workdir = os.path.join(where, method)
     t = time.time()
     print(f'== {method}: {args.task}, W{config.quant.weight.bits} {config.quant.weight.granularity}, workdir {workdir}')
     results = runner.run(config, workdir)
@@ -73,12 +89,11 @@ def main(argv=None):
   for method, r in rows.items():
     print(f'{method:12s}' + ''.join(f'{r["quantized"][m]:18.5g}' for m in metrics) + f'{r["wall"]:10.1f}')
   print()
-  for method, r in rows.items():
-    where = os.path.abspath(os.path.join(args.workdir, f'{args.task}_{method}'))
-    print(f'{method}: quantized model and results in {where}')
+  for method in rows:
+    print(f'{method}: quantized model and results in {os.path.join(where, method)}')
   summary = {m: {'quantized': r['quantized'], 'wall_s': r['wall']} for m, r in rows.items()}
   summary['fp'] = fp
-  with open(os.path.join(os.path.abspath(args.workdir), 'summary.json'), 'w') as f:
+  with open(os.path.join(where, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=2)
 
 

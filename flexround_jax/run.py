@@ -1,39 +1,41 @@
-"""Runner: ``python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.weight.bits=3 ...]``.
+"""The runner and the ``flexround-jax`` command.
 
-Reads an ml_collections config file (``get_config()``, built on ``base_config()``), makes the task it names,
-evaluates the float model, quantizes it, evaluates the result, and writes to the workdir:
+  flexround-jax run CONFIG --workdir DIR [--scheme NAME] [--config.FIELD=VALUE ...]
+  flexround-jax dry-run CONFIG [--workdir DIR] [--scheme NAME] [--config.FIELD=VALUE ...]
+  flexround-jax presets
+  python -m flexround_jax.run --config CONFIG --workdir DIR [...]     (the same as ``run``)
+
+``run`` reads an ml_collections config file (``get_config()``, built on ``config_base.base_config()``), applies the
+preset (``--scheme``, ``presets.PRESETS``) and then the ``--config.*`` overrides, checks the whole config
+(``config_base.check``), makes the task it names, evaluates the float model, quantizes it, evaluates the result, and
+writes to the workdir:
   config.json, results.json (metrics, per-block report, wall time, commit), quantize_log.jsonl,
   block_losses.png and loss_curves.png (learned methods),
   quantized/ (Orbax: the dequantized params and every QTensor's codes, scale and zero point),
   checkpoints/ (per-block progress; a rerun with the same workdir resumes).
+``dry-run`` makes the task and prints the engine's plan (units, kernels, bits, methods, memory) without quantizing.
+
+Importing this module does not import JAX (the command sets up one XLA device per CPU core first).
 """
 
 from __future__ import annotations
 
-from flexround_jax import cpu
-
-if __name__ == '__main__':
-  cpu.use_all_cores()   # one XLA device per core, before jax starts
-
+import argparse
 import json
 import os
 import sys
 import time
 
-from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging as absl_logging  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # noqa: E402  pylint: disable=g-import-not-at-top
+from flexround_jax import cpu
 
-from flexround_jax import compile_cache, provenance, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
-from flexround_jax.engine import QuantConfig, quantize  # noqa: E402  pylint: disable=g-import-not-at-top
-from flexround_jax.config_base import RUNNER_FIELDS  # noqa: E402  pylint: disable=g-import-not-at-top
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for results, logs, checkpoints and the quantized model.')
+PROG = 'flexround-jax'
+COMMANDS = ('run', 'dry-run', 'presets')
 
 
-def quant_config(q, workdir: str | None) -> QuantConfig:
+def quant_config(q, workdir: str | None):
   """QuantConfig from the ``quant`` section of a runner config (every field passed through as it is)."""
+  from flexround_jax.config_base import RUNNER_FIELDS  # pylint: disable=g-import-not-at-top
+  from flexround_jax.engine import QuantConfig  # pylint: disable=g-import-not-at-top
   fields = q.to_dict() if hasattr(q, 'to_dict') else dict(q)
   unknown = set(fields) & RUNNER_FIELDS
   if unknown:
@@ -48,13 +50,18 @@ def load_config_file(path: str):
   spec = importlib.util.spec_from_file_location('flexround_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  if not callable(getattr(module, 'get_config', None)):
+    from flexround_jax.config_base import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f'{path}: not a config file (it defines no get_config())')
   return module.get_config()
 
 
 def run(config, workdir: str) -> dict:
   """Runs one config; returns (and writes) the results dict."""
+  from flexround_jax import config_base, provenance, tasks  # pylint: disable=g-import-not-at-top
+  from flexround_jax.engine import quantize  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
-  quant_config(config.quant, workdir)   # a bad quant section fails now, not after the model loads
+  config_base.check(config)   # any config mistake fails now (ConfigError naming its path), not after the model loads
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
@@ -95,19 +102,155 @@ def run(config, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  del argv
+
+
+def dry_run(config, workdir: str | None = None):
+  """Checks ``config``, makes its task and prints the engine's plan without quantizing (``QuantConfig.dry_run``);
+  with ``workdir``, also whether its checkpoints belong to this run and where it would resume. Returns the
+  QuantizeResult (``plan``)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from flexround_jax import config_base, tasks  # pylint: disable=g-import-not-at-top
+  from flexround_jax.engine import quantize  # pylint: disable=g-import-not-at-top
+  config_base.check(config)
+  task = tasks.make(config.task, config.get('task_args', {}))
+  q = config.quant
+  if q.get('blocks') is None and task.blocks:
+    q.unlock()
+    q.blocks = task.blocks
+  checkpoints = os.path.join(os.path.abspath(workdir), 'checkpoints') if workdir else None
+  qcfg = dataclasses.replace(quant_config(q, None), dry_run=True, checkpoint_dir=checkpoints)
+  return quantize(task.params, task.apply_fn, task.calib, qcfg)
+
+
+_OVERRIDES_HELP = """\
+overrides (after the preset, in any order; explicit overrides win):
+  --config.FIELD=VALUE    any field of the config: --config.quant.iters=200 --config.quant.weight.bits=3
+                          --config.quant.weight.granularity=per_group --config.quant.weight.group_size=64
+                          --config.task_args.n_calib=128 --config.quant.blocks='layers_\\d+'
+  method knobs            any keyword argument of the method's factory (flexround_jax.methods), set or not in the
+                          config file: --config.quant.method.lr=1e-3
+                          --config.quant.method.name=lrq --config.quant.method.rank=64
+                          (a new method name starts from that method's defaults)
+  activations             --config.quant.activation.name=per_token --config.quant.activation.bits=8
+                          --config.quant.activation=None (weights only)
+  own task                --config.task=my_pkg.tasks:make_task (a function (task_args) -> flexround_jax.tasks.Task;
+                          the current folder is importable)
+VALUE is a Python literal (3, 1e-3, True, None, (20.0, 2.0), {'name': 'lsq', 'bits': 8}) or else plain text.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description='Post-training quantization of JAX/Flax models (FlexRound, LRQ, AdaRound, GPTQ, RTN) from a '
+                  'config file.',
+      epilog='examples:\n'
+             '  flexround-jax run configs/toy_mlp.py --workdir work/toy --scheme W4G128 --config.quant.iters=200\n'
+             '  flexround-jax dry-run configs/minilm.py --scheme W4A8\n'
+             '  flexround-jax presets\n'
+             'run `flexround-jax run --help` for the overrides.')
+  commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+  for name, text in [('run', 'quantize the model of a config file and write everything to a workdir'),
+                     ('dry-run', "check a config and print the engine's plan (units, kernels, bits, memory); no "
+                                 'quantization')]:
+    sub = commands.add_parser(name, help=text, description=text, epilog=_OVERRIDES_HELP, allow_abbrev=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument('config_file', nargs='?', metavar='CONFIG', help='a config file (configs/NAME.py)')
+    sub.add_argument('--config', dest='config_flag', metavar='CONFIG', help='the same as CONFIG (older form)')
+    sub.add_argument('--workdir', required=name == 'run', metavar='DIR',
+                     help='folder for results, logs, checkpoints and the quantized model; a rerun resumes there'
+                     if name == 'run' else "check that DIR's checkpoints are this run's and say where it resumes")
+    sub.add_argument('--scheme', metavar='NAME',
+                     help='a preset (W4, W4G128, W3G128, W8A8, W4A8, GGUF-Q4_0; see `flexround-jax presets`), '
+                          'applied to config.quant before the --config.* overrides')
+  commands.add_parser('presets', help='list the presets that --scheme and fr.preset() take')
+  return parser
+
+
+def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """(overrides [(path below config, value text)], other arguments) from ``--config.PATH=VALUE`` or
+  ``--config.PATH VALUE`` arguments."""
+  overrides, rest, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      path, eq, value = arg[len('--config.'):].partition('=')
+      if not eq:
+        if i + 1 == len(argv):
+          raise ValueError(f'{arg}: no value (--config.{path}=VALUE)')
+        i, value = i + 1, argv[i + 1]
+      overrides.append((path, value))
+    else:
+      rest.append(arg)
+    i += 1
+  return overrides, rest
+
+
+def _presets_table() -> str:
+  from flexround_jax import presets  # pylint: disable=g-import-not-at-top
+  rows = [('name', 'weights', 'activations', 'method')]
+  rows += [(p.name, *p.summary().values()) for p in presets.PRESETS.values()]
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  return '\n'.join('  '.join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _error(message: str) -> int:
+  print(f'{PROG}: error: {message}', file=sys.stderr)
+  return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The ``flexround-jax`` command (and ``python -m flexround_jax.run``); returns the exit code: 0, or 2 for a
+  mistake in the command line or the config (one line on stderr)."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = _parser()
+  try:
+    overrides, rest = split_overrides(argv)
+  except ValueError as e:
+    return _error(str(e))
+  if not rest:
+    parser.print_help(sys.stderr)
+    return 2
+  if rest[0] not in COMMANDS and rest[0] not in ('-h', '--help'):
+    rest = ['run'] + rest   # python -m flexround_jax.run --config CONFIG --workdir DIR
+  args = parser.parse_args(rest)
+  if args.command == 'presets':
+    if overrides:
+      return _error('presets takes no --config.* overrides')
+    print(_presets_table())
+    return 0
+  if args.config_file and args.config_flag:
+    return _error(f'two config files: {args.config_file} and --config {args.config_flag}')
+  path = args.config_file or args.config_flag
+  if not path:
+    return _error(f'no config file: {PROG} {args.command} CONFIG (e.g. configs/toy_mlp.py)')
+  if not os.path.isfile(path):
+    return _error(f'{path}: no such config file')
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())   # --config.task=my_tasks:make, as ``python -m`` would import it
+  if 'jax' not in sys.modules:
+    cpu.use_all_cores()   # one XLA device per core, before jax starts
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from flexround_jax import compile_cache, config_base  # pylint: disable=g-import-not-at-top
   absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every file it writes at INFO
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    print('usage: python -m flexround_jax.run --config configs/NAME.py --workdir DIR [--config.quant.weight.bits=3]',
-          file=sys.stderr)
-    sys.exit(2)
-  compile_cache.enable(os.path.join(os.path.abspath(_WORKDIR.value), 'jax_cache'))   # a re-run skips compiles
-  results = run(_CONFIG.value, _WORKDIR.value)
+  try:
+    config = load_config_file(path)
+    if args.scheme:
+      config_base.apply_preset(config, args.scheme)
+    config_base.apply_overrides(config, overrides)
+    config_base.check(config)
+  except config_base.ConfigError as e:
+    return _error(str(e))
+  if args.command == 'dry-run':
+    dry_run(config, args.workdir)
+    return 0
+  compile_cache.enable(os.path.join(os.path.abspath(args.workdir), 'jax_cache'))   # a re-run skips compiles
+  results = run(config, args.workdir)
   print(json.dumps({k: results[k] for k in ('task', 'method', 'bits', 'fp', 'quantized', 'quantize_wall_s')},
                    indent=2, default=float))
-  print(f'wrote {os.path.join(os.path.abspath(_WORKDIR.value), "results.json")}')
+  print(f'wrote {os.path.join(os.path.abspath(args.workdir), "results.json")}')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main())

@@ -1,7 +1,8 @@
 """Tasks: a model, its calibration data and its evaluation, ready for the runner.
 
-A task is a function ``make(args: ConfigDict) -> Task``. The registry maps the names used in ``configs/*.py``
-(``config.task``) to those functions; each task module imports its heavy dependencies only when made.
+A task is a function ``make(args: ConfigDict) -> Task``. ``config.task`` names one: a key of the registry (the tasks
+of ``configs/*.py``) or an import path ``'module:function'`` for a task of your own
+(``--config.task=my_pkg.tasks:make_task``). Each task module imports its heavy dependencies only when made.
 """
 
 from __future__ import annotations
@@ -35,8 +36,30 @@ REGISTRY = {
 }
 
 
+def resolve(name: str) -> Callable:
+  """The task function ``name`` stands for (a registry key or 'module:function'), imported now; ValueError naming
+  the problem otherwise (before any model is loaded)."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"no task: set config.task to one of {sorted(REGISTRY)} or an import path 'module:function'")
+  path = REGISTRY.get(name, name)
+  module_name, _, fn_name = path.partition(':')
+  if not module_name or not fn_name:
+    raise ValueError(f"unknown task {name!r}; known tasks: {sorted(REGISTRY)}, or an import path 'module:function'")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f'task {name!r}: cannot import module {module_name!r} ({e})') from e
+  fn = module
+  for attr in fn_name.split('.'):
+    fn = getattr(fn, attr, None)
+  if not callable(fn):
+    raise ValueError(f'task {name!r}: module {module_name!r} has no function {fn_name!r}')
+  return fn
+
+
 def make(name: str, args) -> Task:
-  if name not in REGISTRY:
-    raise ValueError(f'unknown task {name!r}; known tasks: {sorted(REGISTRY)}')
-  module, fn = REGISTRY[name].split(':')
-  return getattr(importlib.import_module(module), fn)(args)
+  """The Task that ``name``'s function (``resolve``) makes from ``args`` (config.task_args)."""
+  task = resolve(name)(args)
+  if not isinstance(task, Task):
+    raise ValueError(f'task {name!r} returned {type(task).__name__}, not a flexround_jax.tasks.Task')
+  return task
