@@ -22,7 +22,7 @@ _SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', '
                'weights')
 
 __all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'quantizers', 'weights']
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 
 def __getattr__(name):
