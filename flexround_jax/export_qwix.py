@@ -49,19 +49,31 @@ import dataclasses
 import functools
 import math
 import re
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
-from qwix._src.providers import ptq  # WithAux is not re-exported by qwix 0.1.8
 
+from flexround_jax import _extras
 from flexround_jax import _layout
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax import treepath
 from flexround_jax.qtensor import QTensor
 from flexround_jax.spec import QuantSpec
+
+if TYPE_CHECKING:
+  import qwix
+
+
+def _qwix():
+  return _extras.require('qwix', 'qwix', 'the qwix export')
+
+
+def _ptq():
+  # WithAux is not re-exported by qwix 0.1.8
+  return _extras.require('qwix._src.providers.ptq', 'qwix', 'the qwix export')
 
 
 def _weight_qtype(spec: QuantSpec):
@@ -120,7 +132,7 @@ def qwix_rules(params, qtensors: dict[str, QTensor], *, act_qtype=None,
       configs[config].append(module)
   if problems and not float_fallback:
     raise ValueError('; '.join(problems) + ' (float_fallback=True keeps these kernels float)')
-  return [qwix.QuantizationRule(module_path='(?:' + '|'.join(re.escape(m) for m in modules) + ')',
+  return [_qwix().QuantizationRule(module_path='(?:' + '|'.join(re.escape(m) for m in modules) + ')',
                                 weight_qtype=qtype, weight_calibration_method=calibration, tile_size=tile,
                                 act_qtype=act_qtype)
           for (qtype, calibration, tile), modules in configs.items()]
@@ -198,6 +210,7 @@ def to_qwix_params(params, qtensors: dict[str, QTensor], abstract_quantized_para
   the trees differ, or a grid does not fit qwix's (codes outside its type, scales varying inside its tiles or not
   exact in its scale dtype).
   """
+  ptq = _ptq()
   flat = treepath.flatten(params)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_quantized_params),
                                                          is_leaf=lambda x: isinstance(x, ptq.WithAux))
@@ -237,6 +250,7 @@ def ptq_model(model: nn.Module, params, qtensors: dict[str, QTensor], *example_i
   params from ``jax.eval_shape`` of its init on ``example_inputs`` (nothing is computed), ``to_qwix_params``.
   Run it as ``qmodel.apply({'params': qparams}, *inputs)``."""
   rules = qwix_rules(params, qtensors, act_qtype=act_qtype, float_fallback=float_fallback)
+  qwix = _qwix()
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
   init = functools.partial(qmodel.init, jax.random.key(0))
   abstract = jax.eval_shape(init, *example_inputs, **example_kwargs)['params']
