@@ -8,6 +8,7 @@ an extra of pyproject.toml: ``data`` (TFDS, gensim, scipy, tokenizers), ``llm`` 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import types
 
 # Import name -> distribution name on PyPI, where they differ.
@@ -35,3 +36,8 @@ def require(module: str, extra: str, needed_for: str = '') -> types.ModuleType:
     if e.name not in {'.'.join(parts[:i]) for i in range(1, len(parts) + 1)}:
       raise
     raise missing(module, extra, needed_for) from e
+
+
+def available(module: str) -> bool:
+  """Whether ``module``'s top-level package is installed (found on the path; nothing is imported)."""
+  return importlib.util.find_spec(module.split('.')[0]) is not None

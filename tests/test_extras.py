@@ -122,3 +122,15 @@ def test_library_imports_no_optional_dependency_and_sets_no_backend():
       assert not loaded, loaded
       ''')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT, timeout=300)
+
+
+def test_runner_without_matplotlib_writes_results_but_no_plots(tmp_path, monkeypatch):
+  from flexround_jax import run  # pylint: disable=g-import-not-at-top
+  for module in ('matplotlib', 'matplotlib.pyplot'):
+    monkeypatch.setitem(sys.modules, module, None)
+  config = run.load_config_file(os.path.join(ROOT, 'configs', 'toy_mlp.py'))
+  config.quant.iters = 5
+  config.task_args.n_calib = 64
+  run.run(config, str(tmp_path))
+  assert (tmp_path / 'results.json').exists() and (tmp_path / 'quantized').is_dir()
+  assert not list(tmp_path.glob('*.png'))
