@@ -24,12 +24,12 @@ test: smoke
 	$(BIN)/python -m pytest -q
 
 # The wheel, installed with its core dependencies only into a fresh venv, quantizes and exports a linen and an nnx
-# model (tests/smoke_install.py, run from outside the repository so it imports the wheel).
+# model (tests/smoke_install.py, run from outside the repository so it imports the wheel); about 35 s.
 smoke: install
 	rm -rf build/dist $(SMOKE_VENV)
 	$(BIN)/pip wheel -q --no-deps . -w build/dist
 	$(PYTHON) -m venv --without-pip $(SMOKE_VENV)
-	$(BIN)/pip --python $(SMOKE_VENV)/bin/python install -q -c $(CONSTRAINTS) build/dist/flexround_jax-*.whl
+	$(BIN)/pip --python $(SMOKE_VENV)/bin/python install -q --no-compile -c $(CONSTRAINTS) build/dist/flexround_jax-*.whl
 	cd /tmp && $(abspath $(SMOKE_VENV))/bin/python $(abspath tests/smoke_install.py)
 
 # After an intentional upgrade in .venv: write its exact versions (without this project and the model packages).
