@@ -1,8 +1,9 @@
 """Optional dependencies: imported on first use; when one is missing, the error names the extra that installs it.
 
-The core install (``pip install flexround_jax``) quantizes and exports to safetensors and Orbax. Everything else is
-an extra of pyproject.toml: ``data`` (TFDS, gensim, scipy, tokenizers), ``llm`` (gguf, tokenizers), ``plots``
-(matplotlib), ``qwix``. Library modules never import these at module level; they call ``require`` where needed.
+The core install (``pip install flexround_jax``) quantizes, runs configs and exports to safetensors, Orbax and
+compressed-tensors. Everything else is an extra of pyproject.toml: ``data`` (TFDS, gensim, scipy, tokenizers),
+``llm`` (gguf, tokenizers), ``plots`` (matplotlib), ``qwix``. Library modules never import these at module level;
+they call ``require`` where needed.
 """
 
 from __future__ import annotations
