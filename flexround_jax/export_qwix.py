@@ -56,20 +56,32 @@ import dataclasses
 import functools
 import math
 import re
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import qwix
-from qwix._src.providers import ptq  # WithAux is not re-exported by qwix 0.1.8
 
+from flexround_jax import _extras
 from flexround_jax import _layout
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax import treepath
 from flexround_jax.qtensor import QTensor
 from flexround_jax.spec import QuantSpec
+
+if TYPE_CHECKING:
+  import qwix
+
+
+def _qwix():
+  return _extras.require('qwix', 'qwix', 'the qwix export')
+
+
+def _ptq():
+  # WithAux is not re-exported by qwix 0.1.8
+  return _extras.require('qwix._src.providers.ptq', 'qwix', 'the qwix export')
 
 
 def _weight_qtype(spec: QuantSpec):
@@ -128,7 +140,7 @@ def qwix_rules(params, qtensors: dict[str, QTensor], *, act_qtype=None,
       configs[config].append(module)
   if problems and not float_fallback:
     raise ValueError('; '.join(problems) + ' (float_fallback=True keeps these kernels float)')
-  return [qwix.QuantizationRule(module_path='(?:' + '|'.join(re.escape(m) for m in modules) + ')',
+  return [_qwix().QuantizationRule(module_path='(?:' + '|'.join(re.escape(m) for m in modules) + ')',
                                 weight_qtype=qtype, weight_calibration_method=calibration, tile_size=tile,
                                 act_qtype=act_qtype)
           for (qtype, calibration, tile), modules in configs.items()]
@@ -217,7 +229,7 @@ def to_qwix_params(params, qtensors: dict[str, QTensor], abstract_quantized_para
       raise ValueError(f'qwix param {name!r} is not in params')
     seen.add(name)
     leaf = flat[name]
-    if isinstance(abstract, ptq.WithAux):
+    if isinstance(abstract, _ptq().WithAux):
       if name not in qtensors:
         raise ValueError(f'qwix quantizes kernel {name!r}, which has no QTensor: its module matches a rule that '
                          f'qwix_rules would not write')
@@ -243,12 +255,12 @@ def to_qwix_params(params, qtensors: dict[str, QTensor], abstract_quantized_para
 def _abstract_params(abstract):
   """([(param name, abstract leaf or unboxed WithAux)], rebuild: values in that order -> the tree to_qwix_params
   returns) of a linen params tree or an nnx PTQ model."""
+  with_aux = _ptq().WithAux
   if not isinstance(abstract, nnx.Module):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract),
-                                                           is_leaf=lambda x: isinstance(x, ptq.WithAux))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract), is_leaf=lambda x: isinstance(x, with_aux))
     named = [(treepath.path_str(treepath.path_names(kp)), leaf) for kp, leaf in leaves]
     return named, functools.partial(jax.tree_util.tree_unflatten, treedef)
-  aux = {treepath.path_str(p): node.value for p, node in nnx.iter_graph(abstract) if isinstance(node, ptq.WithAux)}
+  aux = {treepath.path_str(p): node.value for p, node in nnx.iter_graph(abstract) if isinstance(node, with_aux)}
   pure = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))   # a WithAux kernel: '<kernel>/array/{qvalue,scale,...}'
   leaves = treepath.flatten(pure)
   names = list(leaves)
@@ -279,6 +291,7 @@ def ptq_model(model: nn.Module | nnx.Module, params, qtensors: dict[str, QTensor
   qwix runs a copy of ``model`` once on ``example_inputs`` to build the PTQ model, which already holds ``qparams``
   (``nnx.update``) when returned; run it as ``qmodel(*inputs)``.
   """
+  qwix = _qwix()
   rules = qwix_rules(params, qtensors, act_qtype=act_qtype, float_fallback=float_fallback)
   if isinstance(model, nnx.Module):
     qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules), *example_inputs, **example_kwargs)

@@ -1,19 +1,27 @@
-"""Figures from a QuantizeResult or results JSON (matplotlib; Agg outside notebooks). Each function saves a PNG
-when given a path and returns the Figure, so notebooks show it inline and the runner writes it to the workdir."""
+"""Figures from a QuantizeResult or results JSON (matplotlib, the ``plots`` extra). Each function saves a PNG when
+given a path and returns the Figure, so notebooks show it inline and the runner writes it to the workdir.
+
+Importing this module imports no matplotlib and selects no backend: pyplot loads on the first figure with whatever
+backend the session has (inline in notebooks; Agg where there is no display), and PNGs are drawn by Agg either way.
+"""
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Iterable, Mapping
 
-import matplotlib
+import numpy as np
 
-if 'ipykernel' not in sys.modules:   # scripts and tests render off-screen; notebooks keep their inline backend
-  matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from flexround_jax import _extras, _layout, treepath
 
-from flexround_jax import _layout, treepath  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+def _pyplot():
+  return _extras.require('matplotlib.pyplot', 'plots', 'flexround_jax.plots draws with matplotlib')
+
+
+def __getattr__(name):
+  if name == 'plt':   # ``plots.plt.close('all')``: pyplot, imported on first use
+    return _pyplot()
+  raise AttributeError(f'module flexround_jax.plots has no attribute {name!r}')
 
 
 def _report(result_or_report) -> list[dict]:
@@ -32,7 +40,7 @@ def block_losses(result_or_report, path: str | None = None, title: str = ''):
   rep = _report(result_or_report)
   names = [r['unit'] for r in rep]
   x = np.arange(len(rep))
-  fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rep) + 2), 4))
+  fig, ax = _pyplot().subplots(figsize=(max(6, 0.45 * len(rep) + 2), 4))
   ax.bar(x - 0.2, [r['loss_rtn'] for r in rep], 0.4, label='RTN (start)', color='#bbbbbb')
   ax.bar(x + 0.2, [r['loss_final'] for r in rep], 0.4, label='after reconstruction', color='#1f77b4')
   ax.set_xticks(x, names, rotation=60, ha='right', fontsize=8)
@@ -46,7 +54,7 @@ def block_losses(result_or_report, path: str | None = None, title: str = ''):
 def loss_curves(result_or_report, path: str | None = None, title: str = ''):
   """Training loss against step for every unit (relative to its RTN start)."""
   rep = _report(result_or_report)
-  fig, ax = plt.subplots(figsize=(7, 4))
+  fig, ax = _pyplot().subplots(figsize=(7, 4))
   for r in rep:
     curve = np.asarray(r.get('loss_curve') or [], float)
     if curve.size and r['loss_rtn'] > 0:
@@ -85,9 +93,9 @@ def metric_vs_bits(rows: Iterable[Mapping[str, Any]], metric: str, path: str | N
   split = {key: key.rsplit(' / ', 1) if ' / ' in key else ('', key) for key in lines}
   last = sorted({v[1] for v in split.values()})
   rest = sorted({v[0] for v in split.values()})
-  cmap = plt.get_cmap('tab10' if len(last) <= 10 else 'tab20')
+  cmap = _pyplot().get_cmap('tab10' if len(last) <= 10 else 'tab20')
   linestyles, markers = ('-', '--', ':', '-.'), ('o', 's', '^', 'D', 'v', 'P')
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = _pyplot().subplots(figsize=(6, 4))
   for key, by_bits in sorted(lines.items()):
     bits = sorted(by_bits)
     mean = [np.mean(by_bits[b]) for b in bits]
@@ -116,7 +124,7 @@ def flexround_scales(states: Mapping[str, Mapping[str, Any]], path: str | None =
   present = [k for k, v in pools.items() if v]
   if not present:
     raise ValueError('states hold no FlexRound scales (quantize with method="flexround", keep_states=True)')
-  fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.5), squeeze=False)
+  fig, axes = _pyplot().subplots(1, len(present), figsize=(4 * len(present), 3.5), squeeze=False)
   for ax, name in zip(axes[0], present):
     values = np.concatenate(pools[name])
     ax.hist(values, bins=80, color='#1f77b4')
@@ -150,7 +158,7 @@ def rounding_moves(params, qtensors, rtn_qtensors=None) -> dict[str, dict[str, f
 def plot_rounding_moves(moves: Mapping[str, Mapping[str, float]], path: str | None = None, title: str = ''):
   names = list(moves)
   x = np.arange(len(names))
-  fig, ax = plt.subplots(figsize=(max(6, 0.4 * len(names) + 2), 4))
+  fig, ax = _pyplot().subplots(figsize=(max(6, 0.4 * len(names) + 2), 4))
   ax.bar(x - 0.2, [100 * moves[n].get('changed_vs_rtn', np.nan) for n in names], 0.4, label='code differs from RTN')
   ax.bar(x + 0.2, [100 * moves[n]['beyond_nearest'] for n in names], 0.4, label='beyond the nearest grid points')
   ax.set_xticks(x, [n.removesuffix('/kernel') for n in names], rotation=60, ha='right', fontsize=7)

@@ -58,13 +58,17 @@ def load_config_file(path: str):
 
 def run(config, workdir: str) -> dict:
   """Runs one config; returns (and writes) the results dict."""
-  from flexround_jax import config_base, provenance, tasks  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from flexround_jax import _extras, config_base, provenance, tasks  # pylint: disable=g-import-not-at-top
   from flexround_jax.engine import quantize  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   config_base.check(config)   # any config mistake fails now (ConfigError naming its path), not after the model loads
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
+  figures = _extras.available('matplotlib')
+  if not figures:
+    absl_logging.warning("matplotlib is not installed: no loss plots (pip install 'flexround_jax[plots]')")
   t0 = time.time()
   commit = provenance.git_commit()   # the code this process runs (HEAD may move on during a long run)
   task = tasks.make(config.task, config.get('task_args', {}))
@@ -82,7 +86,7 @@ def run(config, workdir: str) -> dict:
       task.evaluate(result.params)
   from flexround_jax import export, plots  # pylint: disable=g-import-not-at-top
   export.save_orbax(os.path.join(workdir, 'quantized'), result, overwrite=True)   # a rerun (resume) re-exports
-  if any(m.trains for m in qcfg.methods()):
+  if any(m.trains for m in qcfg.methods()) and figures:
     title = f'{task.name} W{qcfg.weight.bits} {qcfg.weight.granularity} {qcfg.method.name}'
     plots.block_losses(result, os.path.join(workdir, 'block_losses.png'), title=title)
     plots.loss_curves(result, os.path.join(workdir, 'loss_curves.png'), title=title)

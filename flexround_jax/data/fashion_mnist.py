@@ -13,12 +13,13 @@ sets are disjoint; the 10,000 test images are never touched before the final eva
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 
-from etils import epath
 import numpy as np
-import tensorflow_datasets as tfds
+
+from flexround_jax import _extras
 
 NAME = 'fashion_mnist_local'
 SOURCE_DIR = '/usr/share/datasets/fashion-mnist'
@@ -69,61 +70,84 @@ def check_source_dir(source_dir: str) -> None:
         'folder holding the four .gz files.')
 
 
-# Under `python -m` this file runs twice (as __main__ and as the package module); register the name once.
-class FashionMnistLocal(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == '__main__'):
-  """Fashion-MNIST read from local IDX files; images (28, 28, 1) uint8, labels 0..9."""
+def _tfds():
+  return _extras.require('tensorflow_datasets', 'data', 'the Fashion-MNIST TFDS data set')
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'From the Debian dataset-fashion-mnist IDX files.'}
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # tfds derives this through importlib_resources, an undeclared dependency; the file itself is enough.
-    return epath.Path(__file__)
+@functools.cache
+def builder_class():
+  """The TFDS builder ``FashionMnistLocal`` (registered as NAME), defined on first use: TFDS is the ``data`` extra.
 
-  def __init__(self, *, source_dir: str | None = None, file_format='array_record', **kwargs):
-    self._source_dir = resolve_source_dir(source_dir)
-    super().__init__(file_format=file_format, **kwargs)
+  Defined once per process, so ``python -m`` (which runs this file as __main__ and imports it again) registers the
+  name once.
+  """
+  tfds = _tfds()
+  from etils import epath  # pylint: disable=g-import-not-at-top  (a TFDS dependency)
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://github.com/zalandoresearch/fashion-mnist',
-    )
+  class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
+    """Fashion-MNIST read from local IDX files; images (28, 28, 1) uint8, labels 0..9."""
 
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Everything is local.
-    check_source_dir(self._source_dir)
-    return {split: self._generate_examples(*(os.path.join(self._source_dir, f) for f in files))
-            for split, files in FILES.items()}
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'From the Debian dataset-fashion-mnist IDX files.'}
 
-  def _generate_examples(self, images_path, labels_path):
-    images, labels = read_idx(images_path), read_idx(labels_path)
-    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-      raise ValueError(f'{images_path}: images {images.shape} do not match labels {labels.shape}')
-    for i in range(images.shape[0]):
-      yield i, {'image': images[i, :, :, None], 'label': int(labels[i])}
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+      # tfds derives this through importlib_resources, an undeclared dependency; the file itself is enough.
+      return epath.Path(__file__)
+
+    def __init__(self, *, source_dir: str | None = None, file_format='array_record', **kwargs):
+      self._source_dir = resolve_source_dir(source_dir)
+      super().__init__(file_format=file_format, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return self.dataset_info_from_configs(
+          features=tfds.features.FeaturesDict({
+              'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+              'label': tfds.features.ClassLabel(names=CLASS_NAMES),
+          }),
+          supervised_keys=('image', 'label'),
+          homepage='https://github.com/zalandoresearch/fashion-mnist',
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Everything is local.
+      check_source_dir(self._source_dir)
+      return {split: self._generate_examples(*(os.path.join(self._source_dir, f) for f in files))
+              for split, files in FILES.items()}
+
+    def _generate_examples(self, images_path, labels_path):
+      images, labels = read_idx(images_path), read_idx(labels_path)
+      if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
+        raise ValueError(f'{images_path}: images {images.shape} do not match labels {labels.shape}')
+      for i in range(images.shape[0]):
+        yield i, {'image': images[i, :, :, None], 'label': int(labels[i])}
+
+  return FashionMnistLocal
+
+
+def __getattr__(name):
+  if name == 'FashionMnistLocal':
+    return builder_class()
+  raise AttributeError(f'module {__name__} has no attribute {name!r}')
 
 
 def prepare(data_dir: str | None = None, source_dir: str | None = None) -> str:
   """Converts the IDX files into a TFDS array_record data set (once); returns the data set's folder."""
   source_dir = resolve_source_dir(source_dir)
-  builder = FashionMnistLocal(data_dir=data_dir, source_dir=source_dir)
+  builder = builder_class()(data_dir=data_dir, source_dir=source_dir)
   if not builder.is_prepared():
     check_source_dir(source_dir)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=_tfds().download.DownloadConfig(try_download_gcs=False))
   return str(builder.data_path)
 
 
 def load_arrays(split: str, name: str = NAME, data_dir: str | None = None,
                 chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
   """All examples of a prepared TFDS split: (images (N, H, W, C) uint8, labels (N,) int32), in stored order."""
-  source = tfds.data_source(name, data_dir=data_dir, split=split)
+  if name == NAME:
+    builder_class()   # registers NAME
+  source = _tfds().data_source(name, data_dir=data_dir, split=split)
   images, labels = [], []
   for start in range(0, len(source), chunk):
     batch = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
@@ -153,7 +177,7 @@ def load_splits(data_dir: str | None = None, name: str = NAME) -> dict[str, tupl
 
 def main():
   path = prepare()
-  n = {s: len(tfds.data_source(NAME, split=s)) for s in FILES}
+  n = {s: len(_tfds().data_source(NAME, split=s)) for s in FILES}
   print(f'Fashion-MNIST ready as TFDS data set {NAME!r} at {path} ({n["train"]} train, {n["test"]} test)')
 
 

@@ -15,6 +15,8 @@ import importlib.util
 import os
 import re
 
+from flexround_jax import _extras
+
 WIKI_FILE = 'enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2'
 N_CALIBRATION_ARTICLES = 80
 MIN_ARTICLE_CHARS = 500
@@ -24,17 +26,14 @@ def gensim_test_data_dir() -> str:
   """The folder of gensim's bundled test data (SimLex-999, WordSim-353, the Wikipedia sample)."""
   spec = importlib.util.find_spec('gensim')
   if spec is None or not spec.submodule_search_locations:
-    raise ModuleNotFoundError(
-        "gensim is not installed; it ships the Wikipedia sample and the word-similarity sets. "
-        "Install it with `pip install gensim==4.4.0` (or `make install`).")
+    raise _extras.missing('gensim', 'data', 'it ships the Wikipedia sample and the word-similarity sets')
   return os.path.join(spec.submodule_search_locations[0], 'test', 'test_data')
 
 
 @functools.lru_cache(maxsize=1)
 def articles() -> tuple[str, ...]:
   """The 105 Wikipedia articles (plain text, markup removed), in file order."""
-  from gensim.corpora.wikicorpus import filter_wiki  # pylint: disable=g-import-not-at-top
-
+  filter_wiki = _extras.require('gensim.corpora.wikicorpus', 'data').filter_wiki
   path = os.path.join(gensim_test_data_dir(), WIKI_FILE)
   with bz2.open(path, 'rt', encoding='utf-8') as f:
     xml = f.read()

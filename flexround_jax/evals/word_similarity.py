@@ -11,8 +11,8 @@ import os
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import stats
 
+from flexround_jax import _extras
 from flexround_jax.data import wiki
 
 DATASETS = {'simlex999': 'simlex999.txt', 'wordsim353': 'wordsim353.tsv'}
@@ -38,6 +38,7 @@ def spearman(embeddings: dict[str, np.ndarray], pairs: Sequence[tuple[str, str]]
   a = np.stack([embeddings[w1] for w1, _ in pairs]).astype(np.float64)
   b = np.stack([embeddings[w2] for _, w2 in pairs]).astype(np.float64)
   cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+  stats = _extras.require('scipy.stats', 'data', 'Spearman correlation')
   return float(stats.spearmanr(cos, scores).statistic)
 
 

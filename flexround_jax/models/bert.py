@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexround_jax import _extras
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -202,8 +204,8 @@ def params_from_hf(weights: dict[str, np.ndarray], config: BertConfig) -> dict:
 @functools.lru_cache(maxsize=1)
 def tokenizer():
   """all-MiniLM-L6-v2's uncased WordPiece tokenizer (``tokenizers.Tokenizer``; padding/truncation left off)."""
-  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
-  tok = Tokenizer.from_file(os.path.join(minilm_dir(), 'tokenizer.json'))
+  tokenizers = _extras.require('tokenizers', 'data', "all-MiniLM-L6-v2's tokenizer")
+  tok = tokenizers.Tokenizer.from_file(os.path.join(minilm_dir(), 'tokenizer.json'))
   tok.no_padding()
   tok.no_truncation()
   return tok

