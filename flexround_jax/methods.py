@@ -32,6 +32,7 @@ def gptq_lrq(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int 
 
 
 DEFAULT = 'flexround'   # QuantConfig's default method
+BASELINE = 'rtn'   # what every unit starts from, is compared with and falls back to (engine.Unit.baseline)
 
 rtn = _rtn.method
 adaround = _adaround.method

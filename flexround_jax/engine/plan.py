@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import methods as methods_lib
 from .. import treepath
 from . import activations, graph
 from .config import QuantConfig
-from ..quantizers import rtn
 from ..quantizers.base import Method
 from ..spec import QuantSpec
 
@@ -37,6 +37,8 @@ class Unit:
     call: the probe call (apply function, signature, example inputs and output).
     prefix: params keys of the unit's subtree.
     kernels, specs, methods: the unit's quantized kernels (params order) with their QuantSpec and Method.
+    baseline: the Method every kernel starts from and is compared with (``methods.BASELINE``, RTN): the report's
+      ``loss_rtn``, and what the unit keeps when it ends worse (``QuantConfig.fallback_to_rtn``).
     acts: per kernel, the ActQuantizer of its module's input, or None (float input).
     call_order: kernel indices in the order their modules are first called (closed-form methods solve in it).
     input_groups: per kernel, the first kernel of its run of call-order neighbours that receive the same input (q, k,
@@ -53,6 +55,7 @@ class Unit:
   kernels: list[graph.Kernel]
   specs: list[QuantSpec]
   methods: list[Method]
+  baseline: Method
   treedef: Any
   batched: tuple[bool, ...]
   constants: tuple
@@ -164,14 +167,19 @@ def _all_finite(leaf) -> bool:
   return host_finite_and_peak(leaf)[0]
 
 
-def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
+def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | None = None) -> list[Unit]:
   """The units of ``model_fn(tree, batch)`` in forward order (``calib``: host arrays from ``activations.as_arrays``).
+  ``baseline``: the units' baseline Method (None: ``methods.BASELINE``), one that starts from ``init`` untrained.
 
   Raises ValueError, before any long work, when the model fails on the calibration data (also at the batch sizes
   the run uses), when its float forward on the probe samples is not finite (``check_float_forward``), when a rule
   or the block regex matches nothing usable, when a kernel cannot be quantized (a zero-size axis, weights whose
   grid step overflows float32) or when a kernel's method cannot take it.
   """
+  baseline = methods_lib.get(methods_lib.BASELINE) if baseline is None else baseline
+  if not isinstance(baseline, Method) or baseline.init is None or baseline.solve is not None or baseline.trains:
+    raise ValueError(f'baseline must be a Method that starts from init alone, untrained (methods.rtn()), got '
+                     f'{baseline!r}')
   n = activations.num_samples(calib)
   probe_sizes = (1, 2) if n >= 2 else (1,)
   traces = []
@@ -245,11 +253,11 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
         raise ValueError(f'module {k.module!r} takes no array as its first positional argument, so its input cannot '
                          f'be quantized; keep it float with Rule({k.module!r}, activation="float")')
     for k, (spec, method) in zip(ks, resolved):
-      _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path))
+      _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path), baseline)
       _check_method_takes(k, spec, method, checked)
     units.append(Unit(index=len(units), name=owner, kind='block' if owner in block_paths else 'layer', call=call,
                       prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
-                      treedef=treedef, batched=batched, constants=constants,
+                      baseline=baseline, treedef=treedef, batched=batched, constants=constants,
                       call_order=(order := tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))),
                       input_groups=_input_groups(ks, order, first_call),
                       acts=acts))
@@ -348,9 +356,9 @@ def _check_method_takes(kernel: graph.Kernel, spec: QuantSpec, method: Method, c
   checked.add(key)
 
 
-def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf):
-  """Raises ValueError, naming the kernel, for a kernel with a zero-size axis, or one whose RTN start (the start of
-  every method) is not finite: its grid step overflows float32 when |w| is near float32's max."""
+def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf, baseline: Method):
+  """Raises ValueError, naming the kernel, for a kernel with a zero-size axis, or one whose ``baseline`` start (RTN:
+  the start of every method) is not finite: its grid step overflows float32 when |w| is near float32's max."""
   name = treepath.path_str(kernel.param_path)
   if 0 in kernel.shape:
     raise ValueError(f'kernel {name} has shape {kernel.shape}, with a zero-size axis: nothing to quantize; keep it '
@@ -363,7 +371,7 @@ def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf):
     if np.isfinite(np.float32(4) * peak):   # every step <= 2 max|w| / (2^b - 1), and |w_hat| <= 2 max|w|: finite
       return
   view = jnp.reshape(jnp.asarray(leaf), kernel.view_shape)
-  w_hat = rtn.finalize(view, rtn.init(view, spec), spec).dequantize(jnp.float32)
+  w_hat = baseline.finalize(view, baseline.init(view, spec), spec).dequantize(jnp.float32)
   if not np.isfinite(np.asarray(w_hat)).all():
     raise ValueError(f'kernel {name}: max |w| = {float(peak):.4g} is too close to the float32 maximum: its '
                      f'{spec.bits}-bit grid step or its quantized weights are Inf; rescale the weights or keep the '

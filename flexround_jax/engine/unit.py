@@ -33,7 +33,6 @@ from .config import QuantConfig
 from .plan import Unit, relative_module
 from ..quantizers import activation as act_lib
 from ..qtensor import QTensor
-from ..quantizers import rtn
 
 
 def per_sample_loss(out, y_leaves):
@@ -477,8 +476,8 @@ class UnitReconstructor:
     ``keep_outputs``: also return the unit's outputs with the kept kernels, from the final loss pass."""
     cfg = self.config
     views = kernel_views(unit, fp_unit)
-    rtn_states = [rtn.init(v, s) for v, s in zip(views, unit.specs)]
-    rtn_qts = [rtn.finalize(v, st, s) for v, st, s in zip(views, rtn_states, unit.specs)]
+    rtn_states = [unit.baseline.init(v, s) for v, s in zip(views, unit.specs)]
+    rtn_qts = [unit.baseline.finalize(v, st, s) for v, st, s in zip(views, rtn_states, unit.specs)]
     trains = any(m.trains for m in unit.methods)
     iters = cfg.iters if trains else 0
     changes = iters > 0 or any(m.solve is not None for m in unit.methods)   # iters = 0: RTN (or a closed form)
@@ -504,6 +503,7 @@ class UnitReconstructor:
     loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts) if changes else loss_rtn
     loss_trained, fell_back = loss_final, False
     methods = ', '.join(sorted({m.name for m in unit.methods}))
+    baseline = unit.baseline.name.upper()   # RTN
     non_finite = _non_finite(unit, states, qts, loss_final, acts) if changes else []
     if non_finite and not cfg.fallback_to_rtn:   # a diverged unit is never kept: an error, or the fall-backs below
       raise ValueError(f'unit {unit.name}: {methods} ended with NaN or Inf in {", ".join(non_finite)} (loss '
@@ -519,8 +519,8 @@ class UnitReconstructor:
       outputs = _discard(outputs)
     if changes and cfg.fallback_to_rtn and (bad or not loss_final <= loss_rtn):
       how = (f'ended with NaN or Inf in {", ".join(non_finite)}' if bad else
-             f'ended at loss {loss_final:.6g}, worse than its RTN start {loss_rtn:.6g}')
-      warnings.warn(f'unit {unit.name}: {methods} {how}; keeping RTN for this unit')
+             f'ended at loss {loss_final:.6g}, worse than its {baseline} start {loss_rtn:.6g}')
+      warnings.warn(f'unit {unit.name}: {methods} {how}; keeping {baseline} for this unit')
       qts, loss_final, fell_back, acts = rtn_qts, loss_rtn, True, acts_start
       outputs = _discard(outputs)
     names = unit.kernel_names()
