@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from flexround_jax.quantizers import _base as _qbase
 from flexround_jax.quantizers import adaround as _adaround
 from flexround_jax.quantizers import flexround as _flexround
 from flexround_jax.quantizers import gptq as _gptq
 from flexround_jax.quantizers import lrq as _lrq
 from flexround_jax.quantizers import rtn as _rtn
-from flexround_jax.quantizers.base import Method
+from flexround_jax.quantizers.base import Method, from_registry
 from flexround_jax.quantizers.gptq_start import start_from_gptq
 
 
@@ -32,6 +31,7 @@ def gptq_lrq(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int 
 
 
 DEFAULT = 'flexround'   # QuantConfig's default method
+BASELINE = 'rtn'   # what every unit starts from, is compared with and falls back to (engine.Unit.baseline)
 
 rtn = _rtn.method
 adaround = _adaround.method
@@ -53,7 +53,7 @@ REGISTRY: dict[str, Callable[..., Method]] = {
 def get(method: str | Method | Mapping[str, Any], **knobs) -> Method:
   """A Method from a Method (returned as is), a registered name plus knobs, or a mapping {'name': ..., **knobs}
   (the form config files use)."""
-  return _qbase.from_registry(method, REGISTRY, 'method', Method, knobs)
+  return from_registry(method, REGISTRY, 'method', Method, knobs)
 
 
 __all__ = ['Method', 'REGISTRY', 'adaround', 'flexround', 'get', 'gptq', 'gptq_flexround', 'gptq_lrq', 'lrq', 'rtn',

@@ -56,6 +56,49 @@ def test_non_finite_half_precision_calibration_data_is_found_naming_the_leaf(dty
     fr.quantize(params, lambda p, b: apply_fn(p, b['x']), batch, _config(dry_run=True))
 
 
+class _NormedMLP(nn.Module):
+  """Dense -> BatchNorm (running statistics) -> an MLP block -> Dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.BatchNorm(use_running_average=True)(nn.Dense(32)(x))
+    return nn.Dense(4)(tiny_models.MLPBlock(32, name='block_0')(x))
+
+
+@pytest.mark.parametrize('dry_run', [True, False])
+def test_nan_in_batch_norm_statistics_closed_over_by_apply_fn_is_found_before_work(dry_run, no_work):
+  # Params and calibration data are finite; the NaN comes from a variable apply_fn closes over. The run used to
+  # finish with NaN losses and a NaN model, its warnings blaming the kernels.
+  _, _, calib = _mlp()
+  model = _NormedMLP()
+  variables = model.init(jax.random.key(0), calib[:1])
+  stats = jax.tree.map(lambda a: a.at[3].set(jnp.nan), variables['batch_stats'])
+  apply_fn = lambda p, b: model.apply({'params': p, 'batch_stats': stats}, b)
+  with pytest.raises(ValueError, match=r"the float model is not finite on the first 2 calibration sample\(s\): the "
+                                       r"output of unit 'block_0' holds NaN or Inf, though params and calib_data are "
+                                       r"finite; module 'BatchNorm_0' \(BatchNorm\) is the first whose output holds "
+                                       r"NaN or Inf while its inputs are finite\. So the cause is an array closed over "
+                                       r"by apply_fn \(e\.g\. BatchNorm statistics"):
+    fr.quantize(variables['params'], apply_fn, calib, _config(dry_run=dry_run))
+
+
+def test_nan_computed_by_apply_fn_outside_the_modules_is_found_before_work(no_work):
+  params, apply_fn, calib = _mlp()
+  shift = np.zeros(calib.shape[1], np.float32)
+  shift[2] = np.nan                                # a normalisation constant closed over by apply_fn
+  with pytest.raises(ValueError, match=r"output of unit 'Dense_0' holds NaN or Inf, .* the root module \(MLP\) "
+                                       r"already gets NaN or Inf inputs: apply_fn computes them outside its Flax "
+                                       r"modules"):
+    fr.quantize(params, lambda p, b: apply_fn(p, b - shift), calib, _config())
+
+
+def test_inf_in_the_model_output_alone_is_accepted():
+  params, apply_fn, calib = _mlp()
+  masked = lambda p, b: jnp.where(jnp.arange(10) < 5, apply_fn(p, b), -jnp.inf)   # masked logits, after every unit
+  result = fr.quantize(params, masked, calib, _config(dry_run=True))
+  assert [p['unit'] for p in result.plan] == ['Dense_0', 'block_0', 'block_1', 'Dense_1']
+
+
 def test_kernel_near_float32_max_is_refused_naming_it(no_work):
   params, apply_fn, calib = _mlp()
   kernel = params['block_1']['Dense_0']['kernel']

@@ -126,3 +126,42 @@ def test_gptq_flexround_passes_fused_grad_and_trains_like_autodiff():
     assert f['methods'] == ['gptq+flexround']
     assert f['loss_trained'] < f['loss_start']
     assert f['loss_trained'] == pytest.approx(a['loss_trained'], rel=0.05), (a, f)
+
+
+def test_the_engine_imports_no_method_module():
+  """The engine runs the Methods it is given, its baseline (RTN) included: no engine module imports a method."""
+  import ast
+  import pathlib
+  methods = {'rtn', 'adaround', 'flexround', 'gptq', 'gptq_start', 'lrq'}
+  engine = pathlib.Path(fr.engine.__file__).parent
+  for path in sorted(engine.glob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom):
+        names = [(node.module or '').split('.')[-1]] + [a.name for a in node.names]
+      elif isinstance(node, ast.Import):
+        names = [a.name.split('.')[-1] for a in node.names]
+      else:
+        continue
+      assert not methods & set(names), f'{path.name}:{node.lineno} imports a method module'
+
+
+def test_the_units_baseline_is_the_method_value_planning_gives_them():
+  params, apply_fn, calib = tiny_models.mlp()
+  config = fr.QuantConfig(method='gptq', weight=SPEC, blocks=r'block_\d+', iters=0, progress=False)
+  rtn = fr.methods.rtn()
+  calls = []
+
+  def finalize(kernel, state, spec):
+    calls.append(kernel.shape)
+    return rtn.finalize(kernel, state, spec)
+  counted = fr.methods.Method('rtn', {}, init=rtn.init, fake_quant=rtn.fake_quant, finalize=finalize)
+  unit = fr.engine.plan_units(apply_fn, params, np.asarray(calib), config, baseline=counted)[1]
+  default = fr.engine.plan_units(apply_fn, params, np.asarray(calib), config)[1]
+  assert unit.baseline is counted and default.baseline.name == 'rtn'
+  x = np.asarray(calib @ params['Dense_0']['kernel'] + params['Dense_0']['bias'])
+  y = np.asarray(unit.apply(params['block_0'], [x]))
+  results = [fr.engine.reconstruct_unit(u, params['block_0'], [x], [y], config) for u in (unit, default)]
+  assert sorted(calls) == sorted(k.view_shape for k in unit.kernels)   # the baseline of every kernel, once each
+  assert results[0].report['loss_rtn'] == results[1].report['loss_rtn']
+  with pytest.raises(ValueError, match=r'baseline must be a Method that starts from init alone, untrained'):
+    fr.engine.plan_units(apply_fn, params, np.asarray(calib), config, baseline=fr.methods.flexround())

@@ -11,7 +11,8 @@ from hypothesis import given
 
 from flexround_jax import QTensor, QuantSpec
 from flexround_jax import _layout
-from flexround_jax.quantizers import _base, adaround, flexround, rtn
+from flexround_jax.quantizers import adaround, flexround, rtn
+from flexround_jax.quantizers import grid as grid_lib
 
 # A fixed menu of shapes keeps jit compilations bounded: dense, conv, depthwise conv, grouped conv.
 SHAPES = [(16, 8), (24, 12), (3, 3, 8, 16), (3, 3, 1, 12), (1, 1, 16, 8), (5, 5, 4, 8)]
@@ -108,10 +109,10 @@ def test_scales_are_exactly_representable_in_the_scale_dtype(case):
 def test_scale_dtype_rounds_the_step_with_a_straight_through_gradient():
   spec = QuantSpec(bits=4, granularity='per_channel', scale_dtype='float16')
   log_s1 = jnp.log(jnp.array([0.0123456, 1e-9, 3.14159]))
-  s = _base.step_size(log_s1, spec)
+  s = grid_lib.step_size(log_s1, spec)
   np.testing.assert_array_equal(s, np.maximum(np.exp(np.asarray(log_s1)).astype(np.float16),
                                               np.finfo(np.float16).smallest_subnormal).astype(np.float32))
-  grad = jax.grad(lambda t: _base.step_size(t, spec).sum())(log_s1)
+  grad = jax.grad(lambda t: grid_lib.step_size(t, spec).sum())(log_s1)
   np.testing.assert_allclose(grad, np.exp(np.asarray(log_s1)), rtol=1e-6)
 
 
@@ -122,7 +123,7 @@ def test_mse_grid_never_worse_than_minmax(case):
   for grid_init in ('minmax', 'mse'):
     s = spec.replace(grid_init=grid_init)
     w_hat = rtn.fake_quant(kernel, rtn.init(kernel, s), s)
-    errors[grid_init] = _layout.reduce_to_grid(jnp.abs(w_hat - kernel) ** _base.LP_NORM_P, s, jnp.mean)
+    errors[grid_init] = _layout.reduce_to_grid(jnp.abs(w_hat - kernel) ** grid_lib.LP_NORM_P, s, jnp.mean)
   assert np.all(np.asarray(errors['mse']) <= np.asarray(errors['minmax']))
 
 
@@ -210,7 +211,7 @@ def test_reciprocal_rule_gradient_at_init(shape):
   grads = jax.grad(loss)(trainable)
   s1 = jnp.exp(state['log_s1'])
   x = kernel / s1
-  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  lo, hi = grid_lib.integer_bounds(state['zero_point'], spec)
   inside = (jnp.round(x) >= lo) & (jnp.round(x) <= hi)
   assert 0 < int((~inside).sum()), 'the mse grid should clip some weights'
   np.testing.assert_allclose(grads['log_s2'], jnp.where(inside, -s1 * x * g, 0.0), rtol=1e-5, atol=1e-6)
@@ -257,7 +258,7 @@ def test_fused_grad_knob():
 
 def test_clamp_passes_full_gradient_at_the_bounds():
   x = jnp.array([-9.2, -8.0, -7.6, 0.3, 6.6, 7.0, 7.4, 9.0])
-  grad = jax.grad(lambda v: jnp.sum(_base.clip_inclusive(_base.round_ste(v), -8.0, 7.0)))(x)
+  grad = jax.grad(lambda v: jnp.sum(grid_lib.clip_inclusive(grid_lib.round_ste(v), -8.0, 7.0)))(x)
   np.testing.assert_array_equal(grad, [0, 1, 1, 1, 1, 1, 1, 0])
 
 
@@ -288,7 +289,7 @@ def test_adaround_soft_start_reproduces_in_range_weights():
   state = adaround.init(kernel, spec)
   soft = adaround.fake_quant(kernel, state, spec)
   x = kernel / _layout.expand(state['scale'], spec, kernel.shape[-2])
-  lo, hi = _base.integer_bounds(state['zero_point'], spec)
+  lo, hi = grid_lib.integer_bounds(state['zero_point'], spec)
   inside = (x >= lo) & (x <= hi)
   np.testing.assert_allclose(jnp.where(inside, soft, kernel), kernel, atol=1e-5)
   assert float(adaround.regularizer(state, 2.0)) > 0

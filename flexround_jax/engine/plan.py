@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import methods as methods_lib
 from .. import treepath
 from . import activations, graph
 from .config import QuantConfig
-from ..quantizers import rtn
 from ..quantizers.base import Method
 from ..spec import QuantSpec
 
@@ -37,6 +37,8 @@ class Unit:
     call: the probe call (apply function, signature, example inputs and output).
     prefix: params keys of the unit's subtree.
     kernels, specs, methods: the unit's quantized kernels (params order) with their QuantSpec and Method.
+    baseline: the Method every kernel starts from and is compared with (``methods.BASELINE``, RTN): the report's
+      ``loss_rtn``, and what the unit keeps when it ends worse (``QuantConfig.fallback_to_rtn``).
     acts: per kernel, the ActQuantizer of its module's input, or None (float input).
     call_order: kernel indices in the order their modules are first called (closed-form methods solve in it).
     input_groups: per kernel, the first kernel of its run of call-order neighbours that receive the same input (q, k,
@@ -53,6 +55,7 @@ class Unit:
   kernels: list[graph.Kernel]
   specs: list[QuantSpec]
   methods: list[Method]
+  baseline: Method
   treedef: Any
   batched: tuple[bool, ...]
   constants: tuple
@@ -164,20 +167,30 @@ def _all_finite(leaf) -> bool:
   return host_finite_and_peak(leaf)[0]
 
 
-def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
+def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | None = None) -> list[Unit]:
   """The units of ``model_fn(tree, batch)`` in forward order (``calib``: host arrays from ``activations.as_arrays``).
+  ``baseline``: the units' baseline Method (None: ``methods.BASELINE``), one that starts from ``init`` untrained.
 
   Raises ValueError, before any long work, when the model fails on the calibration data (also at the batch sizes
-  the run uses), when a rule or the block regex matches nothing usable, when a kernel cannot be quantized (a
-  zero-size axis, weights whose grid step overflows float32) or when a kernel's method cannot take it.
+  the run uses), when its float forward on the probe samples is not finite (``check_float_forward``), when a rule
+  or the block regex matches nothing usable, when a kernel cannot be quantized (a zero-size axis, weights whose
+  grid step overflows float32) or when a kernel's method cannot take it.
   """
+  baseline = methods_lib.get(methods_lib.BASELINE) if baseline is None else baseline
+  if not isinstance(baseline, Method) or baseline.init is None or baseline.solve is not None or baseline.trains:
+    raise ValueError(f'baseline must be a Method that starts from init alone, untrained (methods.rtn()), got '
+                     f'{baseline!r}')
   n = activations.num_samples(calib)
   probe_sizes = (1, 2) if n >= 2 else (1,)
   traces = []
   for size in probe_sizes:   # the last probe runs (values: constants, shared inputs); the one before only traces
-    trace = graph.trace_call_shapes if size < probe_sizes[-1] else lambda *a: graph.trace_calls(*a)[0]
+    probe = activations.take(calib, np.arange(size))
     try:
-      traces.append(trace(model_fn, tree, activations.take(calib, np.arange(size))))
+      if size < probe_sizes[-1]:
+        traces.append(graph.trace_call_shapes(model_fn, tree, probe))
+      else:
+        calls, probe_output = graph.trace_calls(model_fn, tree, probe)
+        traces.append(calls)
     except Exception as e:  # the user's model failing is reported before any long work
       raise ValueError(f'apply_fn(params, batch) failed on the first {size} calibration sample(s): '
                        f'{type(e).__name__}: {e}') from e
@@ -240,18 +253,75 @@ def plan_units(model_fn, tree, calib, config: QuantConfig) -> list[Unit]:
         raise ValueError(f'module {k.module!r} takes no array as its first positional argument, so its input cannot '
                          f'be quantized; keep it float with Rule({k.module!r}, activation="float")')
     for k, (spec, method) in zip(ks, resolved):
-      _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path))
+      _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path), baseline)
       _check_method_takes(k, spec, method, checked)
     units.append(Unit(index=len(units), name=owner, kind='block' if owner in block_paths else 'layer', call=call,
                       prefix=prefix, kernels=ks, specs=[r[0] for r in resolved], methods=[r[1] for r in resolved],
-                      treedef=treedef, batched=batched, constants=constants,
+                      baseline=baseline, treedef=treedef, batched=batched, constants=constants,
                       call_order=(order := tuple(sorted(range(len(ks)), key=lambda i: first_call[ks[i].module].index))),
                       input_groups=_input_groups(ks, order, first_call),
                       acts=acts))
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
+  check_float_forward(calls, probe_output, units, tree, probe)
   _check_batch_sizes(model_fn, tree, calib, units, config)
   return units
+
+
+def _has_non_finite(tree, nan_only: bool = False) -> bool:
+  """Whether some float leaf of ``tree`` holds NaN or Inf (``nan_only``: NaN), reduced where it lives."""
+  for leaf in jax.tree.leaves(tree):
+    if not hasattr(leaf, 'dtype') or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      continue
+    if nan_only:
+      if bool(jnp.isnan(jnp.asarray(leaf)).any()):
+        return True
+    elif not _all_finite(leaf):
+      return True
+  return False
+
+
+def check_float_forward(calls: list[graph.Call], output, units: list[Unit], tree, probe):
+  """Raises ValueError, naming where it starts, when the float model's forward on the probe samples ``probe`` (the
+  traced ``calls`` and ``output`` of ``graph.trace_calls``) is not finite: a unit's output holds NaN or Inf (its
+  block loss could not be computed), or the model's output holds NaN (Inf is allowed there: masked logits).
+
+  Params and calibration data are checked first (``check_params``, ``activations.as_arrays``), so a non-finite
+  forward comes from an array ``apply_fn`` closes over (BatchNorm statistics, a normalisation constant) or from the
+  model's own math (an overflow, a division by zero). The message names the first module whose output is not
+  finite while its inputs are (the innermost such module), or else the first module whose inputs already are not
+  (computed by ``apply_fn`` outside every Flax module). Costs one finiteness reduction per unit output; the
+  module search runs only when the check fails.
+  """
+  bad_unit = next((u for u in units if _has_non_finite(u.call.output)), None)
+  if bad_unit is None and not _has_non_finite(output, nan_only=True):
+    return
+  check_params(tree)   # normally already checked: the message below must be true
+  if _has_non_finite(probe):
+    raise ValueError('calib_data contains NaN or Inf')
+  size = activations.num_samples(probe)
+  where = (f'the output of unit {bad_unit.name!r} holds NaN or Inf' if bad_unit is not None else
+           "apply_fn's output holds NaN")
+  origin = [c for c in calls if not _has_non_finite((c.args, c.kwargs)) and _has_non_finite(c.output)]
+  inner = [c for c in origin if not any(d.index > c.index and _inside(d.path, c.path) for d in origin)]
+  name = lambda c: f'module {c.path!r} ({c.cls_name})' if c.path else f'the root module ({c.cls_name})'
+  if inner:
+    source = f'{name(inner[0])} is the first whose output holds NaN or Inf while its inputs are finite'
+  else:
+    c = next((c for c in calls if _has_non_finite((c.args, c.kwargs))), None)
+    source = ('every module gets finite inputs and returns finite outputs: apply_fn computes the NaN outside its '
+              'Flax modules' if c is None else
+              f'{name(c)} already gets NaN or Inf inputs: apply_fn computes them outside its Flax modules, before '
+              f'calling it')
+  raise ValueError(f'the float model is not finite on the first {size} calibration sample(s): {where}, though params '
+                   f'and calib_data are finite; {source}. So the cause is an array closed over by apply_fn (e.g. '
+                   f'BatchNorm statistics, other variables passed to module.apply) or the model\'s own math (an '
+                   f'overflow, a division by zero); quantizing it would give NaN losses and a NaN model')
+
+
+def _inside(path: str, parent: str) -> bool:
+  """Whether module ``path`` is a submodule of ``parent`` ('' is the root module)."""
+  return path != parent and (parent == '' or path.startswith(parent + '/'))
 
 
 def _input_groups(kernels, order, first_call) -> tuple[int, ...]:
@@ -286,9 +356,9 @@ def _check_method_takes(kernel: graph.Kernel, spec: QuantSpec, method: Method, c
   checked.add(key)
 
 
-def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf):
-  """Raises ValueError, naming the kernel, for a kernel with a zero-size axis, or one whose RTN start (the start of
-  every method) is not finite: its grid step overflows float32 when |w| is near float32's max."""
+def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf, baseline: Method):
+  """Raises ValueError, naming the kernel, for a kernel with a zero-size axis, or one whose ``baseline`` start (RTN:
+  the start of every method) is not finite: its grid step overflows float32 when |w| is near float32's max."""
   name = treepath.path_str(kernel.param_path)
   if 0 in kernel.shape:
     raise ValueError(f'kernel {name} has shape {kernel.shape}, with a zero-size axis: nothing to quantize; keep it '
@@ -301,7 +371,7 @@ def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf):
     if np.isfinite(np.float32(4) * peak):   # every step <= 2 max|w| / (2^b - 1), and |w_hat| <= 2 max|w|: finite
       return
   view = jnp.reshape(jnp.asarray(leaf), kernel.view_shape)
-  w_hat = rtn.finalize(view, rtn.init(view, spec), spec).dequantize(jnp.float32)
+  w_hat = baseline.finalize(view, baseline.init(view, spec), spec).dequantize(jnp.float32)
   if not np.isfinite(np.asarray(w_hat)).all():
     raise ValueError(f'kernel {name}: max |w| = {float(peak):.4g} is too close to the float32 maximum: its '
                      f'{spec.bits}-bit grid step or its quantized weights are Inf; rescale the weights or keep the '

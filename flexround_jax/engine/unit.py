@@ -1,14 +1,18 @@
 """Reconstructing one unit: its compiled functions, closed-form solves, the optax loop, and the RTN comparison.
 
-For a unit with cached inputs x_q (quantized model), x_fp (float model) and float targets y_fp:
-  1. RTN on every kernel, and its block loss (the start every method is compared with).
-  2. Kernels whose method solves in closed form (GPTQ) are solved one by one in call order, each from the Hessian
-     of its own inputs in the unit whose earlier kernels are already solved ("true sequential").
-  3. Kernels whose method is gradient-trained are trained jointly: ``iters`` steps of
+For a unit with cached inputs x_q (quantized model), x_fp (float model) and float targets y_fp
+(``UnitReconstructor.reconstruct``, one method per step):
+  1. ``baseline``: the unit's baseline Method (RTN) on every kernel, and its block loss (the start every method is
+     compared with).
+  2. ``solve``: kernels whose method solves in closed form (GPTQ) are solved one by one in call order, each from the
+     Hessian of its own inputs in the unit whose earlier kernels are already solved ("true sequential");
+     ``closed_form_start``: the loss of that start, when the unit trains from it.
+  3. ``train``: kernels whose method is gradient-trained are trained jointly: ``iters`` steps of
      ``mean(sum_features((unit_q(x) - y_fp)^2)) + sum of the methods' penalties``, each kernel's state updated by
      its method's optax transformation.
-  4. Every kernel is finalized to a QTensor. With ``fallback_to_rtn``, a unit trained from a closed-form start
-     that ends worse than that start keeps the start, and a unit that ends worse than RTN keeps RTN.
+  4. ``candidate``: every kernel is finalized to a QTensor, and ``choose`` picks what the unit keeps: a non-finite
+     result never; with ``fallback_to_rtn``, a unit trained from a closed-form start that ends worse than that
+     start keeps the start, and a unit that ends worse than RTN keeps RTN. ``report`` and ``result`` record it.
 
 Compiled functions live in a ``Compiled`` cache owned by one ``quantize`` call and keyed by the unit's static
 key, so identical blocks compile once and nothing outlives the call.
@@ -33,7 +37,6 @@ from .config import QuantConfig
 from .plan import Unit, relative_module
 from ..quantizers import activation as act_lib
 from ..qtensor import QTensor
-from ..quantizers import rtn
 
 
 def per_sample_loss(out, y_leaves):
@@ -300,6 +303,33 @@ def _hessian_fn(unit: Unit, index: int):   # the kernel's module must take its i
 
 
 @dataclasses.dataclass
+class Candidate:
+  """Finalized kernels a unit may keep: per kernel, its method's state and QTensor; the block loss with them and
+  with ``acts`` (per kernel, the activation-quantizer state of its input; None: inputs float); ``non_finite``: the
+  kernels (or 'loss') holding NaN or Inf (``_non_finite``; checked for trained and closed-form candidates)."""
+  states: list
+  qts: list
+  loss: float
+  acts: list | None = None
+  non_finite: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Outcome:
+  """One unit's reconstruction: the ``baseline`` (RTN), the closed-form ``start`` of a unit that trains from one
+  (else None), the ``trained`` (or solved) kernels, the ``kept`` one of those, and how training went."""
+  baseline: Candidate
+  trained: Candidate
+  kept: Candidate
+  start: Candidate | None = None
+  iters: int = 0
+  curve: list = dataclasses.field(default_factory=list)
+  new_train_step: bool = False
+  seconds_train: float = 0.0
+  facts: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class UnitResult:
   """``outputs``: with ``reconstruct(keep_outputs=True)``, the unit's outputs on the cached inputs with the kept
   kernels (None when they were not computed in the final loss pass, e.g. after a fall-back). ``act_states``:
@@ -475,77 +505,113 @@ class UnitReconstructor:
                   y_fp: ActivationStore, keep_outputs: bool = False) -> UnitResult:
     """Quantizes the unit's kernels (see the module docstring); ``fp_unit`` is the unit's float params subtree.
     ``keep_outputs``: also return the unit's outputs with the kept kernels, from the final loss pass."""
-    cfg = self.config
+    iters = self.config.iters if any(m.trains for m in unit.methods) else 0
+    solves = any(m.solve is not None for m in unit.methods)
+    changes = iters > 0 or solves   # otherwise the unit keeps its baseline
+    outputs = ActivationStore(self.n, self.config.spill_dir) if keep_outputs else None
+    acts = self.calibrate_acts(unit, fp_unit, x_fp) if unit.act_paths() else None
+    baseline = self.baseline(unit, fp_unit, x_q, y_fp, acts, None if changes else outputs)
+    if not changes:
+      return self.result(unit, Outcome(baseline=baseline, trained=baseline, kept=baseline), outputs)
+    states, facts = self.solve(unit, fp_unit, x_q)
+    start = self.closed_form_start(unit, fp_unit, states, x_q, y_fp, acts) if iters > 0 and solves else None
+    curve, new_step, seconds_train = [], False, 0.0
+    if iters > 0:
+      t_train = time.perf_counter()
+      states, curve, new_step, acts = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters, acts)
+      seconds_train = time.perf_counter() - t_train
+    trained = self.candidate(unit, fp_unit, unit.methods, states, x_q, y_fp, acts, outputs)
+    trained.non_finite = _non_finite(unit, states, trained.qts, trained.loss, acts)
+    kept = self.choose(unit, baseline, start, trained)
+    if kept is not trained:   # the outputs of the final loss pass are not the kept kernels'
+      outputs = _discard(outputs)
+    return self.result(unit, Outcome(baseline, trained, kept, start, iters, curve, new_step, seconds_train, facts),
+                       outputs)
+
+  def candidate(self, unit: Unit, fp_unit, methods: list, states: list, x_q: ActivationStore,
+                y_fp: ActivationStore, acts=None, outputs: ActivationStore | None = None) -> Candidate:
+    """Per kernel, ``states`` finalized by ``methods``, and their block loss on every cached input (``outputs``:
+    the unit's outputs go there too)."""
     views = kernel_views(unit, fp_unit)
-    rtn_states = [rtn.init(v, s) for v, s in zip(views, unit.specs)]
-    rtn_qts = [rtn.finalize(v, st, s) for v, st, s in zip(views, rtn_states, unit.specs)]
-    trains = any(m.trains for m in unit.methods)
-    iters = cfg.iters if trains else 0
-    changes = iters > 0 or any(m.solve is not None for m in unit.methods)   # iters = 0: RTN (or a closed form)
-    outputs = ActivationStore(self.n, cfg.spill_dir) if keep_outputs else None
-    acts_start = self.calibrate_acts(unit, fp_unit, x_fp) if unit.act_paths() else None
-    acts = acts_start
-    loss_rtn = self.eval_loss(unit, fp_unit, rtn_qts, x_q, y_fp, None if changes else outputs, acts)
-    qts, curve, states, facts, new_step, seconds_train = rtn_qts, [], rtn_states, {}, False, 0.0
-    loss_start, kept_start = None, False
-    if changes:
-      states, facts = self.solve(unit, fp_unit, x_q)
-      solved = any(m.solve is not None for m in unit.methods)
-      if iters > 0 and solved:   # a closed-form start (GPTQ): training must beat it, not only RTN
-        start_states = jax.device_get(states)   # a host copy: training donates the device buffers
-        start_qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
-        loss_start = self.eval_loss(unit, fp_unit, start_qts, x_q, y_fp, act_states=acts)
-        start_bad = _non_finite(unit, start_states, start_qts, loss_start)   # a non-finite start is never kept
-      if iters > 0:
-        t_train = time.perf_counter()
-        states, curve, new_step, acts = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters, acts)
-        seconds_train = time.perf_counter() - t_train
-      qts = [m.finalize(v, st, s) for m, v, st, s in zip(unit.methods, views, states, unit.specs)]
-    loss_final = self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts) if changes else loss_rtn
-    loss_trained, fell_back = loss_final, False
+    qts = [m.finalize(v, st, s) for m, v, st, s in zip(methods, views, states, unit.specs)]
+    return Candidate(states, qts, self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts), acts)
+
+  def baseline(self, unit: Unit, fp_unit, x_q: ActivationStore, y_fp: ActivationStore, acts=None,
+               outputs: ActivationStore | None = None) -> Candidate:
+    """The unit's baseline (``Unit.baseline``, RTN) on every kernel: the start every method is compared with."""
+    states = [unit.baseline.init(v, s) for v, s in zip(kernel_views(unit, fp_unit), unit.specs)]
+    return self.candidate(unit, fp_unit, [unit.baseline] * len(unit.kernels), states, x_q, y_fp, acts, outputs)
+
+  def closed_form_start(self, unit: Unit, fp_unit, states: list, x_q: ActivationStore, y_fp: ActivationStore,
+                        acts=None) -> Candidate:
+    """The solved start of a unit that trains from it (GPTQ -> FlexRound), which training must beat: its states
+    copied to the host (training donates the device buffers) and what of it is not finite (never kept)."""
+    start = self.candidate(unit, fp_unit, unit.methods, states, x_q, y_fp, acts)
+    start.states = jax.device_get(states)
+    start.non_finite = _non_finite(unit, start.states, start.qts, start.loss)
+    return start
+
+  def choose(self, unit: Unit, baseline: Candidate, start: Candidate | None, trained: Candidate) -> Candidate:
+    """What the unit keeps: the ``trained`` kernels. A non-finite result is never kept: without
+    ``fallback_to_rtn`` it is an error. With it, a unit that ends non-finite or worse than its finite closed-form
+    ``start`` keeps the start, and then one whose kept kernels are non-finite or worse than the ``baseline`` keeps
+    the baseline, each with a warning."""
     methods = ', '.join(sorted({m.name for m in unit.methods}))
-    non_finite = _non_finite(unit, states, qts, loss_final, acts) if changes else []
-    if non_finite and not cfg.fallback_to_rtn:   # a diverged unit is never kept: an error, or the fall-backs below
-      raise ValueError(f'unit {unit.name}: {methods} ended with NaN or Inf in {", ".join(non_finite)} (loss '
-                       f'{loss_final:.6g}); lower the learning rate, or set QuantConfig.fallback_to_rtn=True to keep '
-                       f'RTN for such units (units finished before this one are in the checkpoint, if any)')
-    bad = bool(non_finite)
-    if loss_start is not None and cfg.fallback_to_rtn and not start_bad and (bad or not loss_final <= loss_start):
-      how = (f'with NaN or Inf in {", ".join(non_finite)}' if bad else
-             f'at loss {loss_final:.6g}, worse than its closed-form start {loss_start:.6g}')
+    name = unit.baseline.name.upper()   # RTN
+    bad = ', '.join(trained.non_finite)
+    if not self.config.fallback_to_rtn:
+      if bad:
+        raise ValueError(f'unit {unit.name}: {methods} ended with NaN or Inf in {bad} (loss {trained.loss:.6g}); '
+                         f'lower the learning rate, or set QuantConfig.fallback_to_rtn=True to keep {name} for such '
+                         f'units (units finished before this one are in the checkpoint, if any)')
+      return trained
+    kept = trained
+    if start is not None and not start.non_finite and (bad or not trained.loss <= start.loss):
+      how = (f'with NaN or Inf in {bad}' if bad else
+             f'at loss {trained.loss:.6g}, worse than its closed-form start {start.loss:.6g}')
       warnings.warn(f'unit {unit.name}: training ended {how}; keeping the start for this unit')
-      qts, states, loss_final, kept_start, bad = start_qts, start_states, loss_start, True, False
-      acts = acts_start
-      outputs = _discard(outputs)
-    if changes and cfg.fallback_to_rtn and (bad or not loss_final <= loss_rtn):
-      how = (f'ended with NaN or Inf in {", ".join(non_finite)}' if bad else
-             f'ended at loss {loss_final:.6g}, worse than its RTN start {loss_rtn:.6g}')
-      warnings.warn(f'unit {unit.name}: {methods} {how}; keeping RTN for this unit')
-      qts, loss_final, fell_back, acts = rtn_qts, loss_rtn, True, acts_start
-      outputs = _discard(outputs)
-    names = unit.kernel_names()
+      kept, bad = start, ''
+    if bad or not kept.loss <= baseline.loss:
+      how = (f'ended with NaN or Inf in {bad}' if bad else
+             f'ended at loss {kept.loss:.6g}, worse than its {name} start {baseline.loss:.6g}')
+      warnings.warn(f'unit {unit.name}: {methods} {how}; keeping {name} for this unit')
+      kept = baseline
+    return kept
+
+  def report(self, unit: Unit, outcome: Outcome) -> dict:
+    """The unit's report (``QuantizeResult.report``), activation quantizers aside."""
+    o = outcome
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
            'bits': sorted({s.bits for s in unit.specs}), 'methods': sorted({m.name for m in unit.methods}),
-           'loss_rtn': loss_rtn, 'loss_final': loss_final, 'loss_trained': loss_trained, 'iters': iters,
-           'fell_back_to_rtn': fell_back, 'loss_curve': curve, 'new_train_step': new_step,
-           'seconds_train': round(seconds_train, 3)}
-    if iters > 0:   # params, quantizer state and optimizer moments of the block on one device while training
+           'loss_rtn': o.baseline.loss, 'loss_final': o.kept.loss, 'loss_trained': o.trained.loss, 'iters': o.iters,
+           'fell_back_to_rtn': o.kept is o.baseline and o.trained is not o.baseline, 'loss_curve': o.curve,
+           'new_train_step': o.new_train_step, 'seconds_train': round(o.seconds_train, 3)}
+    if o.iters > 0:   # params, quantizer state and optimizer moments of the block on one device while training
       rep['state_bytes_per_device'] = self.state_bytes
-    if loss_start is not None:
-      rep.update(loss_start=loss_start, kept_start=kept_start)
-    if non_finite:
-      rep['non_finite'] = non_finite
-    if facts:
-      rep['method_facts'] = facts
+    if o.start is not None:
+      rep.update(loss_start=o.start.loss, kept_start=o.kept is o.start)
+    if o.trained.non_finite:
+      rep['non_finite'] = o.trained.non_finite
+    if o.facts:
+      rep['method_facts'] = o.facts
+    return rep
+
+  def result(self, unit: Unit, outcome: Outcome, outputs: ActivationStore | None) -> UnitResult:
+    """The UnitResult of the kept kernels: their QTensors, the report with the activation quantizers' final states
+    and, with ``keep_states``, the method's states (the start's when it is kept; the trained ones also after a
+    fall-back to the baseline)."""
+    kept, names = outcome.kept, unit.kernel_names()
+    rep = self.report(unit, outcome)
     act_states = {}
-    if acts is not None:   # exact JSON numbers: a resumed run rebuilds the states from the report
-      act_states = {unit.kernels[i].module: _finalize_act(unit.acts[i], jax.device_get(acts[i]))
+    if kept.acts is not None:   # exact JSON numbers: a resumed run rebuilds the states from the report
+      act_states = {unit.kernels[i].module: _finalize_act(unit.acts[i], jax.device_get(kept.acts[i]))
                     for i in unit.act_paths()}
       rep['activations'] = {m: {'quantizer': unit.acts[i].describe(), 'state': act_lib.state_to_json(act_states[m])}
                             for i, m in zip(unit.act_paths(), act_states)}
-    kept = {n: jax.device_get(st) for n, st in zip(names, states)} if cfg.keep_states else {}
-    return UnitResult(qtensors=dict(zip(names, qts)), report=rep, states=kept, outputs=outputs, act_states=act_states)
-
+    states = (outcome.start if kept is outcome.start else outcome.trained).states
+    kept_states = {n: jax.device_get(st) for n, st in zip(names, states)} if self.config.keep_states else {}
+    return UnitResult(qtensors=dict(zip(names, kept.qts)), report=rep, states=kept_states, outputs=outputs,
+                      act_states=act_states)
 
 def _finalize_act(q, state) -> dict:
   return q.finalize(state) if q.finalize is not None else dict(state)

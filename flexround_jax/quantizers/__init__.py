@@ -8,9 +8,10 @@ and a factory ``method(**knobs) -> base.Method`` that the engine runs (``flexrou
 Methods: ``rtn`` (round-to-nearest), ``adaround`` (Nagel et al. 2020), ``flexround`` (Lee et al. 2023), ``lrq``
 (FlexRound with a low-rank S2, Lee et al. 2024), ``gptq`` (Frantar et al. 2023, closed form), and ``gptq_start``
 (a learned method started from the GPTQ solution). ``activation``: activation quantizers (QDrop's LSQ step, dynamic
-per-token), the same idea over activation tensors.
+per-token), the same idea over activation tensors. ``base``: the ``Method`` record (and building a value from a
+registry); ``grid``: the uniform integer grid the methods share (rounding, clamps, step sizes, initial grid search).
 """
 
-from flexround_jax.quantizers import activation, adaround, base, flexround, gptq, gptq_start, lrq, rtn
+from flexround_jax.quantizers import activation, adaround, base, flexround, gptq, gptq_start, grid, lrq, rtn
 
-__all__ = ['activation', 'adaround', 'base', 'flexround', 'gptq', 'gptq_start', 'lrq', 'rtn']
+__all__ = ['activation', 'adaround', 'base', 'flexround', 'gptq', 'gptq_start', 'grid', 'lrq', 'rtn']

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flexround_jax.quantizers import _base
+from flexround_jax.quantizers import grid as grid_lib
+from flexround_jax.quantizers.base import from_registry
 
 LP_NORM_P = 2.4          # QDrop MSEObserver's score: mean |x_q - x|^2.4
 SEARCH_STEPS = 100       # candidate ranges i / 100 of the full range, i = 1..100
@@ -120,7 +121,7 @@ def qparams(x_min, x_max, bits: int):
 
 def _quant_dequant(x, scale, zero_point, bits: int):
   """QDrop ``fake_quantize_per_tensor_affine`` (forward only)."""
-  x_int = jnp.round(_base.divide(x, scale)) + zero_point
+  x_int = jnp.round(grid_lib.divide(x, scale)) + zero_point
   return (jnp.clip(x_int, 0, 2 ** bits - 1) - zero_point) * scale
 
 
@@ -192,14 +193,14 @@ def lsq_fake_quant(x, state, bits: int):
   s = grad_scale(step, 1.0 / float(np.sqrt(np.size(x) * qmax)))
   zp = jnp.asarray(state['zero_point']).astype(jnp.float32)
   x32 = x.astype(jnp.float32)
-  x_int = _base.round_ste(_base.divide(x32, s)) + zp
-  return ((_base.clip_inclusive(x_int, 0.0, float(qmax)) - zp) * s).astype(x.dtype)
+  x_int = grid_lib.round_ste(grid_lib.divide(x32, s)) + zp
+  return ((grid_lib.clip_inclusive(x_int, 0.0, float(qmax)) - zp) * s).astype(x.dtype)
 
 
 def lsq_codes(x, state, bits: int):
   """The integer codes (uint8 for bits <= 8, else uint16) a deployed model computes for ``x``."""
   step = jnp.maximum(jnp.abs(state['step']), EPS_STEP)
-  x_int = jnp.round(_base.divide(jnp.asarray(x, jnp.float32), step)) + jnp.asarray(state['zero_point'])
+  x_int = jnp.round(grid_lib.divide(jnp.asarray(x, jnp.float32), step)) + jnp.asarray(state['zero_point'])
   return jnp.clip(x_int, 0, 2 ** bits - 1).astype(jnp.uint8 if bits <= 8 else jnp.uint16)
 
 
@@ -212,7 +213,7 @@ def per_token_fake_quant(x, state, bits: int):
   t_min = jax.lax.stop_gradient(jnp.min(x32, axis=-1, keepdims=True))
   scale = jnp.maximum((t_max - t_min) / qmax, EPS_SCALE)
   zp = jnp.clip(jnp.round(-t_min / scale), 0, qmax)
-  q = _base.clip_inclusive(_base.round_ste(_base.divide(x32, scale)), -zp, qmax - zp)
+  q = grid_lib.clip_inclusive(grid_lib.round_ste(grid_lib.divide(x32, scale)), -zp, qmax - zp)
   return (scale * q).astype(x.dtype)
 
 
@@ -220,7 +221,7 @@ def lsq(bits: int = 4, lr: float = 4e-5, search: str = 'mse') -> ActQuantizer:
   """QDrop's learned per-tensor activation step (see the module docstring). ``lr``: Adam rate with cosine decay
   (QDrop's ``scale_lr``, 4e-5); ``search``: 'mse' (QDrop's MSEObserver) or 'minmax'."""
   bits = _check_bits(bits)
-  _base.check_rate(lr, 'lsq lr')
+  grid_lib.check_rate(lr, 'lsq lr')
   if search not in ('mse', 'minmax'):
     raise ValueError(f"lsq search must be 'mse' or 'minmax', got {search!r}")
   return ActQuantizer(
@@ -255,7 +256,7 @@ def get(quantizer, **knobs) -> ActQuantizer | None:
   or a mapping {'name': ..., **knobs} (config files)."""
   if quantizer is None and not knobs:
     return None
-  return _base.from_registry(quantizer, REGISTRY, 'activation quantizer', ActQuantizer, knobs)
+  return from_registry(quantizer, REGISTRY, 'activation quantizer', ActQuantizer, knobs)
 
 
 def state_to_json(state: Mapping) -> dict:

@@ -21,7 +21,7 @@ import optax
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
-from flexround_jax.quantizers import _base
+from flexround_jax.quantizers import grid as grid_lib
 from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
@@ -40,10 +40,10 @@ def rectified_sigmoid(v):
 
 
 def init(kernel, spec: QuantSpec) -> dict:
-  _base.check_kernel(kernel, spec, values=True)
-  log_scale, zero_point = _base.init_grid(kernel, spec)
-  scale = _base.step_size(log_scale, spec)
-  x = _base.divide(kernel.astype(jnp.float32), _layout.expand(scale, spec, kernel.shape[-2]))
+  grid_lib.check_kernel(kernel, spec, values=True)
+  log_scale, zero_point = grid_lib.init_grid(kernel, spec)
+  scale = grid_lib.step_size(log_scale, spec)
+  x = grid_lib.divide(kernel.astype(jnp.float32), _layout.expand(scale, spec, kernel.shape[-2]))
   frac = x - jnp.floor(x)
   v = -jnp.log((ZETA - GAMMA) / (frac - GAMMA) - 1.0)
   return {'v': v, 'scale': scale, 'zero_point': zero_point}
@@ -51,17 +51,17 @@ def init(kernel, spec: QuantSpec) -> dict:
 
 def _floor(kernel, state, spec: QuantSpec):
   scale = _layout.expand(state['scale'], spec, kernel.shape[-2])
-  return scale, jnp.floor(_base.divide(kernel, scale))
+  return scale, jnp.floor(grid_lib.divide(kernel, scale))
 
 
 def fake_quant(kernel, state, spec: QuantSpec, hard: bool = False):
   """Soft (``hard=False``, differentiable w.r.t. ``v``) or hard rounding."""
-  _base.check_kernel(kernel, spec)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  grid_lib.check_kernel(kernel, spec)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
   scale, floor = _floor(kernel, state, spec)
   up = (state['v'] >= 0).astype(floor.dtype) if hard else rectified_sigmoid(state['v'])
-  lo, hi = _base.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
-  return (scale * _base.clip_inclusive(floor + up, lo, hi)).astype(kernel.dtype)
+  lo, hi = grid_lib.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
+  return (scale * grid_lib.clip_inclusive(floor + up, lo, hi)).astype(kernel.dtype)
 
 
 def regularizer(state, beta):
@@ -71,10 +71,10 @@ def regularizer(state, beta):
 
 def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   """Hard rounding floor(W / s) + [V >= 0]; codes equal ``fake_quant(..., hard=True)`` exactly."""
-  _base.check_kernel(kernel, spec, values=True)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  grid_lib.check_kernel(kernel, spec, values=True)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, floor = _floor(kernel, state, spec)
-  lo, hi = _base.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
+  lo, hi = grid_lib.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
   q = jnp.clip(floor + (state['v'] >= 0).astype(floor.dtype), lo, hi)
   codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),
@@ -108,8 +108,8 @@ def method(lr: float = 1e-3, reg: float = 0.01, beta=(20.0, 2.0), warmup: float 
   """AdaRound as a Method, BRECQ's defaults: Adam at a constant ``lr``, regulariser weight ``reg`` (0.1 for
   MobileNetV2 in BRECQ), beta annealed linearly from ``beta[0]`` to ``beta[1]`` after a ``warmup`` fraction of
   the iterations without regulariser. Soft rounding while training, hard rounding when finalized."""
-  _base.check_rate(lr, 'adaround lr')
-  _base.check_rate(reg, 'adaround reg')
+  grid_lib.check_rate(lr, 'adaround lr')
+  grid_lib.check_rate(reg, 'adaround reg')
   try:
     beta = tuple(float(b) for b in beta)
   except (TypeError, ValueError) as e:

@@ -13,7 +13,8 @@ functions; it never asks which method it holds:
   train = {k: state[k] for k in method.trainable}                     # what the optimizer updates
 
 Factories with their own knobs build Methods (``flexround_jax.methods.flexround(lr=3e-3)``); one file per method,
-and no method knows about another.
+and no method knows about another. ``from_registry`` builds a Method (or an activation quantizer) from a name or a
+config mapping.
 """
 
 from __future__ import annotations
@@ -99,3 +100,27 @@ def ignoring_step(fake_quant: Callable) -> Callable:
   """``fake_quant(kernel, state, spec)`` of a method whose forward does not depend on the step, in the Method
   signature ``(kernel, state, spec, step, iters)``."""
   return lambda kernel, state, spec, step, iters: fake_quant(kernel, state, spec)
+
+
+def from_registry(value, registry: Mapping, kind: str, value_type: type, knobs: dict):
+  """``value`` if it is already a ``value_type`` (no knobs allowed), else built from ``registry``: a registered name
+  plus knobs, or a mapping {'name': ..., **knobs} (config files). ValueError naming the ``kind`` otherwise."""
+  if isinstance(value, value_type):
+    if knobs:
+      raise ValueError(f'knobs {sorted(knobs)} given with an already built {kind} {value!r}')
+    return value
+  if isinstance(value, Mapping):
+    value = dict(value)
+    if 'name' not in value:
+      raise ValueError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} given as a mapping needs a 'name' key, got keys "
+                       f"{sorted(value)}")
+    name = value.pop('name')
+    return from_registry(name, registry, kind, value_type, {**value, **knobs})
+  if not isinstance(value, str) or value not in registry:
+    article = 'an' if value_type.__name__[0] in 'AEIOU' else 'a'
+    raise ValueError(f'unknown {kind} {value!r}; known {kind}s: {sorted(registry)} (or pass {article} '
+                     f'{value_type.__name__} value)')
+  try:
+    return registry[value](**knobs)
+  except TypeError as e:
+    raise ValueError(f'{kind} {value!r} does not take {sorted(knobs)}: {e}') from e

@@ -27,7 +27,7 @@ import numpy as np
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor
-from flexround_jax.quantizers import _base
+from flexround_jax.quantizers import grid as grid_lib
 from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
@@ -46,8 +46,8 @@ def state_shapes(kernel_shape, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
 
 
 def init(kernel, spec: QuantSpec) -> dict:
-  _base.check_kernel(kernel, spec, values=True)
-  log_s1, zero_point = _base.init_grid(kernel, spec)
+  grid_lib.check_kernel(kernel, spec, values=True)
+  log_s1, zero_point = grid_lib.init_grid(kernel, spec)
   state = {'log_s1': log_s1, 'zero_point': zero_point}
   for key, shape in state_shapes(kernel.shape, spec).items():
     if key not in state:
@@ -57,9 +57,9 @@ def init(kernel, spec: QuantSpec) -> dict:
 
 def _codes(kernel, state, spec: QuantSpec, round_fn):
   """s1 (broadcastable) and q = clamp(round(W / (s1 * S2 * s3 [* s4])))."""
-  s1, x, lo, hi = _quotient(spec, kernel, _base.step_size(state['log_s1'], spec), state['log_s2'], state['log_s3'],
+  s1, x, lo, hi = _quotient(spec, kernel, grid_lib.step_size(state['log_s1'], spec), state['log_s2'], state['log_s3'],
                             state.get('log_s4'), state['zero_point'])
-  return s1, _base.clip_inclusive(round_fn(x), lo, hi)
+  return s1, grid_lib.clip_inclusive(round_fn(x), lo, hi)
 
 
 def _quotient(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point):
@@ -71,15 +71,15 @@ def _quotient(spec, kernel, s1_grid, log_s2, log_s3, log_s4, zero_point):
   n_in = kernel.shape[-2]
   s1 = _layout.expand(s1_grid, spec, n_in)
   log_rest = log_s2 + log_s3 if log_s4 is None else log_s2 + log_s3 + log_s4
-  lo, hi = _base.integer_bounds(zero_point, spec, n_in)
-  return s1, _base.divide(kernel, s1 * jnp.exp(log_rest)), lo, hi
+  lo, hi = grid_lib.integer_bounds(zero_point, spec, n_in)
+  return s1, grid_lib.divide(kernel, s1 * jnp.exp(log_rest)), lo, hi
 
 
 def fake_quant(kernel, state, spec: QuantSpec):
   """Training forward = deployed forward. Differentiable w.r.t. the ``log_*`` entries of ``state``."""
-  _base.check_kernel(kernel, spec)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
-  s1, q = _codes(kernel, state, spec, _base.round_ste)
+  grid_lib.check_kernel(kernel, spec)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  s1, q = _codes(kernel, state, spec, grid_lib.round_ste)
   return (s1 * q).astype(kernel.dtype)
 
 
@@ -120,18 +120,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def fake_quant_fused(kernel, state, spec: QuantSpec):
   """``fake_quant`` with the same forward and a closed-form backward (see ``method(fused_grad=True)``)."""
-  _base.check_kernel(kernel, spec)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
-  s1_grid = _base.step_size(state['log_s1'], spec)
+  grid_lib.check_kernel(kernel, spec)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  s1_grid = grid_lib.step_size(state['log_s1'], spec)
   return _fused(spec, kernel, s1_grid, state['log_s2'], state['log_s3'], state.get('log_s4'), state['zero_point'])
 
 
 def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   """Integer codes with the learned s1 and the fixed zero point; S2, s3, s4 are dropped."""
-  _base.check_kernel(kernel, spec, values=True)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  grid_lib.check_kernel(kernel, spec, values=True)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, q = _codes(kernel, state, spec, jnp.round)
-  return _base.codes_on_learned_grid(q, state, spec, kernel.shape[-2])
+  return grid_lib.codes_on_learned_grid(q, state, spec, kernel.shape[-2])
 
 
 def method(lr: float = 3e-3, lr_s1: float | None = None, fused_grad: bool = False) -> Method:
@@ -144,9 +144,9 @@ def method(lr: float = 3e-3, lr_s1: float | None = None, fused_grad: bool = Fals
   kernel-sized float32 arrays alive per kernel. Lower step memory; the gradient's floating-point order differs from
   autodiff's, so results are not bit-identical to the default (off) and the committed results use the default.
   """
-  _base.check_rate(lr, 'flexround lr')
+  grid_lib.check_rate(lr, 'flexround lr')
   if lr_s1 is not None:
-    _base.check_rate(lr_s1, 'flexround lr_s1')
+    grid_lib.check_rate(lr_s1, 'flexround lr_s1')
   if not isinstance(fused_grad, bool):
     raise ValueError(f'flexround fused_grad must be True or False, got {fused_grad!r}')
   # The knob enters hparams (and so fingerprints and reports) only when on: runs made before it existed resume.
@@ -154,4 +154,4 @@ def method(lr: float = 3e-3, lr_s1: float | None = None, fused_grad: bool = Fals
   return Method(name='flexround', hparams=hparams, init=init,
                 fake_quant=ignoring_step(fake_quant_fused if fused_grad else fake_quant),
                 finalize=finalize, trainable=TRAINABLE,
-                optimizer=functools.partial(_base.adam_cosine, lr=lr, lr_s1=lr_s1))
+                optimizer=functools.partial(grid_lib.adam_cosine, lr=lr, lr_s1=lr_s1))

@@ -34,7 +34,8 @@ import numpy as np
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
-from flexround_jax.quantizers import _base, rtn
+from flexround_jax.quantizers import grid as grid_lib
+from flexround_jax.quantizers import rtn
 from flexround_jax.quantizers.base import Method
 from flexround_jax.spec import QuantSpec
 
@@ -83,7 +84,7 @@ def _lazy_batch(w, hinv, scale, lo, hi, start, *, size):
   def column(i, carry):
     w1, q1, pre, err = carry
     w_i, s_i = w1[i], s1[i]
-    q_i = jnp.clip(jnp.round(_base.divide(w_i, s_i)), lo1[i], hi1[i])   # rtn._codes on one row, same ops
+    q_i = jnp.clip(jnp.round(grid_lib.divide(w_i, s_i)), lo1[i], hi1[i])   # rtn._codes on one row, same ops
     e_i = (w_i - s_i * q_i) / h1[i, i]
     # U is upper triangular, so rows before i subtract exact zeros and keep their bits.
     w1 = w1 - h1[i][:, None] * e_i[None, :]
@@ -99,7 +100,7 @@ def _lazy_batch(w, hinv, scale, lo, hi, start, *, size):
 
 def _row_grid(scale, zero_point, spec: QuantSpec, shape):
   """Step and centred integer bounds of every row of a grid, each broadcast to ``shape`` = (rows, out)."""
-  lo, hi = _base.integer_bounds(zero_point, spec, shape[0])
+  lo, hi = grid_lib.integer_bounds(zero_point, spec, shape[0])
   return tuple(jnp.broadcast_to(a, shape) for a in (_layout.expand(scale, spec, shape[0]), lo, hi))
 
 
@@ -114,8 +115,8 @@ def _fit_group(w, grid, rows, group, *, size: int, spec: QuantSpec):
   """
   start = group * spec.group_size
   one_group = spec.replace(granularity='per_channel', group_size=None)
-  log_s, zp = _base.init_grid(jax.lax.dynamic_slice_in_dim(w, start, size), one_group)
-  s = _base.step_size(log_s, one_group)
+  log_s, zp = grid_lib.init_grid(jax.lax.dynamic_slice_in_dim(w, start, size), one_group)
+  s = grid_lib.step_size(log_s, one_group)
   grid = tuple(jax.lax.dynamic_update_slice_in_dim(g, v, group, 0) for g, v in zip(grid, (s, zp)))
   fitted = _row_grid(s, zp, one_group, (size, w.shape[1]))
   rows = tuple(jax.lax.dynamic_update_slice_in_dim(r, v, start, 0) for r, v in zip(rows, fitted))
@@ -161,7 +162,7 @@ def gptq_solve(kernel, hessian, spec: QuantSpec, *, damp: float = 0.01, block_si
   if getattr(kernel, 'ndim', None) != 2:
     raise ValueError(f'gptq quantizes Dense kernels (in, out), got shape {tuple(getattr(kernel, "shape", ()))}; '
                      'use another method for conv kernels via rules')
-  _base.check_kernel(kernel, spec, values=True)
+  grid_lib.check_kernel(kernel, spec, values=True)
   n_in, n_out = kernel.shape
   h = np.array(hessian, dtype=np.float32)
   if h.shape != (n_in, n_in):
@@ -217,8 +218,8 @@ def solve(kernel, spec: QuantSpec, hessian, **knobs) -> dict:
 
 
 def finalize(kernel, state, spec: QuantSpec) -> QTensor:
-  _base.check_kernel(kernel, spec)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  grid_lib.check_kernel(kernel, spec)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
   return QTensor(codes=jnp.asarray(state['codes'], code_dtype(spec)), scale=jnp.asarray(state['scale'], jnp.float32),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from flexround_jax.quantizers import _base, gptq
+from flexround_jax.quantizers import gptq
+from flexround_jax.quantizers import grid as grid_lib
 from flexround_jax.quantizers.base import Method
 from flexround_jax.spec import QuantSpec
 
@@ -40,8 +41,8 @@ def solve(kernel, spec: QuantSpec, hessian, *, inner: Method, gptq_knobs: dict) 
   out = gptq.gptq_solve(kernel, hessian, spec, **gptq_knobs)
   dead = np.diag(np.asarray(hessian)) == 0
   w = jnp.where(jnp.asarray(dead)[:, None], 0.0, jnp.asarray(kernel, jnp.float32))
-  log_s1, zero_point = _base.init_grid(w, spec)          # the grid GPTQ used (rtn.init of the same kernel)
-  if not np.array_equal(np.asarray(_base.step_size(log_s1, spec)), np.asarray(out['scale'])):
+  log_s1, zero_point = grid_lib.init_grid(w, spec)          # the grid GPTQ used (rtn.init of the same kernel)
+  if not np.array_equal(np.asarray(grid_lib.step_size(log_s1, spec)), np.asarray(out['scale'])):
     raise ValueError('the GPTQ grid and the learned method\'s s1 differ; cannot start from GPTQ exactly')
   w_base = jnp.asarray(out['w_prerounding'], jnp.float32)   # float32 whatever the kernel: exactly GPTQ's codes
   state = dict(inner.init(w_base, spec))

@@ -31,7 +31,7 @@ import numpy as np
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor
-from flexround_jax.quantizers import _base
+from flexround_jax.quantizers import grid as grid_lib
 from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
@@ -69,9 +69,9 @@ def _kaiming_uniform(seed: int, n_in: int, n_out: int, rank: int):
 
 def init(kernel, spec: QuantSpec, *, rank: int, seed: int = 0) -> dict:
   """Initial state (see the module docstring); deterministic in (seed, kernel shape)."""
-  _base.check_kernel(kernel, spec, values=True)
+  grid_lib.check_kernel(kernel, spec, values=True)
   shapes = state_shapes(kernel.shape, spec, rank)
-  log_s1, zero_point = _base.init_grid(kernel, spec)
+  log_s1, zero_point = grid_lib.init_grid(kernel, spec)
   state = {'log_s1': log_s1, 'zero_point': zero_point, 'lrq_u': _kaiming_uniform(seed, *kernel.shape, rank)}
   for name in ('lrq_l', 'log_r', 'log_c'):
     state[name] = jnp.zeros(shapes[name], jnp.float32)
@@ -82,7 +82,7 @@ def _check(kernel, state, spec: QuantSpec) -> None:
   """check_state for an LRQ state, its rank read from ``lrq_u`` (in, R)."""
   u = state.get('lrq_u') if isinstance(state, Mapping) else None
   rank = np.shape(u)[-1] if u is not None and np.ndim(u) == 2 else 1   # a wrong lrq_u fails check_state below
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec, rank))
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec, rank))
 
 
 def _codes(kernel, state, spec: QuantSpec, round_fn):
@@ -93,28 +93,28 @@ def _codes(kernel, state, spec: QuantSpec, round_fn):
   otherwise multiply in bfloat16.
   """
   n_in = kernel.shape[-2]
-  s1 = _layout.expand(_base.step_size(state['log_s1'], spec), spec, n_in)
+  s1 = _layout.expand(grid_lib.step_size(state['log_s1'], spec), spec, n_in)
   low_rank = jnp.matmul(state['lrq_u'], state['lrq_l'], precision=jax.lax.Precision.HIGHEST)
   log_rest = low_rank + state['log_r'] + state['log_c']
-  lo, hi = _base.integer_bounds(state['zero_point'], spec, n_in)
-  x = _base.divide(kernel, s1 * jnp.exp(log_rest))
-  return s1, _base.clip_inclusive(round_fn(x), lo, hi)
+  lo, hi = grid_lib.integer_bounds(state['zero_point'], spec, n_in)
+  x = grid_lib.divide(kernel, s1 * jnp.exp(log_rest))
+  return s1, grid_lib.clip_inclusive(round_fn(x), lo, hi)
 
 
 def fake_quant(kernel, state, spec: QuantSpec):
   """Training forward = deployed forward, (in, out). Differentiable w.r.t. the TRAINABLE entries of ``state``."""
-  _base.check_kernel(kernel, spec)
+  grid_lib.check_kernel(kernel, spec)
   _check(kernel, state, spec)
-  s1, q = _codes(kernel, state, spec, _base.round_ste)
+  s1, q = _codes(kernel, state, spec, grid_lib.round_ste)
   return (s1 * q).astype(kernel.dtype)
 
 
 def finalize(kernel, state, spec: QuantSpec) -> QTensor:
   """Integer codes with the learned s1 and the fixed zero point; U, L, r, c are dropped."""
-  _base.check_kernel(kernel, spec, values=True)
+  grid_lib.check_kernel(kernel, spec, values=True)
   _check(kernel, state, spec)
   _, q = _codes(kernel, state, spec, jnp.round)
-  return _base.codes_on_learned_grid(q, state, spec, kernel.shape[-2])
+  return grid_lib.codes_on_learned_grid(q, state, spec, kernel.shape[-2])
 
 
 def method(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int = 0) -> Method:
@@ -124,12 +124,12 @@ def method(rank: int, lr: float = 3e-3, lr_s1: float | None = None, seed: int = 
   min(in, out) > rank; ``init`` raises otherwise.
   """
   _check_rank(rank)
-  _base.check_rate(lr, 'lrq lr')
+  grid_lib.check_rate(lr, 'lrq lr')
   if lr_s1 is not None:
-    _base.check_rate(lr_s1, 'lrq lr_s1')
+    grid_lib.check_rate(lr_s1, 'lrq lr_s1')
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f'lrq seed must be an integer, got {seed!r}')
   return Method(name='lrq', hparams={'rank': int(rank), 'lr': lr, 'lr_s1': lr_s1, 'seed': int(seed)},
                 init=functools.partial(init, rank=int(rank), seed=int(seed)), fake_quant=ignoring_step(fake_quant),
                 finalize=finalize, trainable=TRAINABLE,
-                optimizer=functools.partial(_base.adam_cosine, lr=lr, lr_s1=lr_s1))
+                optimizer=functools.partial(grid_lib.adam_cosine, lr=lr, lr_s1=lr_s1))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from flexround_jax import _layout
 from flexround_jax.qtensor import QTensor, code_dtype
-from flexround_jax.quantizers import _base
+from flexround_jax.quantizers import grid as grid_lib
 from flexround_jax.quantizers.base import Method, ignoring_step
 from flexround_jax.spec import QuantSpec
 
@@ -23,28 +23,28 @@ def state_shapes(kernel_shape, spec: QuantSpec) -> dict[str, tuple[int, ...]]:
 
 def init(kernel, spec: QuantSpec) -> dict:
   """Grid from ``spec.grid_init``; ``scale`` is FlexRound's initial s1, bit for bit."""
-  _base.check_kernel(kernel, spec, values=True)
-  log_scale, zero_point = _base.init_grid(kernel, spec)
-  return {'scale': _base.step_size(log_scale, spec), 'zero_point': zero_point}
+  grid_lib.check_kernel(kernel, spec, values=True)
+  log_scale, zero_point = grid_lib.init_grid(kernel, spec)
+  return {'scale': grid_lib.step_size(log_scale, spec), 'zero_point': zero_point}
 
 
 def _codes(kernel, state, spec: QuantSpec, round_fn):
   scale = _layout.expand(state['scale'], spec, kernel.shape[-2])
-  lo, hi = _base.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
-  return scale, _base.clip_inclusive(round_fn(_base.divide(kernel, scale)), lo, hi)
+  lo, hi = grid_lib.integer_bounds(state['zero_point'], spec, kernel.shape[-2])
+  return scale, grid_lib.clip_inclusive(round_fn(grid_lib.divide(kernel, scale)), lo, hi)
 
 
 def fake_quant(kernel, state, spec: QuantSpec):
   """Quantize-dequantize; straight-through gradient to the kernel."""
-  _base.check_kernel(kernel, spec)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
-  scale, q = _codes(kernel, state, spec, _base.round_ste)
+  grid_lib.check_kernel(kernel, spec)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  scale, q = _codes(kernel, state, spec, grid_lib.round_ste)
   return (scale * q).astype(kernel.dtype)
 
 
 def finalize(kernel, state, spec: QuantSpec) -> QTensor:
-  _base.check_kernel(kernel, spec, values=True)
-  _base.check_state(kernel, state, state_shapes(kernel.shape, spec))
+  grid_lib.check_kernel(kernel, spec, values=True)
+  grid_lib.check_state(kernel, state, state_shapes(kernel.shape, spec))
   _, q = _codes(kernel, state, spec, jnp.round)
   codes = (q + _layout.expand(state['zero_point'], spec, kernel.shape[-2])).astype(code_dtype(spec))
   return QTensor(codes=codes, scale=jnp.asarray(state['scale'], jnp.float32),

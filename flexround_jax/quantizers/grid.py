@@ -1,5 +1,6 @@
-"""Math shared by the weight quantizers: straight-through rounding, the inclusive clamp, the initial grid, and
-argument checks. Knows nothing of the reconstruction engine."""
+"""The uniform integer grid the weight quantizers share: straight-through rounding, the inclusive clamp, step sizes
+and integer bounds, the initial grid search (min/max, Lp), codes on a learned grid; plus the knob checks and the
+Adam-with-cosine-decay schedule of the learned methods. Knows nothing of the reconstruction engine."""
 
 from __future__ import annotations
 
@@ -183,26 +184,3 @@ def codes_on_learned_grid(q, state, spec: QuantSpec, n_in: int):
   return QTensor(codes=codes, scale=step_size(jnp.asarray(state['log_s1'], jnp.float32), spec),
                  zero_point=jnp.asarray(state['zero_point'], jnp.int32), spec=spec)
 
-
-def from_registry(value, registry: Mapping, kind: str, value_type: type, knobs: dict):
-  """``value`` if it is already a ``value_type`` (no knobs allowed), else built from ``registry``: a registered name
-  plus knobs, or a mapping {'name': ..., **knobs} (config files). ValueError naming the ``kind`` otherwise."""
-  if isinstance(value, value_type):
-    if knobs:
-      raise ValueError(f'knobs {sorted(knobs)} given with an already built {kind} {value!r}')
-    return value
-  if isinstance(value, Mapping):
-    value = dict(value)
-    if 'name' not in value:
-      raise ValueError(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} given as a mapping needs a 'name' key, got keys "
-                       f"{sorted(value)}")
-    name = value.pop('name')
-    return from_registry(name, registry, kind, value_type, {**value, **knobs})
-  if not isinstance(value, str) or value not in registry:
-    article = 'an' if value_type.__name__[0] in 'AEIOU' else 'a'
-    raise ValueError(f'unknown {kind} {value!r}; known {kind}s: {sorted(registry)} (or pass {article} '
-                     f'{value_type.__name__} value)')
-  try:
-    return registry[value](**knobs)
-  except TypeError as e:
-    raise ValueError(f'{kind} {value!r} does not take {sorted(knobs)}: {e}') from e
