@@ -11,7 +11,7 @@ import pytest
 
 import flexround_jax as fr
 from flexround_jax import treepath
-from flexround_jax.export_compressed_tensors import hf_names, pack_int32, save_compressed_tensors
+from flexround_jax.export.compressed_tensors import hf_names, pack_int32, save_compressed_tensors
 from flexround_jax.models import llama
 from flexround_jax.quantizers import flexround, rtn
 

@@ -141,35 +141,33 @@ def test_like_of_another_structure_is_an_error_naming_the_param(nnx_result, tmp_
 
 def test_qwix_takes_an_nnx_state_and_an_nnx_model(nnx_result):
   qwix = pytest.importorskip('qwix')
-  from flexround_jax import export_qwix
   params, apply_fn, calib, result = nnx_result
   pure = nnx.to_pure_dict(result.params)
-  assert export_qwix.qwix_rules(result.params, result.qtensors) == export_qwix.qwix_rules(pure, result.qtensors)
+  assert export.qwix_rules(result.params, result.qtensors) == export.qwix_rules(pure, result.qtensors)
   model = nnx.merge(nnx.split(tiny_models.NNXMLP(nnx.Rngs(0)))[0], params)
-  qmodel, qparams = export_qwix.ptq_model(model, result.params, result.qtensors, calib[:2])
+  qmodel, qparams = export.ptq_model(model, result.params, result.qtensors, calib[:2])
   # the codes went in as they are: the PTQ model computes the fake-quantized model's function
   np.testing.assert_array_equal(qmodel(calib), apply_fn(result.params, calib))
   assert jax.tree.structure(qparams) == jax.tree.structure(nnx.to_pure_dict(nnx.state(qmodel, nnx.Param)))
-  from_dict = export_qwix.to_qwix_params(pure, result.qtensors, qmodel)
+  from_dict = export.to_qwix_params(pure, result.qtensors, qmodel)
   assert jax.tree.structure(from_dict) == jax.tree.structure(qparams)
   _assert_bit_equal(from_dict, qparams)
-  rules = export_qwix.qwix_rules(result.params, result.qtensors)
+  rules = export.qwix_rules(result.params, result.qtensors)
   abstract = nnx.eval_shape(lambda: qwix.quantize_model(tiny_models.NNXMLP(nnx.Rngs(0)), qwix.PtqProvider(rules),
                                                         calib[:2]))
-  _assert_bit_equal(export_qwix.to_qwix_params(result.params, result.qtensors, abstract), qparams)
+  _assert_bit_equal(export.to_qwix_params(result.params, result.qtensors, abstract), qparams)
 
 
 def test_qwix_linen_export_takes_the_nnx_state_form_of_its_params():
   pytest.importorskip('qwix')
-  from flexround_jax import export_qwix
   params, _, calib = tiny_models.transformer()
   model = tiny_models.Transformer()
   spec = fr.QuantSpec(bits=4, granularity='per_group', group_size=8)
   qts = {n: rtn.finalize(jnp.asarray(k), rtn.init(jnp.asarray(k), spec), spec)
          for n, k in treepath.flatten(params).items() if n.endswith('/kernel') and np.ndim(k) == 2}
   batch = jax.tree.map(lambda a: a[:2], calib)
-  _, from_dict = export_qwix.ptq_model(model, params, qts, batch)
-  _, from_state = export_qwix.ptq_model(model, _as_state(params), qts, batch)
+  _, from_dict = export.ptq_model(model, params, qts, batch)
+  _, from_state = export.ptq_model(model, _as_state(params), qts, batch)
   assert jax.tree.structure(from_dict) == jax.tree.structure(from_state)
   _assert_bit_equal(from_state, from_dict)
 
@@ -221,11 +219,10 @@ def test_a_slash_inside_a_key_is_refused_by_every_exporter(llama, tmp_path):
                                                                 config=fr.QuantConfig()))
   assert not os.listdir(tmp_path)
   pytest.importorskip('qwix')
-  from flexround_jax import export_qwix
   with pytest.raises(ValueError, match=slash):
-    export_qwix.qwix_rules(params, qts)
+    export.qwix_rules(params, qts)
   with pytest.raises(ValueError, match=slash):
-    export_qwix.to_qwix_params(params, qts, {'a': {'b': {'kernel': kernel, 'bias': kernel[0]}}})
+    export.to_qwix_params(params, qts, {'a': {'b': {'kernel': kernel, 'bias': kernel[0]}}})
   config, llama_params, template, llama_qts = llama
   bad = {**llama_params, 'layers_0/attn': llama_params['layers_0']['attn']}   # the same leaves under a second name
   with pytest.raises(ValueError, match=r"key 'layers_0/attn' .*holds '/'"):

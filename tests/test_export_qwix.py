@@ -14,7 +14,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import flexround_jax as fr  # pylint: disable=g-import-not-at-top,wrong-import-position
-from flexround_jax import export_qwix, treepath  # pylint: disable=g-import-not-at-top,wrong-import-position
+from flexround_jax import export, treepath  # pylint: disable=g-import-not-at-top,wrong-import-position
 from flexround_jax.quantizers import flexround, rtn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import tiny_gguf  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -94,7 +94,7 @@ def tiny():
 
 def test_tiny_transformer_runs_our_codes_in_qwix(tiny):
   params, batch, qtensors, ours = tiny
-  rules = export_qwix.qwix_rules(params, qtensors)
+  rules = export.qwix_rules(params, qtensors)
   by_module = {m: r for r in rules for m in r.module_path[3:-1].split('|')}
   assert sorted(by_module) == sorted(n.rpartition('/')[0] for n in qtensors)
   assert all(r.act_qtype is None for r in rules)
@@ -106,7 +106,7 @@ def test_tiny_transformer_runs_our_codes_in_qwix(tiny):
   assert by_module['layer_0/query'].weight_qtype == 'int5' and by_module['layer_0/query'].tile_size == 8
   assert by_module['layer_0/value'].weight_qtype == jnp.int8 and by_module['layer_0/value'].tile_size == 4
 
-  qmodel, qparams = export_qwix.ptq_model(tiny_models.Transformer(), params, qtensors, batch)
+  qmodel, qparams = export.ptq_model(tiny_models.Transformer(), params, qtensors, batch)
   _check_kernels_exact(params, qtensors, qparams)
   fc2 = qparams['layer_0']['fc2']['kernel'].array
   assert fc2.scale.shape == (8, 16) and fc2.zero_point.shape == (8, 16) and fc2.qvalue.dtype == jnp.int4
@@ -126,7 +126,7 @@ def test_codes_are_learned_not_round_to_nearest(tiny):
 
 def test_int8_activations_are_a_different_function(tiny):
   params, batch, qtensors, ours = tiny
-  qmodel, qparams = export_qwix.ptq_model(tiny_models.Transformer(), params, qtensors, batch, act_qtype=jnp.int8)
+  qmodel, qparams = export.ptq_model(tiny_models.Transformer(), params, qtensors, batch, act_qtype=jnp.int8)
   theirs = np.asarray(jax.jit(qmodel.apply)({'params': qparams}, batch))
   rel = np.linalg.norm(theirs - ours) / np.linalg.norm(ours)
   assert 0 < rel < 0.05, rel
@@ -144,7 +144,7 @@ def test_minilm_all_layers_in_qwix():
   batch = bert.encode(['A man is eating food.', 'The new movie is awesome.', 'Quantized weights, learned rounding.',
                        'Two short sentences.'], 16)
   args = (batch['input_ids'], batch['attention_mask'], batch['token_type_ids'])
-  qmodel, qparams = export_qwix.ptq_model(module, params, qtensors, *args)
+  qmodel, qparams = export.ptq_model(module, params, qtensors, *args)
   _check_kernels_exact(params, qtensors, qparams)
   ours = jax.jit(module.apply)({'params': fr.dequantize_params(params, qtensors)}, *args)
   _compare(ours, jax.jit(qmodel.apply)({'params': qparams}, *args))
@@ -161,7 +161,7 @@ def test_llama_in_qwix():
   assert len(qtensors) == 14
   tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, config.vocab_size)
   module = llama.Llama(config)
-  qmodel, qparams = export_qwix.ptq_model(module, params, qtensors, tokens)
+  qmodel, qparams = export.ptq_model(module, params, qtensors, tokens)
   assert qparams['layers_0']['mlp']['down_proj']['kernel'].array.scale.shape == (5, 64)   # tiles of gcd(32, 80)
   _check_kernels_exact(params, qtensors, qparams)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(qparams))   # tiny_llama's params are numpy
@@ -178,8 +178,8 @@ def test_conv_kernels_are_refused_naming_the_kernel():
   spec = fr.QuantSpec(bits=4)
   qtensors = {'Conv_0/kernel': rtn.finalize(kernel, rtn.init(kernel, spec), spec)}
   with pytest.raises(ValueError, match=r"kernel 'Conv_0/kernel': convolution kernels cannot be exported"):
-    export_qwix.qwix_rules(params, qtensors)
-  assert export_qwix.qwix_rules(params, qtensors, float_fallback=True) == []
+    export.qwix_rules(params, qtensors)
+  assert export.qwix_rules(params, qtensors, float_fallback=True) == []
 
 
 def test_grouped_kernel_with_two_input_axes_is_refused_or_kept_float(tiny):
@@ -189,8 +189,8 @@ def test_grouped_kernel_with_two_input_axes_is_refused_or_kept_float(tiny):
   spec = fr.QuantSpec(bits=4, granularity='per_group', group_size=4)
   bad['layer_1/out/kernel'] = rtn.finalize(kernel, rtn.init(kernel, spec), spec)
   with pytest.raises(ValueError, match=r"kernel 'layer_1/out/kernel': a per-group grid .* several input axes"):
-    export_qwix.qwix_rules(params, bad)
-  qmodel, qparams = export_qwix.ptq_model(tiny_models.Transformer(), params, bad, batch, float_fallback=True)
+    export.qwix_rules(params, bad)
+  qmodel, qparams = export.ptq_model(tiny_models.Transformer(), params, bad, batch, float_fallback=True)
   kept = qparams['layer_1']['out']['kernel']
   assert isinstance(kept, jax.Array)
   np.testing.assert_array_equal(kept, fr.dequantize_params(params, bad)['layer_1']['out']['kernel'])
@@ -205,20 +205,20 @@ def _abstract(params, batch, rules):
 
 def test_mismatched_rules_and_scale_dtypes_fail_naming_the_kernel(tiny):
   params, batch, qtensors, _ = tiny
-  rules = export_qwix.qwix_rules(params, qtensors)
+  rules = export.qwix_rules(params, qtensors)
   abstract = _abstract(params, batch, rules)
   # a rule for one more module than we quantized
   partial = {n: qt for n, qt in qtensors.items() if n != 'layer_1/fc1/kernel'}
   with pytest.raises(ValueError, match=r"qwix quantizes kernel 'layer_1/fc1/kernel', which has no QTensor"):
-    export_qwix.to_qwix_params(params, partial, abstract)
+    export.to_qwix_params(params, partial, abstract)
   # our kernel without a rule
   with pytest.raises(ValueError, match=r"kernel 'layer_1/fc1/kernel' has a QTensor but qwix does not quantize it"):
-    export_qwix.to_qwix_params(params, qtensors, _abstract(params, batch, export_qwix.qwix_rules(params, partial)))
+    export.to_qwix_params(params, qtensors, _abstract(params, batch, export.qwix_rules(params, partial)))
   # a narrower type than our codes: 8-bit codes in an int4 rule
   narrow = _abstract(params, batch, [qwix.QuantizationRule(module_path='layer_0/key', weight_qtype=jnp.int4,
                                                            weight_calibration_method='minmax')] + rules)
   with pytest.raises(ValueError, match=r"kernel 'layer_0/key/kernel': its codes span .* outside \[-8, 7\]"):
-    export_qwix.to_qwix_params(params, qtensors, narrow)
+    export.to_qwix_params(params, qtensors, narrow)
   # a bfloat16 scale takes only steps exact in bfloat16
   aux = abstract['layer_0']['fc1']['kernel']
   bf16 = aux.replace(array=dataclasses.replace(aux.array, scale=jax.ShapeDtypeStruct(aux.array.scale.shape,
@@ -226,9 +226,9 @@ def test_mismatched_rules_and_scale_dtypes_fail_naming_the_kernel(tiny):
   abstract_bf16 = jax.tree.map(lambda x: x, abstract)
   abstract_bf16['layer_0']['fc1']['kernel'] = bf16
   with pytest.raises(ValueError, match=r"kernel 'layer_0/fc1/kernel': its float32 scales are not exact in .*bfloat16"):
-    export_qwix.to_qwix_params(params, qtensors, abstract_bf16)
+    export.to_qwix_params(params, qtensors, abstract_bf16)
   kernel = jnp.asarray(params['layer_0']['fc1']['kernel'])
   spec = dataclasses.replace(qtensors['layer_0/fc1/kernel'].spec, scale_dtype='bfloat16')
   exact = dict(qtensors, **{'layer_0/fc1/kernel': rtn.finalize(kernel, rtn.init(kernel, spec), spec)})
-  qparams = export_qwix.to_qwix_params(params, exact, abstract_bf16)
+  qparams = export.to_qwix_params(params, exact, abstract_bf16)
   assert qparams['layer_0']['fc1']['kernel'].array.scale.dtype == jnp.bfloat16

@@ -89,7 +89,8 @@ def test_missing_module_names_its_extra(absent, monkeypatch):
 
 
 def test_library_functions_name_their_extra(monkeypatch):
-  from flexround_jax import export_gguf, plots  # pylint: disable=g-import-not-at-top
+  from flexround_jax import plots  # pylint: disable=g-import-not-at-top
+  from flexround_jax.export import gguf as gguf_export  # pylint: disable=g-import-not-at-top
   from flexround_jax.evals import word_similarity  # pylint: disable=g-import-not-at-top
   for module in ('matplotlib', 'matplotlib.pyplot', 'scipy.stats', 'gguf'):
     monkeypatch.setitem(sys.modules, module, None)
@@ -98,7 +99,7 @@ def test_library_functions_name_their_extra(monkeypatch):
   with pytest.raises(ModuleNotFoundError, match=re.escape("pip install 'flexround_jax[data]'")):
     word_similarity.spearman({'a': np.ones(2), 'b': np.ones(2)}, [('a', 'b')], np.ones(1))
   with pytest.raises(ModuleNotFoundError, match=re.escape("pip install 'flexround_jax[llm]'")):
-    export_gguf._quant_types()   # pylint: disable=protected-access
+    gguf_export._quant_types()   # pylint: disable=protected-access
 
 
 def test_error_inside_an_installed_package_is_not_renamed(tmp_path, monkeypatch):
@@ -114,7 +115,8 @@ def test_library_imports_no_optional_dependency_and_sets_no_backend():
       import sys
       import flexround_jax as fr
       fr.quantize
-      from flexround_jax import export, export_gguf, export_qwix, plots, run, weights
+      from flexround_jax import export, plots, run, weights
+      from flexround_jax.export import compressed_tensors, gguf, grid, native, qwix
       from flexround_jax.data import fashion_mnist, sentences, wiki
       from flexround_jax.evals import perplexity, word_similarity
       from flexround_jax.tasks import image, minilm, smollm2

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from flexround_jax import _layout, export, integrity, qtensor, treepath
+from flexround_jax.export import native
 from flexround_jax.engine import checkpoint
 from flexround_jax.qtensor import QTensor
 from flexround_jax.spec import QuantSpec
@@ -142,7 +143,7 @@ def _write(path, tensors, info, fmt=export.FORMAT):
   """A file as a (buggy) writer would make it: any tensors and metadata, with a matching checksum."""
   from safetensors.numpy import save_file
   info = {**info, 'format': fmt}
-  sha = export._checksum(tensors, info) if fmt == export.FORMAT else export._checksum_1(tensors)
+  sha = native._checksum(tensors, info) if fmt == export.FORMAT else native._checksum_1(tensors)
   save_file(tensors, path, metadata={'flexround_jax': json.dumps(info), 'sha256': sha})
 
 

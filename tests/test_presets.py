@@ -71,10 +71,10 @@ def test_importing_presets_does_not_start_jax():
 
 def test_gguf_q4_0_preset_quantizes_to_what_the_q4_0_export_stores(tmp_path):
   """A 2-layer Llama quantized with the preset (a few FlexRound steps) is written by save_gguf as Q4_0 (which runs
-  export_gguf.check_grid on every kernel) and reads back to exactly the quantized kernels."""
+  export.gguf.check_grid on every kernel) and reads back to exactly the quantized kernels."""
   import gguf
   from gguf.quants import dequantize
-  from flexround_jax import export_gguf, treepath
+  from flexround_jax import treepath
   from flexround_jax.models import llama
   config, params = tiny_gguf.tiny_llama(dim=64, ffn_dim=96, head_dim=16)
   params = jax.tree.map(lambda a: a * 0.05, params)
@@ -86,7 +86,7 @@ def test_gguf_q4_0_preset_quantizes_to_what_the_q4_0_export_stores(tmp_path):
                        fr.preset('GGUF-Q4_0', iters=3, batch_size=4, blocks=r'layers_\d+', progress=False))
   assert len(result.qtensors) == 14
   for name, qt in result.qtensors.items():
-    export_gguf.check_grid(name, qt, qt.codes.shape[-2])
+    export.gguf.check_grid(name, qt, qt.codes.shape[-2])
     assert np.asarray(qt.codes).min() >= -8 and np.asarray(qt.codes).max() <= 7
     np.testing.assert_array_equal(np.asarray(qt.scale, np.float32).astype(np.float16).astype(np.float32), qt.scale)
   path = str(tmp_path / 'q.gguf')

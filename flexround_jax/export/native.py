@@ -1,6 +1,6 @@
-"""Export a quantized model: packed integer codes + scales + zero points, as safetensors or Orbax.
+"""Our own format: packed integer codes + scales + zero points, as safetensors or Orbax.
 
-Every exporter (these two, ``save_gguf``, ``save_compressed_tensors``, ``export_qwix``) takes the params as a linen
+Every exporter (these two, ``save_gguf``, ``save_compressed_tensors``, the qwix export) takes the params as a linen
 dict or an nnx ``State`` (``QuantizeResult.params`` either way; ``treepath.flatten_params`` names their leaves, and
 refuses a key holding '/'). ``load_safetensors`` / ``load_orbax`` return ``Loaded(params, qtensors)``, params as
 nested dicts, or with ``like=`` (a linen dict or an nnx ``State``, concrete or abstract) in that structure.
@@ -362,8 +362,3 @@ def _load_orbax(path: str):
   elif 'activations' in state:
     raise ValueError(f'{path}: activation arrays without activation metadata')
   return params, qtensor_lib.from_tree(state.get('qtensors', {}), meta, path), acts
-
-
-# The formats of other runtimes, each in its own module (pylint: disable=g-import-not-at-top,unused-import).
-from flexround_jax.export_compressed_tensors import save_compressed_tensors  # noqa: E402,F401
-from flexround_jax.export_gguf import save_gguf  # noqa: E402,F401

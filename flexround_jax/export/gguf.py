@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from flexround_jax import _extras, integrity, treepath
+from flexround_jax.export import grid
 from flexround_jax.qtensor import QTensor
 
 BLOCK = 32
@@ -45,7 +46,7 @@ def check_grid(name: str, qt: QTensor, n_in: int) -> None:
         f'symmetric={spec.symmetric}, scale_dtype={spec.scale_dtype}) cannot be stored as GGUF Q4_0 / Q8_0, which '
         f"need QuantSpec(bits=4 or 8, granularity='per_group', group_size={BLOCK}, symmetric=True, "
         f"scale_dtype='float16')")
-  if n_in % BLOCK:
+  if not grid.groups_divide(spec, n_in):
     raise ValueError(f'kernel {name}: {n_in} inputs are not a multiple of the GGUF block size {BLOCK}')
   codes = np.asarray(qt.codes)
   fmt, lo, hi, why = (('Q4_0', -8, 7, 'its 4-bit codes hold [-8, 7]') if spec.bits == 4 else
@@ -63,8 +64,7 @@ def check_grid(name: str, qt: QTensor, n_in: int) -> None:
   if scale.size != n_in // BLOCK * qt.shape[-1]:
     raise ValueError(f'kernel {name}: scale of shape {scale.shape} is not one step per block of {BLOCK} inputs '
                      f'({n_in // BLOCK} x {qt.shape[-1]})')
-  with np.errstate(over='ignore'):   # steps beyond float16's range become inf: not exact, refused below
-    exact = scale.astype(np.float16).astype(np.float32) == scale
+  exact = grid.scales_exact(scale, 'float16')   # steps beyond float16's range: not exact, refused below
   for wrong, what in [(~np.isfinite(scale), 'not finite'), (np.isfinite(scale) & (scale <= 0), 'not positive'),
                       ((scale > 0) & ~exact, f'not exact in float16 (the step {fmt} stores)')]:
     if np.any(wrong):

@@ -5,17 +5,17 @@ paths). Its PTQ model reads each quantized kernel from the params as ``WithAux(Q
 how)`` and its dot_general computes with the kernel ``(qvalue - zero_point) * scale``, the scale repeated over tiles.
 qwix itself only rounds to nearest (RTN, GPTQ, AWQ); here it is handed the codes and grids a method learned:
 
-  rules = export_qwix.qwix_rules(params, qtensors)     # weight-only rules on the exact module paths
+  rules = fr.export.qwix_rules(params, qtensors)       # weight-only rules on the exact module paths
   qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
   abstract = jax.eval_shape(qmodel.init, jax.random.key(0), *example_inputs)['params']
-  qparams = export_qwix.to_qwix_params(params, qtensors, abstract)
+  qparams = fr.export.to_qwix_params(params, qtensors, abstract)
   qmodel.apply({'params': qparams}, *inputs)           # ptq_model() does the first four steps
 
 nnx models (``params`` an nnx ``State``, e.g. ``QuantizeResult.params``): qwix quantizes the module itself, running it
 once on example inputs, and the params go in with ``nnx.update``:
 
-  qmodel = qwix.quantize_model(model, qwix.PtqProvider(export_qwix.qwix_rules(params, qtensors)), *example_inputs)
-  nnx.update(qmodel, export_qwix.to_qwix_params(params, qtensors, qmodel))
+  qmodel = qwix.quantize_model(model, qwix.PtqProvider(fr.export.qwix_rules(params, qtensors)), *example_inputs)
+  nnx.update(qmodel, fr.export.to_qwix_params(params, qtensors, qmodel))
   qmodel(*inputs)                                      # ptq_model(model, params, qtensors, *example_inputs) does this
 
 Kernels (linen and nnx): Dense (in, out), DenseGeneral (in axes..., out axes...) = our view (prod in, prod out).
@@ -68,6 +68,7 @@ from flexround_jax import _extras
 from flexround_jax import _layout
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax import treepath
+from flexround_jax.export import grid
 from flexround_jax.qtensor import QTensor
 from flexround_jax.spec import QuantSpec
 
@@ -159,16 +160,16 @@ def _qtype_bounds(name: str, qtype) -> tuple[int, int]:
   return int(info.min), int(info.max)
 
 
-def _pool(full: np.ndarray, grid: tuple[int, ...], name: str, field: str, spec: QuantSpec) -> np.ndarray:
-  """``full`` (qwix kernel shape) reduced to qwix's ``grid`` shape; ValueError naming ``name`` unless ``full`` is
+def _pool(full: np.ndarray, grid_shape: tuple[int, ...], name: str, field: str, spec: QuantSpec) -> np.ndarray:
+  """``full`` (qwix kernel shape) reduced to qwix's ``grid_shape``; ValueError naming ``name`` unless ``full`` is
   constant over every tile of that grid."""
-  split = [d for n, g in zip(full.shape, grid) for d in (g, n // g)]
+  split = [d for n, g in zip(full.shape, grid_shape) for d in (g, n // g)]
   tiles = full.reshape(split)
   first = tiles[tuple(slice(None) if i % 2 == 0 else slice(0, 1) for i in range(tiles.ndim))]
   if not np.array_equal(tiles, np.broadcast_to(first, tiles.shape)):
     raise ValueError(f'kernel {name!r}: its {field} ({spec.granularity}, group_size={spec.group_size}) varies inside '
-                     f"the tiles of qwix's {field} shape {grid}; use the rules of qwix_rules for this kernel")
-  return first.reshape(grid)
+                     f"the tiles of qwix's {field} shape {grid_shape}; use the rules of qwix_rules for this kernel")
+  return first.reshape(grid_shape)
 
 
 def _qarray(name: str, qt: QTensor, kernel_shape: tuple[int, ...], abstract: qwix.QArray) -> qwix.QArray:
@@ -196,10 +197,10 @@ def _qarray(name: str, qt: QTensor, kernel_shape: tuple[int, ...], abstract: qwi
                        f'{abstract.qtype!r} {"zero-point" if abstract.zero_point is not None else "symmetric"} '
                        f'form, outside [{lo}, {hi}]; use the rules of qwix_rules for this kernel')
   scale = _pool(scale, tuple(abstract.scale.shape), name, 'scale', spec)
-  cast = scale.astype(abstract.scale.dtype)
-  if not np.array_equal(cast.astype(np.float32), scale):
+  if not grid.scales_exact(scale, abstract.scale.dtype).all():
     raise ValueError(f"kernel {name!r}: its float32 scales are not exact in qwix's scale dtype "
                      f'{np.dtype(abstract.scale.dtype).name}; quantize with QuantSpec(scale_dtype=...) of that dtype')
+  cast = scale.astype(abstract.scale.dtype)
   if zero_point is not None:
     zero_point = jnp.asarray(_pool(zero_point, tuple(abstract.zero_point.shape), name, 'zero point', spec)
                              .astype(abstract.zero_point.dtype))

@@ -40,6 +40,7 @@ import numpy as np
 
 from flexround_jax import integrity, treepath
 from flexround_jax import qtensor as qtensor_lib
+from flexround_jax.export import grid
 from flexround_jax.qtensor import QTensor
 
 FORMAT = 'pack-quantized'
@@ -77,14 +78,13 @@ def hf_config(config, dtype: str = 'float32') -> dict:
 def check_grid(name: str, qt: QTensor, dtype: str) -> None:
   """Raises ValueError naming the kernel unless compressed-tensors can hold ``qt``'s grid with scales in ``dtype``."""
   spec, (n_in, _) = qt.spec, qt.shape
-  if spec.granularity == 'per_group' and n_in % spec.group_size:
+  if not grid.groups_divide(spec, n_in):
     raise ValueError(f'kernel {name}: group_size={spec.group_size} does not divide its {n_in} inputs; '
                      f'compressed-tensors has no shorter last group (use a group size that divides {n_in})')
   if dtype != 'float32' and spec.scale_dtype != dtype:
     raise ValueError(f'kernel {name}: scales of QuantSpec.scale_dtype={spec.scale_dtype!r} would be rounded when '
                      f"stored as {dtype}; quantize with scale_dtype={dtype!r} or save with dtype='float32'")
-  scale = np.asarray(qt.scale, np.float32)
-  if not np.array_equal(_cast(scale, dtype).astype(np.float32), scale):
+  if not grid.scales_exact(qt.scale, dtype).all():
     raise ValueError(f'kernel {name}: scale values are not exactly representable in {dtype} '
                      f'(spec.scale_dtype={spec.scale_dtype!r})')
 
