@@ -21,11 +21,7 @@ def spec(bits):
 
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
-  config, params = tiny_gguf.tiny_llama(dim=64, ffn_dim=96, head_dim=16)
-  params = jax.tree.map(lambda a: a * 0.05, params)
-  template = str(tmp_path_factory.mktemp('gguf') / 'source.gguf')
-  tiny_gguf.write_gguf(template, params, config)
-  return config, params, template
+  return tiny_gguf.template(tmp_path_factory.mktemp('gguf'))
 
 
 def _qtensors(params, bits, learned=True):

@@ -174,10 +174,7 @@ def test_qwix_linen_export_takes_the_nnx_state_form_of_its_params():
 
 @pytest.fixture(scope='module')
 def llama(tmp_path_factory):
-  config, params = tiny_gguf.tiny_llama(dim=64, ffn_dim=96, head_dim=16)
-  params = jax.tree.map(lambda a: a * 0.05, params)
-  template = str(tmp_path_factory.mktemp('gguf') / 'source.gguf')
-  tiny_gguf.write_gguf(template, params, config)
+  config, params, template = tiny_gguf.template(tmp_path_factory.mktemp('gguf'))
   spec = fr.QuantSpec(bits=4, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')
   qts = {n: rtn.finalize(k, rtn.init(k, spec), spec) for n, k in treepath.flatten(params).items()
          if n.endswith('/kernel') and ('/attn/' in n or '/mlp/' in n)}

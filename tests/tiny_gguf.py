@@ -20,6 +20,16 @@ def tiny_llama(dim=32, ffn_dim=48, head_dim=8, seed=0):
   return config, jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
 
 
+def template(folder):
+  """(config, params, path) of a tiny Llama (width 64, weights scaled to 0.05 of init) written as GGUF into
+  ``folder``: the source model the export tests quantize and write back."""
+  config, params = tiny_llama(dim=64, ffn_dim=96, head_dim=16)
+  params = jax.tree.map(lambda a: a * 0.05, params)
+  path = str(folder / 'source.gguf')
+  write_gguf(path, params, config)
+  return config, params, path
+
+
 def write_gguf(path, params, config, block_count=None, extra=None, drop=None, alignment=None):
   """Writes ``params`` as F32 tensors in torch layout (out, in), q/k rows permuted for adjacent RoPE; tensor data
   aligned to ``alignment`` bytes (general.alignment) if given, else GGUF's default 32."""
