@@ -6,7 +6,8 @@ forward). Needs torch and transformers (``make deploy``). Run from the repositor
 
 Every model: float32, 2-3 layers, width 48, 3 query heads over 1 kv head, head_dim 16 (Qwen3, Gemma 3: 24, so
 heads * head_dim != width), vocab 256, seeded; T = 40 tokens,
-longer than every sliding window (Mistral 16, Gemma 3 12). Qwen2 is saved in shards (``max_shard_size``) so the
+longer than every sliding window (Mistral 16, Qwen3 16 on layer 1 only (``use_sliding_window``,
+``max_window_layers`` 1), Gemma 3 12). Qwen2 is saved in shards (``max_shard_size``) so the
 index path is tested.
 """
 
@@ -38,6 +39,7 @@ def family_configs() -> dict:
           rope_parameters=dict(rope_type='default', rope_theta=1000000.0)), dict(max_shard_size='40KB')),
       'qwen3': ('Qwen3Config', 'Qwen3ForCausalLM', dict(
           COMMON, num_hidden_layers=2, tie_word_embeddings=False, attention_bias=False, head_dim=24,
+          use_sliding_window=True, sliding_window=16, max_window_layers=1,
           rope_parameters=dict(rope_type='default', rope_theta=1000000.0)), {}),
       'gemma3': ('Gemma3TextConfig', 'Gemma3ForCausalLM', dict(
           COMMON, num_hidden_layers=3, sliding_window=12, query_pre_attn_scalar=20, head_dim=24,

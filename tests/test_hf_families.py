@@ -44,6 +44,7 @@ def test_fixtures_exercise_the_switches():
   assert configs['mistral'].sliding_window < t and configs['mistral'].layer_type(0) == decoder.SLIDING
   assert configs['qwen2'].qkv_bias and not configs['qwen2'].o_bias
   assert configs['qwen3'].qk_norm and configs['qwen3'].num_heads * configs['qwen3'].head_dim != 48
+  assert configs['qwen3'].layer_types == (decoder.FULL, decoder.SLIDING) and configs['qwen3'].sliding_window < t
   g = configs['gemma3']
   assert g.sliding_window < t and set(g.layer_types) == {decoder.SLIDING, decoder.FULL}
   assert g.rope_local.base != g.rope.base and g.norm_unit_offset and g.sandwich_norms and g.embed_scale
@@ -144,6 +145,27 @@ def test_from_hf_old_style_rope_fields():
   old.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={'rope_type': 'linear', 'factor': 2.0},
              sliding_window_pattern=2)
   assert decoder.DecoderConfig.from_hf(old) == decoder.DecoderConfig.from_hf(new)
+
+
+def test_from_hf_qwen_layer_types_from_max_window_layers():
+  """Without layer_types, Qwen2/Qwen3 slide on layers >= max_window_layers, and only with use_sliding_window."""
+  with open(os.path.join(FIXTURES, 'qwen3', 'config.json')) as f:
+    saved = json.load(f)
+  bare = {k: v for k, v in saved.items() if k != 'layer_types'}
+  assert decoder.DecoderConfig.from_hf(bare) == decoder.DecoderConfig.from_hf(saved)
+  off = decoder.DecoderConfig.from_hf({**bare, 'use_sliding_window': False})
+  assert off.sliding_window is None and off.layer_types == (decoder.FULL, decoder.FULL)
+
+
+def test_tokenizer_json_is_loaded(tmp_path):
+  from tokenizers import Tokenizer, models  # pylint: disable=g-import-not-at-top
+  folder = _copy('mistral', tmp_path)
+  Tokenizer(models.WordLevel({'<unk>': 0, 'hello': 5}, unk_token='<unk>')).save(str(folder / 'tokenizer.json'))
+  assert load_hf(folder).tokenizer.encode('hello').ids == [5]
+  assert load_hf(os.path.join(FIXTURES, 'mistral')).tokenizer is None
+  (folder / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+  with pytest.raises(ValueError, match='tokenizer.json: not a readable tokenizer.json'):
+    load_hf(folder)
 
 
 def test_decoder_config_errors_name_the_field():
