@@ -17,7 +17,7 @@ import flexround_jax as fr
 from flexround_jax.models import decoder, hf, load_hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
-FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma3')
+FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma3_multimodal')
 # Error measure: max |ours - transformers| / max |transformers| over all logits, float32.
 RTOL = 1e-4
 
@@ -49,7 +49,13 @@ def test_fixtures_exercise_the_switches():
   assert g.sliding_window < t and set(g.layer_types) == {decoder.SLIDING, decoder.FULL}
   assert g.rope_local.base != g.rope.base and g.norm_unit_offset and g.sandwich_norms and g.embed_scale
   assert os.path.isfile(os.path.join(FIXTURES, 'qwen2', 'model.safetensors.index.json'))
-  assert {f for f, c in configs.items() if c.tie_embeddings} == {'qwen2', 'gemma3'}
+  assert {f for f, c in configs.items() if c.tie_embeddings} == {'qwen2', 'gemma3', 'gemma3_multimodal'}
+
+
+def test_multimodal_gemma3_loads_its_text_decoder():
+  model = load_hf(os.path.join(FIXTURES, 'gemma3_multimodal'))
+  assert model.ignored and all(n.startswith(('vision_tower.', 'multi_modal_projector.')) for n in model.ignored)
+  assert model.config == load_hf(os.path.join(FIXTURES, 'gemma3')).config
 
 
 def test_kernels_are_in_out_and_memory_mapped():

@@ -23,7 +23,15 @@ from flexround_jax.models import decoder as decoder_lib
 from flexround_jax.models.decoder import FULL, SLIDING, DecoderConfig, Rope
 
 ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'MistralForCausalLM': 'mistral', 'Qwen2ForCausalLM': 'qwen2',
-                 'Qwen3ForCausalLM': 'qwen3', 'Gemma3ForCausalLM': 'gemma3_text'}
+                 'Qwen3ForCausalLM': 'qwen3', 'Gemma3ForCausalLM': 'gemma3_text',
+                 'Gemma3ForConditionalGeneration': 'gemma3_text'}
+# Multimodal checkpoints: the text decoder's tensors under these prefixes (the first is how transformers saves
+# Gemma3ForConditionalGeneration, the second how it names them in memory) map to the CausalLM names; the vision
+# tower and projector are not part of the decoder and are listed in ``HFModel.ignored``.
+_TEXT_PREFIXES = (('language_model.model.', 'model.'), ('model.language_model.', 'model.'),
+                  ('language_model.lm_head.', 'lm_head.'))
+_VISION_PREFIXES = ('vision_tower.', 'multi_modal_projector.', 'model.vision_tower.', 'model.multi_modal_projector.')
+_MULTIMODAL = ('Gemma3ForConditionalGeneration',)
 MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text', 'gemma3')
 _ACTIVATION = {'gemma3_text': ('hidden_activation', 'gelu_pytorch_tanh')}   # others: ('hidden_act', 'silu')
 # Fields whose non-empty value changes the math in a way the decoder does not implement.
@@ -190,13 +198,29 @@ def param_shapes(config: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]
 class HFModel:
   """A loaded checkpoint: ``module`` (``Decoder``), ``apply_fn(params, tokens (B, T) int) -> logits (B, T, vocab)
   float32``, ``params`` (nested dicts of numpy arrays; memory-mapped where no cast or copy was needed), ``config``
-  (``DecoderConfig``), ``tokenizer`` (``tokenizers.Tokenizer`` from tokenizer.json, or None) and ``path``."""
+  (``DecoderConfig``), ``tokenizer`` (``tokenizers.Tokenizer`` from tokenizer.json, or None), ``path`` and
+  ``ignored`` (names of the file's tensors not loaded: a multimodal checkpoint's vision tower and projector, old
+  rotary buffers)."""
   module: decoder_lib.Decoder
   apply_fn: Callable
   params: Any
   config: DecoderConfig
   tokenizer: Any
   path: str
+  ignored: tuple[str, ...] = ()
+
+
+def _text_name(name: str, multimodal: bool) -> str | None:
+  """The CausalLM name of a checkpoint tensor, or None for one the decoder does not read (vision, buffers)."""
+  if name.endswith(_BUFFER_SUFFIXES):
+    return None
+  if multimodal:
+    if name.startswith(_VISION_PREFIXES):
+      return None
+    for old, new in _TEXT_PREFIXES:
+      if name.startswith(old):
+        return new + name[len(old):]
+  return name
 
 
 def read_config(path: str) -> tuple[dict, DecoderConfig]:
@@ -248,7 +272,8 @@ def _shard_files(path: str) -> list[str]:
 
 
 def load_hf(path: str, dtype='float32') -> HFModel:
-  """Loads a Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text; see ``ARCHITECTURES``).
+  """Loads a Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3; see ``ARCHITECTURES``); of a
+  multimodal Gemma 3 only the text decoder (its vision tensors are listed in ``HFModel.ignored``).
 
   ``config.json`` is checked first (``read_config``: an unsupported architecture or field is a ValueError before
   any weight is read), then every shard's header; the tensors must be exactly ``hf_param_names(config)`` with the
@@ -257,16 +282,21 @@ def load_hf(path: str, dtype='float32') -> HFModel:
   'bfloat16') casts each tensor (a copy where the stored dtype differs).
   """
   path = os.fspath(path)
-  _, config = read_config(path)
+  config_json, config = read_config(path)
+  multimodal = config_json['architectures'][0] in _MULTIMODAL
   dtype = np.dtype(dtype)
-  tensors, origin = {}, {}
+  tensors, origin, ignored = {}, {}, []
   for file in _shard_files(path):
-    for name, array in weights.load_params(file).items():
+    for stored, array in weights.load_params(file).items():
+      name = _text_name(stored, multimodal)
+      if name is None:
+        ignored.append(stored)
+        continue
       if name in tensors:
-        raise ValueError(f'{file}: tensor {name!r} is also in {origin[name]}')
-      tensors[name], origin[name] = array, file
+        raise ValueError(f'{file}: tensor {stored!r} is also in {origin[name][0]} (as {origin[name][1]!r})')
+      tensors[name], origin[name] = array, (file, stored)
   names = hf_param_names(config)
-  unexpected = sorted(n for n in tensors if n not in names and not n.endswith(_BUFFER_SUFFIXES))
+  unexpected = sorted(n for n in tensors if n not in names)
   missing = sorted(set(names) - set(tensors))
   if missing or unexpected:
     tied = ' (tied embeddings: tie_word_embeddings is true, so there is no lm_head.weight)' if (
@@ -280,12 +310,13 @@ def load_hf(path: str, dtype='float32') -> HFModel:
     w = tensors[name]
     want = shapes[param][::-1] if param[-1] == 'kernel' else shapes[param]
     if tuple(w.shape) != tuple(want):
-      raise ValueError(f'{origin[name]}: tensor {name!r} has shape {tuple(w.shape)}, config.json implies {want}')
+      raise ValueError(f'{origin[name][0]}: tensor {origin[name][1]!r} has shape {tuple(w.shape)}, config.json implies {want}')
     w = w.T if param[-1] == 'kernel' else w
     flat[param] = w if w.dtype == dtype else np.asarray(w, dtype)
   module = decoder_lib.Decoder(config)
   return HFModel(module=module, apply_fn=lambda params, tokens: module.apply({'params': params}, tokens),
-                 params=traverse_util.unflatten_dict(flat), config=config, tokenizer=_tokenizer(path), path=path)
+                 params=traverse_util.unflatten_dict(flat), config=config, tokenizer=_tokenizer(path), path=path,
+                 ignored=tuple(sorted(ignored)))
 
 
 def _tokenizer(path: str):
