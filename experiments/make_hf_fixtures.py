@@ -7,8 +7,9 @@ forward). Needs torch and transformers (``make deploy``). Run from the repositor
 Every model: float32, 2-3 layers, width 48, 3 query heads over 1 kv head, head_dim 16 (Qwen3, Gemma 3: 24, so
 heads * head_dim != width), vocab 256, seeded; T = 40 tokens in [3, 250), longer than every sliding window (Mistral
 16, Qwen3 16 on layer 1 only (``use_sliding_window``, ``max_window_layers`` 1), Gemma 3 12). Qwen2 is saved in
-shards (``max_shard_size``) so the index path is tested. ``gemma3_multimodal`` is a Gemma3ForConditionalGeneration (the gemma3 text model under a
-tiny vision tower), saved as transformers saves it (``language_model.model.*``, ``vision_tower.*``).
+shards (``max_shard_size``) so the index path is tested. ``gemma3_multimodal`` is a Gemma3ForConditionalGeneration
+(the gemma3 text model under a tiny vision tower), saved as transformers saves it (``language_model.model.*``,
+``vision_tower.*``).
 """
 
 from __future__ import annotations

@@ -9,12 +9,14 @@ import re
 import shutil
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flexround_jax as fr
-from flexround_jax.models import decoder, hf, load_hf
+from flexround_jax import weights
+from flexround_jax.models import decoder, load_hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
 FAMILIES = ('llama', 'mistral', 'qwen2', 'qwen3', 'gemma3', 'gemma3_multimodal')
@@ -68,14 +70,30 @@ def test_kernels_are_in_out_and_memory_mapped():
 
 def test_bfloat16_cast():
   model = load_hf(os.path.join(FIXTURES, 'qwen3'), dtype='bfloat16')
-  assert all(np.asarray(x).dtype == jnp.bfloat16 for x in jax_leaves(model.params))
+  assert all(np.asarray(x).dtype == jnp.bfloat16 for x in jax.tree.leaves(model.params))
   ref = np.load(os.path.join(FIXTURES, 'qwen3', 'reference.npz'))
   assert relative_error(model.apply_fn(model.params, jnp.asarray(ref['tokens'])), ref['logits']) < 0.05
 
 
-def jax_leaves(tree):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.leaves(tree)
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+  """Most published checkpoints are bfloat16: a bf16 copy of a fixture loads cast to float32."""
+  src = os.path.join(FIXTURES, 'mistral')
+  folder = tmp_path / 'bf16'
+  folder.mkdir()
+  shutil.copy(os.path.join(src, 'config.json'), folder)
+  stored = weights.load_params(os.path.join(src, 'model.safetensors'))
+  weights.save_params(str(folder / 'model.safetensors'), {k: np.asarray(v, jnp.bfloat16) for k, v in stored.items()})
+  model = load_hf(folder)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(model.params))
+  ref = np.load(os.path.join(src, 'reference.npz'))
+  assert relative_error(model.apply_fn(model.params, jnp.asarray(ref['tokens'])), ref['logits']) < 0.05
+
+
+def test_jit_and_eager_agree():
+  model = load_hf(os.path.join(FIXTURES, 'gemma3'))
+  tokens = jnp.asarray(np.load(os.path.join(FIXTURES, 'gemma3', 'reference.npz'))['tokens'])
+  np.testing.assert_allclose(jax.jit(model.apply_fn)(model.params, tokens), model.apply_fn(model.params, tokens),
+                             rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- refusals ----
@@ -150,6 +168,11 @@ def test_from_hf_old_style_rope_fields():
   old = {k: v for k, v in new.items() if k not in ('rope_parameters', 'layer_types')}
   old.update(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={'rope_type': 'linear', 'factor': 2.0},
              sliding_window_pattern=2)
+  assert decoder.DecoderConfig.from_hf(old) == decoder.DecoderConfig.from_hf(new)
+  with open(os.path.join(FIXTURES, 'llama', 'config.json')) as f:
+    new = json.load(f)
+  old = {k: v for k, v in new.items() if k not in ('rope_parameters', 'head_dim')}   # Llama 3.1's own layout
+  old.update(rope_theta=500000.0, rope_scaling={k: v for k, v in new['rope_parameters'].items() if k != 'rope_theta'})
   assert decoder.DecoderConfig.from_hf(old) == decoder.DecoderConfig.from_hf(new)
 
 

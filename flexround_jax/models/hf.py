@@ -310,7 +310,8 @@ def load_hf(path: str, dtype='float32') -> HFModel:
     w = tensors[name]
     want = shapes[param][::-1] if param[-1] == 'kernel' else shapes[param]
     if tuple(w.shape) != tuple(want):
-      raise ValueError(f'{origin[name][0]}: tensor {origin[name][1]!r} has shape {tuple(w.shape)}, config.json implies {want}')
+      raise ValueError(f'{origin[name][0]}: tensor {origin[name][1]!r} has shape {tuple(w.shape)}, config.json '
+                       f'implies {want}')
     w = w.T if param[-1] == 'kernel' else w
     flat[param] = w if w.dtype == dtype else np.asarray(w, dtype)
   module = decoder_lib.Decoder(config)
