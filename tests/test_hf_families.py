@@ -64,7 +64,7 @@ def test_kernels_are_in_out_and_memory_mapped():
   model = load_hf(os.path.join(FIXTURES, 'llama'))
   q = model.params['layers_0']['attn']['q_proj']['kernel']
   assert q.shape == (48, 3 * 16)
-  assert isinstance(q.base, np.memmap) or isinstance(q, np.memmap)
+  assert isinstance(q, np.memmap)   # the transposed view of the file's (out, in) tensor
   assert set(model.params) == {'embed_tokens', 'norm', 'lm_head', 'layers_0', 'layers_1'}
 
 
@@ -83,6 +83,8 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
   shutil.copy(os.path.join(src, 'config.json'), folder)
   stored = weights.load_params(os.path.join(src, 'model.safetensors'))
   weights.save_params(str(folder / 'model.safetensors'), {k: np.asarray(v, jnp.bfloat16) for k, v in stored.items()})
+  kept = load_hf(folder, dtype=None)   # as stored: memory maps, nothing read
+  assert all(x.dtype == jnp.bfloat16 and isinstance(x, np.memmap) for x in jax.tree.leaves(kept.params))
   model = load_hf(folder)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(model.params))
   ref = np.load(os.path.join(src, 'reference.npz'))

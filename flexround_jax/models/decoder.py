@@ -51,6 +51,8 @@ class Rope:
       raise ValueError(f'Rope.base={self.base} must be > 0')
     if not self.factor > 0:
       raise ValueError(f'Rope.factor={self.factor} must be > 0')
+    if not self.original_max_position_embeddings > 0:
+      raise ValueError(f'Rope.original_max_position_embeddings={self.original_max_position_embeddings} must be > 0')
     if self.rope_type == 'llama3' and not self.high_freq_factor > self.low_freq_factor:
       raise ValueError(f'Rope.high_freq_factor={self.high_freq_factor} must exceed low_freq_factor='
                        f'{self.low_freq_factor} (llama3 scaling divides by their difference)')

@@ -271,7 +271,7 @@ def _shard_files(path: str) -> list[str]:
   return [single]
 
 
-def load_hf(path: str, dtype='float32') -> HFModel:
+def load_hf(path: str, dtype: Any = 'float32') -> HFModel:
   """Loads a Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3; see ``ARCHITECTURES``); of a
   multimodal Gemma 3 only the text decoder (its vision tensors are listed in ``HFModel.ignored``).
 
@@ -279,12 +279,13 @@ def load_hf(path: str, dtype='float32') -> HFModel:
   any weight is read), then every shard's header; the tensors must be exactly ``hf_param_names(config)`` with the
   shapes the config implies (missing, unexpected or misshapen tensors are a ValueError naming them; a tied model
   has no lm_head.weight). Tensors are memory-mapped; kernels are the transposed views; ``dtype`` (e.g. 'float32',
-  'bfloat16') casts each tensor (a copy where the stored dtype differs).
+  'bfloat16') casts each tensor (a copy in memory where the stored dtype differs); ``dtype=None`` keeps every
+  tensor as stored, so nothing is read until a computation touches it (the streaming path of ``weights``).
   """
   path = os.fspath(path)
   config_json, config = read_config(path)
   multimodal = config_json['architectures'][0] in _MULTIMODAL
-  dtype = np.dtype(dtype)
+  dtype = None if dtype is None else np.dtype(dtype)
   tensors, origin, ignored = {}, {}, []
   for file in _shard_files(path):
     for stored, array in weights.load_params(file).items():
@@ -313,7 +314,7 @@ def load_hf(path: str, dtype='float32') -> HFModel:
       raise ValueError(f'{origin[name][0]}: tensor {origin[name][1]!r} has shape {tuple(w.shape)}, config.json '
                        f'implies {want}')
     w = w.T if param[-1] == 'kernel' else w
-    flat[param] = w if w.dtype == dtype else np.asarray(w, dtype)
+    flat[param] = w if dtype is None or w.dtype == dtype else np.asarray(w, dtype)
   module = decoder_lib.Decoder(config)
   return HFModel(module=module, apply_fn=lambda params, tokens: module.apply({'params': params}, tokens),
                  params=traverse_util.unflatten_dict(flat), config=config, tokenizer=_tokenizer(path), path=path,
