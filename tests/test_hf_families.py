@@ -156,6 +156,18 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     load_hf(folder)
 
 
+def test_missing_shard_and_misshapen_tensor_are_named(tmp_path):
+  folder = _copy('qwen2', tmp_path)
+  os.remove(folder / 'model-00003-of-00006.safetensors')
+  with pytest.raises(ValueError, match=r"model.safetensors.index.json: shard 'model-00003-of-00006.safetensors' is "
+                     'not a file'):
+    load_hf(folder)
+  folder = _copy('mistral', tmp_path / 'm', lambda c: c.update(intermediate_size=96))
+  with pytest.raises(ValueError, match=r"mistral/model.safetensors: tensor 'model.layers.0.mlp.gate_proj.weight' has "
+                     r'shape \(80, 48\), config.json implies \(96, 48\)'):
+    load_hf(folder)
+
+
 def test_from_hf_reads_gemma3_multimodal_text_config():
   with open(os.path.join(FIXTURES, 'gemma3', 'config.json')) as f:
     text = json.load(f)
