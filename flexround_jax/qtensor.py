@@ -61,7 +61,7 @@ class QTensor:
     bit_planes = (unsigned[:, None] >> np.arange(bits)) & 1
     data = np.packbits(bit_planes.astype(np.uint8).ravel(), bitorder='little')
     return PackedQTensor(data=data, shape=tuple(codes.shape), scale=np.asarray(self.scale),
-                         zero_point=np.asarray(self.zero_point), spec=self.spec)
+                         zero_point=np.asarray(self.zero_point), spec=self.spec, axes=self.axes)
 
   @classmethod
   def unpack(cls, packed: PackedQTensor) -> QTensor:
@@ -77,7 +77,7 @@ class QTensor:
     if packed.spec.symmetric:
       unsigned = np.where(unsigned >= 2 ** (bits - 1), unsigned - 2 ** bits, unsigned)
     codes = unsigned.astype(code_dtype(packed.spec)).reshape(packed.shape)
-    return cls(codes=codes, scale=packed.scale, zero_point=packed.zero_point, spec=packed.spec)
+    return cls(codes=codes, scale=packed.scale, zero_point=packed.zero_point, spec=packed.spec, axes=packed.axes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,7 @@ class PackedQTensor:
   scale: np.ndarray
   zero_point: np.ndarray
   spec: QuantSpec
+  axes: tuple[int, ...] | None = None   # QTensor.axes
 
   @property
   def nbytes(self) -> int:

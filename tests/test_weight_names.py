@@ -124,6 +124,8 @@ def test_flexround_beats_rtn_on_the_block_loss(model, rtn):
 
 
 def test_safetensors_and_orbax_round_trips(model, rtn, tmp_path):
+  qt = rtn.qtensors['block_0/q/w']
+  assert fr.QTensor.unpack(qt.pack()).axes == (1, 0, 2)
   fr.export.save_safetensors(str(tmp_path / 'm.safetensors'), rtn.params, rtn.qtensors)
   fr.export.save_orbax(str(tmp_path / 'orbax'), rtn)
   for loaded in (fr.export.load_safetensors(str(tmp_path / 'm.safetensors')),

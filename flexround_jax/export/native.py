@@ -310,8 +310,9 @@ def _kernel(tensors: dict, name: str, entry, legacy: bool, where: str) -> tuple[
   if data.dtype != np.uint8 or data.shape != (n_bytes,):
     raise ValueError(f'{where}: qweight must be {n_bytes} uint8 bytes ({view} at {spec.bits} bits), '
                      f'got {data.dtype.name} {data.shape}')
-  packed = PackedQTensor(data=data, shape=view, scale=parts['scale'], zero_point=parts['zero_point'], spec=spec)
-  return qtensor_lib.validate(dataclasses.replace(QTensor.unpack(packed), axes=axes), where), shape, dtype
+  packed = PackedQTensor(data=data, shape=view, scale=parts['scale'], zero_point=parts['zero_point'], spec=spec,
+                         axes=axes)
+  return qtensor_lib.validate(QTensor.unpack(packed), where), shape, dtype
 
 
 def save_orbax(path: str, result, *, overwrite: bool = False) -> None:
