@@ -207,3 +207,35 @@ def test_nnx_einsum_module():
   assert sorted(res.qtensors) == ['o/w', 'q/w'] and res.qtensors['q/w'].axes == (1, 0, 2)
   out = nnx.to_pure_dict(res.params)
   assert np.array_equal(np.asarray(res.qtensors['q/w'].to_weight((N, D, H))), np.asarray(out['q']['w']))
+
+
+class TwoWeights(nn.Module):
+  """One module, two weights (as an MLP written as one module)."""
+
+  @nn.compact
+  def __call__(self, x):
+    w_in = self.param('w_in', nn.initializers.normal(0.3), (D, F))
+    w_out = self.param('w_out', nn.initializers.normal(0.3), (F, D))
+    return nn.gelu(x @ w_in) @ w_out
+
+
+def test_two_weights_in_one_module():
+  module = TwoWeights()
+  x = jax.random.normal(jax.random.PRNGKey(1), (32, D))
+  params = module.init(jax.random.PRNGKey(0), x[:1])['params']
+  apply_fn = lambda p, b: module.apply({'params': p}, b)
+  cfg = fr.QuantConfig(method='rtn', iters=0, progress=False,
+                       weight_params=(fr.WeightParam('', 'w_in'), fr.WeightParam('', 'w_out')))
+  res = fr.quantize(params, apply_fn, x, cfg)
+  assert sorted(res.qtensors) == ['w_in', 'w_out'] and res.qtensors['w_in'].axes is None
+  with pytest.raises(ValueError, match="module '' holds several quantized weights"):
+    fr.quantize(params, apply_fn, x, dataclasses.replace(cfg, activation='lsq'))
+
+
+def test_a_model_that_is_one_dense_layer():   # the root module holds the kernel itself (module path '')
+  module = nn.Dense(8)
+  x = jax.random.normal(jax.random.PRNGKey(1), (32, D))
+  params = module.init(jax.random.PRNGKey(0), x[:1])['params']
+  res = fr.quantize(params, lambda p, b: module.apply({'params': p}, b), x, fr.QuantConfig(method='rtn', iters=0,
+                                                                                           progress=False))
+  assert sorted(res.qtensors) == ['kernel'] and res.report[0]['unit'] == ''

@@ -237,7 +237,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
   units, checked = [], set()
   for owner, ks in sorted(groups.items(), key=lambda kv: first_call[kv[0]].index):
     call = first_call[owner]
-    depth = len(owner.split('/'))
+    depth = len(owner.split('/')) if owner else 0   # '': the root module holds its kernels itself
     prefix = ks[0].param_path[:depth]
     leaves, treedef = jax.tree.flatten((call.args, call.kwargs))
     small = jax.tree.leaves((small_calls[owner].args, small_calls[owner].kwargs))
@@ -254,6 +254,9 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
       if act is not None and (not args or not hasattr(args[0], 'shape')):
         raise ValueError(f'module {k.module!r} takes no array as its first positional argument, so its input cannot '
                          f'be quantized; keep it float with Rule({k.module!r}, activation="float")')
+      if act is not None and sum(j.module == k.module for j in ks) > 1:   # WeightParams: one input, several weights
+        raise ValueError(f'module {k.module!r} holds several quantized weights, each with its own input quantizer '
+                         f'of one input; keep its input float with Rule({k.module!r}, activation="float")')
     for k, (spec, method) in zip(ks, resolved):
       _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path), baseline)
       _check_method_takes(k, spec, method, checked)
