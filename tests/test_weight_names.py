@@ -239,3 +239,33 @@ def test_a_model_that_is_one_dense_layer():   # the root module holds the kernel
   res = fr.quantize(params, lambda p, b: module.apply({'params': p}, b), x, fr.QuantConfig(method='rtn', iters=0,
                                                                                            progress=False))
   assert sorted(res.qtensors) == ['kernel'] and res.report[0]['unit'] == ''
+
+
+class QTransposed(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return Einsum((N, D, H), name='q')('BTD,NDH->BTNH', x)
+
+
+class QInputsFirst(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return Einsum((D, N, H), name='q')('BTD,DNH->BTNH', x)
+
+
+def test_a_transposed_weight_quantizes_as_the_same_weight_laid_out_inputs_first():
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 4, D))
+  pa = QTransposed().init(jax.random.PRNGKey(1), x[:1])['params']
+  pb = {'q': {'w': jnp.transpose(pa['q']['w'], (1, 0, 2))}}
+  runs = []
+  for module, params, eqn in ((QTransposed(), pa, 'BTD,NDH->BTNH'), (QInputsFirst(), pb, 'BTD,DNH->BTNH')):
+    cfg = fr.QuantConfig(method='flexround', iters=10, batch_size=8, progress=False,
+                         weight_params=(fr.WeightParam.einsum('q', eqn),))
+    runs.append(fr.quantize(params, lambda p, b, m=module: m.apply({'params': p}, b), x, cfg))
+  a, b = (r.qtensors['q/w'] for r in runs)
+  assert a.axes == (1, 0, 2) and b.axes is None
+  assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scale, b.scale)
+  assert runs[0].report[0]['loss_curve'] == runs[1].report[0]['loss_curve']
+  assert np.array_equal(np.transpose(runs[0].params['q']['w'], (1, 0, 2)), runs[1].params['q']['w'])
