@@ -15,6 +15,7 @@ _PUBLIC = {
     'QuantSpec': 'flexround_jax.spec',
     'QuantizeResult': 'flexround_jax.engine',
     'Rule': 'flexround_jax.engine',
+    'WeightParam': 'flexround_jax.engine',
     'dequantize_params': 'flexround_jax.engine',
     'preset': 'flexround_jax.presets',
     'quantize': 'flexround_jax.engine',

@@ -68,3 +68,18 @@ def reduce_to_grid(x, spec: QuantSpec, reducer):
     parts.append(reducer(tail, axis=tuple(range(x.ndim - 1)), keepdims=True))
   out = parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=-2)
   return out.reshape(grid_shape(x.shape, spec))
+
+
+def to_view(w, view_shape: tuple[int, ...], axes: tuple[int, ...] | None):
+  """The quantizer's view of a weight: ``w`` reshaped to ``view_shape`` (Dense (in, out), DenseGeneral, Conv), or,
+  with ``axes`` (a weight declared by ``WeightParam``), ``transpose(w, axes)`` reshaped: its input axes first."""
+  xp = jnp if isinstance(w, jax.Array) else np
+  return xp.reshape(w if axes is None else xp.transpose(w, axes), view_shape)
+
+
+def from_view(v, shape: tuple[int, ...], axes: tuple[int, ...] | None):
+  """Inverse of ``to_view``: the weight of ``shape`` whose view is ``v``."""
+  xp = jnp if isinstance(v, jax.Array) else np
+  if axes is None:
+    return xp.reshape(v, shape)
+  return xp.transpose(xp.reshape(v, [shape[a] for a in axes]), np.argsort(axes))

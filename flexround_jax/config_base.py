@@ -218,6 +218,8 @@ def _field_path(message: str) -> str:
     return f'config.quant.{m.group(1)}'
   if message.startswith('Rule '):
     return 'config.quant.rules'
+  if message.startswith('WeightParam'):
+    return 'config.quant.weight_params'
   return 'config.quant'
 
 

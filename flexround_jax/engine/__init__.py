@@ -1,6 +1,6 @@
 """The reconstruction engine: planning units, the activation cache, one unit's reconstruction, the loop, checkpoints.
 
-  config.py       QuantConfig, Rule
+  config.py       QuantConfig, Rule, WeightParam
   plan.py         units, chains, dry-run plan
   activations.py  calibration arrays, meshes and placement, the activation cache, minibatch sampling
   unit.py         one unit: compiled functions, closed-form solves, the optax loop, RTN fall-back
@@ -9,10 +9,10 @@
   graph.py        what the engine sees of a Flax model (calls, kernels, stopping a forward at a module)
 """
 
-from .config import QuantConfig, Rule
+from .config import QuantConfig, Rule, WeightParam
 from .loop import QuantizeResult, dequantize_params, quantize
 from .plan import Unit, plan_units
 from .unit import UnitReconstructor, UnitResult, kernel_views, make_train_step, reconstruct_unit
 
-__all__ = ['QuantConfig', 'QuantizeResult', 'Rule', 'Unit', 'UnitReconstructor', 'UnitResult', 'dequantize_params',
-           'kernel_views', 'make_train_step', 'plan_units', 'quantize', 'reconstruct_unit']
+__all__ = ['QuantConfig', 'QuantizeResult', 'Rule', 'Unit', 'UnitReconstructor', 'UnitResult', 'WeightParam',
+           'dequantize_params', 'kernel_views', 'make_train_step', 'plan_units', 'quantize', 'reconstruct_unit']

@@ -3,7 +3,8 @@
 Which kernel gets what is said in one place: ``QuantConfig.rules``, an ordered list of ``Rule``s (regex on the
 '/'-joined module path, ``re.fullmatch``; the first matching rule wins, as qwix's ``QuantizationRule``s). A rule
 can change the bit-width, granularity, sign or initial grid, give the kernel another method, or skip it (keep it
-float). Kernels no rule matches get ``QuantConfig.weight`` and ``QuantConfig.method``.
+float). Kernels no rule matches get ``QuantConfig.weight`` and ``QuantConfig.method``. Which params are kernels is
+said by their name: 'kernel', and those named by ``QuantConfig.weight_params`` (``WeightParam``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,70 @@ class Rule:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightParam:
+  """A weight not called 'kernel' to quantize: the param ``name`` of every module whose path fully matches ``pattern``
+  (an einsum module's 'w', as in Google DeepMind's ``gemma``). Rules then set its bits and method as a kernel's.
+
+  The quantizers see a weight as a 2-D (in, out) view: ``in_axes`` are the weight's axes contracted with the module's
+  input, the others its outputs, each in the weight's order; the view is the weight transposed to (in_axes, the
+  rest) and reshaped. Per-channel grids are one per output element, groups run along the flattened inputs.
+
+  Attributes:
+    pattern: regex, ``re.fullmatch``-ed against the module path ('layer_0/attn/q_einsum').
+    name: the param's name in those modules ('w'); 'kernel' params need no WeightParam.
+    in_axes: the weight's input (contracted) axes, e.g. (1,) for a weight (N, D, H) used as 'BTD,NDH->BTNH'
+      (``WeightParam.einsum`` reads them from the equation). None: the weight must be 2-D, (in, out).
+  """
+
+  pattern: str
+  name: str
+  in_axes: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    check_regex(self.pattern, 'WeightParam.pattern')
+    if not isinstance(self.name, str) or not self.name or '/' in self.name:
+      raise ValueError(f'WeightParam {self.pattern!r}: name must be a param name (a non-empty str without "/"), '
+                       f'got {self.name!r}')
+    if self.name == 'kernel':
+      raise ValueError(f'WeightParam {self.pattern!r}: \'kernel\' params are quantized without a WeightParam; '
+                       f'name the param of modules whose weight has another name')
+    if self.in_axes is not None:
+      axes = self.in_axes
+      if (not isinstance(axes, (list, tuple)) or not axes or len(set(axes)) != len(axes) or
+          any(isinstance(a, bool) or not isinstance(a, int) or a < 0 for a in axes)):
+        raise ValueError(f'WeightParam {self.pattern!r}: in_axes must be distinct non-negative axis numbers, got '
+                         f'{axes!r}')
+      object.__setattr__(self, 'in_axes', tuple(axes))
+
+  @classmethod
+  def einsum(cls, pattern: str, equation: str, name: str = 'w') -> WeightParam:
+    """The WeightParam of a weight used as the second operand of ``jnp.einsum(equation, x, w)``: its input axes are
+    those whose index is in ``x`` and not in the output; every other index must be in the output and not in ``x``
+    (an index in all three, or in ``w`` alone, is not a matmul: ValueError)."""
+    eq = equation.replace(' ', '') if isinstance(equation, str) else ''
+    if eq.count('->') != 1 or eq.split('->')[0].count(',') != 1 or '.' in eq.split('->')[0].split(',')[1]:
+      raise ValueError(f'WeightParam.einsum {pattern!r}: equation must read "x,w->out" with explicit weight indices, '
+                       f'got {equation!r}')
+    (x, w), out = eq.split('->')[0].split(','), eq.split('->')[1]
+    in_axes = []
+    for axis, index in enumerate(w):
+      if index in x and index not in out:
+        in_axes.append(axis)
+      elif not (index in out and index not in x):
+        raise ValueError(f'WeightParam.einsum {pattern!r}: index {index!r} of the weight ({w!r} in {equation!r}) '
+                         f'is {"in the input and the output" if index in x else "summed alone"}: not an input '
+                         f'or an output axis; declare in_axes yourself or keep the module float')
+    return cls(pattern, name, tuple(in_axes))
+
+  def matches(self, module_path: str) -> bool:
+    return re.fullmatch(self.pattern, module_path) is not None
+
+  def describe(self) -> dict:
+    return {'pattern': self.pattern, 'name': self.name,
+            'in_axes': None if self.in_axes is None else list(self.in_axes)}
+
+
 def _describe_act(act):
   return act.describe() if isinstance(act, act_lib.ActQuantizer) else act
 
@@ -96,6 +161,8 @@ RESULT_NEUTRAL = frozenset({'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 
 FINGERPRINTED_ELSEWHERE = {'num_devices': 'the data mesh size'}
 # Fingerprinted only when some kernel input is quantized (a weight-only run's result cannot depend on them).
 ACTIVATION_FIELDS = ('activation', 'act_calib_samples')
+# Fingerprinted only when set (not empty): runs that do not use them keep the fingerprints of runs before they existed.
+FINGERPRINTED_WHEN_SET = ('weight_params',)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +213,8 @@ class QuantConfig:
       each by its own optax transformation; with ``drop_prob > 0`` each quantized input is also QDrop-mixed with
       its unquantized value. Rules change it per module (``Rule(activation=...)``, 'float').
     act_calib_samples: calibration samples (per process) the static activation grids are searched on.
+    weight_params: ``WeightParam``s (or mappings of their fields) naming weights not called 'kernel' to quantize
+      too (an einsum module's 'w'), with their input axes. Every 'kernel' param of rank >= 2 is quantized anyway.
   """
 
   method: Any = methods_lib.DEFAULT
@@ -169,6 +238,7 @@ class QuantConfig:
   keep_states: bool = False
   activation: Any = None
   act_calib_samples: int = 256
+  weight_params: tuple = ()
 
   def __post_init__(self):
     try:
@@ -195,6 +265,20 @@ class QuantConfig:
       rule.apply(self.weight)      # raises now, naming the rule, if its overrides do not make a valid spec
       rules.append(rule)
     object.__setattr__(self, 'rules', tuple(rules))
+    if isinstance(self.weight_params, (str, Mapping, WeightParam)) or not isinstance(self.weight_params, (list, tuple)):
+      raise ValueError(f'QuantConfig.weight_params must be a list of WeightParams, got '
+                       f'{type(self.weight_params).__name__}')
+    weight_params = []
+    for i, wp in enumerate(self.weight_params):
+      if isinstance(wp, Mapping):
+        try:
+          wp = WeightParam(**wp)
+        except TypeError as e:
+          raise ValueError(f'QuantConfig.weight_params[{i}]: {e}') from e
+      if not isinstance(wp, WeightParam):
+        raise ValueError(f'QuantConfig.weight_params[{i}] must be a WeightParam or a mapping of its fields, got {wp!r}')
+      weight_params.append(wp)
+    object.__setattr__(self, 'weight_params', tuple(weight_params))
     if self.blocks is not None:
       check_regex(self.blocks, 'QuantConfig.blocks')
     for name in ('iters', 'batch_size', 'eval_batch_size', 'act_calib_samples'):
@@ -266,7 +350,7 @@ class QuantConfig:
         value = value.describe()
       elif f.name == 'activation':
         value = _describe_act(value)
-      elif f.name == 'rules':
+      elif f.name in ('rules', 'weight_params'):
         value = [r.describe() for r in value]
       elif isinstance(value, QuantSpec):
         value = dataclasses.asdict(value)
@@ -284,6 +368,9 @@ class QuantConfig:
         out.pop(k)
       for rule in out['rules']:
         rule.pop('activation')
+    for k in FINGERPRINTED_WHEN_SET:
+      if not out[k]:
+        out.pop(k)
     return out
 
   @classmethod
@@ -299,8 +386,9 @@ class QuantConfig:
         d['weight'] = QuantSpec(**d['weight'])
       except TypeError as e:
         raise ValueError(f'QuantConfig.weight: {e}') from e
-    if 'rules' in d:
-      d['rules'] = tuple(dict(r) if isinstance(r, Mapping) else r for r in (d['rules'] or ()))
+    for name in ('rules', 'weight_params'):
+      if name in d:
+        d[name] = tuple(dict(r) if isinstance(r, Mapping) else r for r in (d[name] or ()))
     return cls(**d)
 
 

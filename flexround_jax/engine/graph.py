@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .. import treepath
+from .. import _layout, treepath
 from ..treepath import path_str
 
 Params = Any
@@ -264,13 +264,24 @@ def inputs_of(apply_fn, params, batch, path: str):
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-  """A quantizable weight: a 'kernel' param (rank >= 2) that feeds a dot_general or a convolution."""
+  """A quantizable weight: a 'kernel' param (rank >= 2) that feeds a dot_general or a convolution, or a param
+  named by a ``WeightParam`` (``declared``)."""
 
   param_path: tuple               # keys of the leaf in the params tree (str, or int for nnx lists)
   module: str                     # '/'-joined module path
   shape: tuple[int, ...]
   view_shape: tuple[int, ...]     # what the quantizer sees: Dense (in, out) or Conv (..., in_per_group, out)
   is_conv: bool
+  axes: tuple[int, ...] | None = None   # None: the view is the weight reshaped; else transpose(weight, axes) reshaped
+  declared: bool = False          # named by a WeightParam (not a 'kernel')
+
+  def to_view(self, w):
+    """The weight ``w`` (of ``shape``) as the quantizer sees it (``view_shape``)."""
+    return _layout.to_view(w, self.view_shape, self.axes)
+
+  def from_view(self, v):
+    """Inverse of ``to_view``."""
+    return _layout.from_view(v, self.shape, self.axes)
 
 
 def _view_shape(shape, cls_name: str, info: dict) -> tuple[tuple[int, ...], bool]:
@@ -284,23 +295,60 @@ def _view_shape(shape, cls_name: str, info: dict) -> tuple[tuple[int, ...], bool
   return (math.prod(shape[:n_in]), math.prod(shape[n_in:])), False
 
 
-def find_kernels(params, calls: list[Call], skip: Callable[[str], bool] = lambda module: False) -> list[Kernel]:
-  """Every quantizable kernel of ``params`` whose module is not ``skip``ped, in params order."""
+def _declared_view(name: str, shape: tuple[int, ...], in_axes) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+  """(view shape (in, out), axes or None) of a weight named by a WeightParam with ``in_axes``."""
+  rank = len(shape)
+  if rank < 2:
+    raise ValueError(f'weight {name} has shape {shape}: a quantized weight needs rank >= 2 (input and output axes)')
+  if in_axes is None:
+    if rank != 2:
+      raise ValueError(f'weight {name} has shape {shape}: its layout is ambiguous; give its WeightParam in_axes (the '
+                       f'axes contracted with the input), or WeightParam.einsum(pattern, equation)')
+    in_axes = (0,)
+  if any(a >= rank for a in in_axes) or len(in_axes) >= rank:
+    raise ValueError(f'weight {name} has shape {shape}: WeightParam in_axes={tuple(in_axes)} must be some of its '
+                     f'{rank} axes, leaving at least one output axis')
+  axes = tuple(in_axes) + tuple(a for a in range(rank) if a not in in_axes)
+  view = (math.prod(shape[a] for a in in_axes), math.prod(shape[a] for a in axes[len(in_axes):]))
+  return view, None if axes == tuple(range(rank)) else axes
+
+
+def find_kernels(params, calls: list[Call], skip: Callable[[str], bool] = lambda module: False,
+                 weight_params=()) -> list[Kernel]:
+  """Every quantizable kernel of ``params`` whose module is not ``skip``ped, in params order: 'kernel' params of
+  rank >= 2 and the params ``weight_params`` (``config.WeightParam``s) name. ValueError naming the WeightParam when
+  it names no param of a matching module."""
   by_path = {}
   for c in calls:
     by_path.setdefault(c.path, c)
-  kernels = []
+  kernels, used = [], set()
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = treepath.path_names(key_path)
-    if names[-1] != 'kernel' or np.ndim(leaf) < 2:
-      continue
     module = path_str(names[:-1])
+    declared = None
+    if names[-1] != 'kernel':
+      declared = next((wp for wp in weight_params if wp.name == names[-1] and wp.matches(module)), None)
+      if declared is None:
+        continue
+      used.add(declared)
+    elif np.ndim(leaf) < 2:
+      continue
     if skip(module):
       continue
     call = by_path.get(module)
     if call is None:
       raise ValueError(f'kernel {path_str(names)} belongs to module {module!r}, which apply_fn never called; '
                        f'keep it float with a rule: QuantConfig(rules=[Rule({module!r}, skip=True)])')
-    view, is_conv = _view_shape(np.shape(leaf), call.cls_name, call.info)
-    kernels.append(Kernel(names, module, tuple(np.shape(leaf)), view, is_conv))
+    if declared is None:
+      view, is_conv = _view_shape(np.shape(leaf), call.cls_name, call.info)
+      kernels.append(Kernel(names, module, tuple(np.shape(leaf)), view, is_conv))
+    else:
+      view, axes = _declared_view(path_str(names), tuple(np.shape(leaf)), declared.in_axes)
+      kernels.append(Kernel(names, module, tuple(np.shape(leaf)), view, False, axes, declared=True))
+  for wp in weight_params:
+    if wp not in used:
+      modules = [c.path for c in calls if wp.matches(c.path)]
+      raise ValueError(f'WeightParam({wp.pattern!r}, {wp.name!r}) names no param: '
+                       + (f'no module path matches {wp.pattern!r} (re.fullmatch)' if not modules else
+                          f'none of the {len(modules)} matching modules ({modules[:5]}) has a param {wp.name!r}'))
   return kernels

@@ -41,7 +41,8 @@ class QuantizeResult:
   Attributes:
     params: same tree (and type) as the input params, every quantized kernel replaced by its dequantized value.
     qtensors: {'/'-joined kernel path: QTensor} for every quantized kernel (Dense-like kernels of rank > 2, e.g.
-      DenseGeneral, are quantized as their 2-D (in, out) view; ``dequantize_params`` reshapes them back).
+      DenseGeneral, are quantized as their 2-D (in, out) view, weights named by a ``WeightParam`` as theirs, with
+      ``QTensor.axes``; ``dequantize_params`` lays them back out).
     report: per unit: unit, kind, kernels, bits, methods, loss_rtn (loss at the RTN start), loss_final (of the
       kept kernels), loss_trained (before any fall-back), iters, seconds (the whole unit), seconds_train (its
       optimizer steps, compilation included when new_train_step), fell_back_to_rtn, loss_curve ([step, mean
@@ -141,7 +142,8 @@ def quantize(params, apply_fn: Callable, calib_data, config: QuantConfig = Quant
 
 
 def dequantize_params(params, qtensors: dict[str, QTensor]):
-  """``params`` with each kernel named in ``qtensors`` replaced by ``qt.dequantize()`` (reshaped to the kernel)."""
+  """``params`` with each kernel named in ``qtensors`` replaced by ``qt.to_weight`` (dequantized, laid out as the
+  kernel)."""
   is_nnx = isinstance(params, nnx.State)
   tree = nnx.to_pure_dict(params) if is_nnx else params
   keys = treepath.flatten_keys(tree)
@@ -149,7 +151,7 @@ def dequantize_params(params, qtensors: dict[str, QTensor]):
     if name not in keys:
       raise ValueError(f'qtensors names kernel {name!r}, which is not in params')
     leaf = treepath.get_subtree(tree, keys[name])
-    tree = treepath.set_leaf(tree, keys[name], qt.dequantize(jnp.asarray(leaf).dtype).reshape(np.shape(leaf)))
+    tree = treepath.set_leaf(tree, keys[name], qt.to_weight(np.shape(leaf), jnp.asarray(leaf).dtype))
   return jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(tree)) if is_nnx else tree
 
 

@@ -89,7 +89,8 @@ class Unit:
     if self._static_key is None:
       consts = tuple(_hashable(c) for b, c in zip(self.batched, self.constants) if not b)
       self._static_key = (self.call.signature, str(self.treedef), self.batched, consts,
-                          tuple((self.rel(k), k.shape, k.view_shape) for k in self.kernels), tuple(self.specs),
+                          tuple((self.rel(k), k.shape, k.view_shape) + ((k.axes,) if k.axes else ())
+                                for k in self.kernels), tuple(self.specs),
                           tuple(self.methods), tuple(self.acts))
     return self._static_key
 
@@ -203,10 +204,11 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
     if not any(rule.matches(p) for p in paths):
       raise ValueError(f'QuantConfig rule {rule.pattern!r} matches no module path (re.fullmatch). Module paths seen: '
                        f'{paths[:30]}{" ..." if len(paths) > 30 else ""}')
-  kernels = graph.find_kernels(tree, calls, skip=lambda module: config.resolve(module) is None)
+  kernels = graph.find_kernels(tree, calls, skip=lambda module: config.resolve(module) is None,
+                               weight_params=config.weight_params)
   if not kernels:
     raise ValueError('params hold no quantizable kernel (a "kernel" leaf of rank >= 2 in a called module, not '
-                     'skipped by a rule)')
+                     'skipped by a rule; weights with other names: QuantConfig(weight_params=[WeightParam(...)]))')
   first_call = {}
   for c in calls:
     if c.path in first_call and c.path in {k.module for k in kernels}:
@@ -235,7 +237,7 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
   units, checked = [], set()
   for owner, ks in sorted(groups.items(), key=lambda kv: first_call[kv[0]].index):
     call = first_call[owner]
-    depth = len(owner.split('/'))
+    depth = len(owner.split('/')) if owner else 0   # '': the root module holds its kernels itself
     prefix = ks[0].param_path[:depth]
     leaves, treedef = jax.tree.flatten((call.args, call.kwargs))
     small = jax.tree.leaves((small_calls[owner].args, small_calls[owner].kwargs))
@@ -252,6 +254,9 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
       if act is not None and (not args or not hasattr(args[0], 'shape')):
         raise ValueError(f'module {k.module!r} takes no array as its first positional argument, so its input cannot '
                          f'be quantized; keep it float with Rule({k.module!r}, activation="float")')
+      if act is not None and sum(j.module == k.module for j in ks) > 1:   # WeightParams: one input, several weights
+        raise ValueError(f'module {k.module!r} holds several quantized weights, each with its own input quantizer '
+                         f'of one input; keep its input float with Rule({k.module!r}, activation="float")')
     for k, (spec, method) in zip(ks, resolved):
       _check_kernel_values(k, spec, treepath.get_subtree(tree, k.param_path), baseline)
       _check_method_takes(k, spec, method, checked)
@@ -346,6 +351,12 @@ def _check_method_takes(kernel: graph.Kernel, spec: QuantSpec, method: Method, c
   if method.solve is not None and kernel.is_conv:
     raise ValueError(f'kernel {name} is a convolution; method {method.name!r} solves Dense kernels only: give it '
                      f'another method with a Rule')
+  if method.solve is not None and kernel.declared:
+    # The Hessian is taken over the module's first positional argument, read as (..., in) in the view's input
+    # order: nothing says an einsum module's input is laid out so.
+    raise ValueError(f'weight {name} is named by a WeightParam; method {method.name!r} solves Dense kernels only (from '
+                     f'the Hessian of the module\'s first argument): give it another method (rtn, flexround, adaround, '
+                     f'lrq) with a Rule({kernel.module!r}, method=...)')
   key = (method, kernel.view_shape, spec)
   if method.init is None or key in checked:
     return
@@ -370,7 +381,7 @@ def _check_kernel_values(kernel: graph.Kernel, spec: QuantSpec, leaf, baseline: 
   with np.errstate(over='ignore'):
     if np.isfinite(np.float32(4) * peak):   # every step <= 2 max|w| / (2^b - 1), and |w_hat| <= 2 max|w|: finite
       return
-  view = jnp.reshape(jnp.asarray(leaf), kernel.view_shape)
+  view = kernel.to_view(jnp.asarray(leaf))
   w_hat = baseline.finalize(view, baseline.init(view, spec), spec).dequantize(jnp.float32)
   if not np.isfinite(np.asarray(w_hat)).all():
     raise ValueError(f'kernel {name}: max |w| = {float(peak):.4g} is too close to the float32 maximum: its '

@@ -51,15 +51,15 @@ def per_sample_loss(out, y_leaves):
 
 
 def with_kernels(unit_params, unit: Unit, kernels_hat):
-  """``unit_params`` with each of the unit's kernels replaced (views reshaped back to the kernel's shape)."""
+  """``unit_params`` with each of the unit's kernels replaced (views laid back out as the kernel)."""
   for k, w in zip(unit.kernels, kernels_hat):
-    unit_params = treepath.set_leaf(unit_params, unit.rel(k), jnp.reshape(w, k.shape))
+    unit_params = treepath.set_leaf(unit_params, unit.rel(k), k.from_view(w))
   return unit_params
 
 
 def kernel_views(unit: Unit, unit_params) -> list[jax.Array]:
   """The unit's kernels as the quantizers see them (Dense (in, out), Conv (..., in_per_group, out))."""
-  return [jnp.asarray(treepath.get_subtree(unit_params, unit.rel(k))).reshape(k.view_shape) for k in unit.kernels]
+  return [k.to_view(jnp.asarray(treepath.get_subtree(unit_params, unit.rel(k)))) for k in unit.kernels]
 
 
 def act_fns(unit: Unit, act_states, key=None, drop_prob: float = 0.0) -> dict:
@@ -431,7 +431,7 @@ class UnitReconstructor:
       states[i] = method.start(views[i], spec, hessians[group])
       qt = method.finalize(views[i], states[i], spec)
       params = treepath.set_leaf(params, unit.rel(unit.kernels[i]),
-                                 jnp.reshape(qt.dequantize(views[i].dtype), unit.kernels[i].shape))
+                                 unit.kernels[i].from_view(qt.dequantize(views[i].dtype)))
     for i, (method, spec) in enumerate(zip(unit.methods, unit.specs)):
       if states[i] is None:
         states[i] = method.start(views[i], spec)
@@ -610,8 +610,9 @@ class UnitReconstructor:
                             for i, m in zip(unit.act_paths(), act_states)}
     states = (outcome.start if kept is outcome.start else outcome.trained).states
     kept_states = {n: jax.device_get(st) for n, st in zip(names, states)} if self.config.keep_states else {}
-    return UnitResult(qtensors=dict(zip(names, kept.qts)), report=rep, states=kept_states, outputs=outputs,
-                      act_states=act_states)
+    qtensors = {n: qt if k.axes is None else dataclasses.replace(qt, axes=k.axes)   # how to lay them back out
+                for n, k, qt in zip(names, unit.kernels, kept.qts)}
+    return UnitResult(qtensors=qtensors, report=rep, states=kept_states, outputs=outputs, act_states=act_states)
 
 def _finalize_act(q, state) -> dict:
   return q.finalize(state) if q.finalize is not None else dict(state)

@@ -14,12 +14,13 @@ safetensors layout (``save_safetensors``), one file, no pickle:
   <module>.input_step,      with activation quantization: float32 / int32 scalars of each static input quantizer
   <module>.input_zero_point (``QuantizeResult.activations``)
   metadata['flexround_jax']  JSON: format 'flexround_jax/2', kernels {path: {shape (kernel), view (quantized 2-D/conv
-                            view), dtype (kernel), every QuantSpec field}}, params {path: {dtype, shape}}, and with
+                            view), dtype (kernel), every QuantSpec field, and for a weight viewed transposed (a
+                            ``WeightParam``'s) axes (``QTensor.axes``)}}, params {path: {dtype, shape}}, and with
                             activation quantization activations {module: quantizer description}
   metadata['sha256']        SHA-256 of the canonical JSON of {the parsed metadata, every tensor's name, dtype, shape
                             and bytes}
-A kernel is rebuilt as scale * (codes - zero_point) on its view, cast to its dtype and reshaped to its shape: bit for
-bit the fake-quantized kernel the engine trained.
+A kernel is rebuilt as scale * (codes - zero_point) on its view, cast to its dtype and reshaped to its shape (laid
+out by its axes when it has some): bit for bit the fake-quantized kernel the engine trained.
 
 ``save_safetensors`` refuses an existing path unless ``overwrite=True``, writes only QTensors that pass
 ``qtensor.validate``, and renames a complete '<path>.tmp-<pid>' into place (``integrity.write_in_place``). What
@@ -55,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flexround_jax import _layout
 from flexround_jax import integrity
 from flexround_jax import qtensor as qtensor_lib
 from flexround_jax import treepath
@@ -155,6 +157,10 @@ def save_safetensors(path: str, params, qtensors: dict[str, QTensor], activation
       tensors[f'{name}.zero_point'] = np.asarray(qt.zero_point, np.int32)
       kernels[name] = {'shape': list(value.shape), 'view': list(qt.shape), 'dtype': value.dtype.name,
                        **dataclasses.asdict(qt.spec)}
+      if qt.axes is not None:   # only then: files of 'kernel' weights stay as they were
+        if len(qt.axes) != value.ndim:
+          raise ValueError(f'save_safetensors: kernel {name!r} of shape {value.shape} has QTensor axes {qt.axes}')
+        kernels[name]['axes'] = list(qt.axes)
     else:
       tensors[name] = np.ascontiguousarray(value)
       plain[name] = {'dtype': value.dtype.name, 'shape': list(value.shape)}
@@ -247,7 +253,7 @@ def _decode(path: str, tensors: dict[str, np.ndarray], info: dict) -> tuple[dict
   for name, entry in kernels.items():
     qt, shape, dtype = _kernel(tensors, name, entry, legacy, f'{path}: kernel {name!r}')
     qtensors[name] = qt
-    flat[name] = np.asarray(qt.dequantize(dtype)).reshape(shape)
+    flat[name] = _layout.from_view(np.asarray(qt.dequantize(dtype)), shape, qt.axes)
     consumed.update(f'{name}.{part}' for part in _PARTS)
   rest = {n: t for n, t in tensors.items() if n not in consumed}
   if legacy:
@@ -274,7 +280,7 @@ def _decode(path: str, tensors: dict[str, np.ndarray], info: dict) -> tuple[dict
 
 def _kernel(tensors: dict, name: str, entry, legacy: bool, where: str) -> tuple[QTensor, tuple, np.dtype]:
   """(QTensor, kernel shape, kernel dtype) of one metadata entry, checked field by field against its tensors."""
-  known = {'shape', 'view', 'dtype', *_SPEC_FIELDS}
+  known = {'shape', 'view', 'dtype', 'axes', *_SPEC_FIELDS}
   required = set(_REQUIRED) - {'dtype'} if legacy else set(_REQUIRED)
   if not isinstance(entry, dict) or not required <= set(entry) <= known:
     fields = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
@@ -282,6 +288,10 @@ def _kernel(tensors: dict, name: str, entry, legacy: bool, where: str) -> tuple[
   shape, view = (integrity.dims(entry[f], f'{where}: {f}') for f in ('shape', 'view'))
   if np.prod(shape, dtype=np.int64) != np.prod(view, dtype=np.int64) or len(view) < 2:
     raise ValueError(f'{where}: view {view} must have rank >= 2 and as many elements as shape {shape}')
+  axes = qtensor_lib.check_axes(entry.get('axes'), where)
+  if axes is not None and (len(axes) != len(shape) or len(view) != 2 or view[0] not in
+                           np.cumprod([shape[a] for a in axes]).tolist()):
+    raise ValueError(f'{where}: axes {list(axes)} do not lay shape {shape} out as view {view}')
   spec = qtensor_lib.spec_from_fields({f: entry[f] for f in _SPEC_FIELDS if f in entry}, where)
   stored = entry.get('dtype', 'float32')   # '/1' kernels were always decoded to float32
   try:
@@ -300,7 +310,8 @@ def _kernel(tensors: dict, name: str, entry, legacy: bool, where: str) -> tuple[
   if data.dtype != np.uint8 or data.shape != (n_bytes,):
     raise ValueError(f'{where}: qweight must be {n_bytes} uint8 bytes ({view} at {spec.bits} bits), '
                      f'got {data.dtype.name} {data.shape}')
-  packed = PackedQTensor(data=data, shape=view, scale=parts['scale'], zero_point=parts['zero_point'], spec=spec)
+  packed = PackedQTensor(data=data, shape=view, scale=parts['scale'], zero_point=parts['zero_point'], spec=spec,
+                         axes=axes)
   return qtensor_lib.validate(QTensor.unpack(packed), where), shape, dtype
 
 

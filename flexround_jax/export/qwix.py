@@ -235,13 +235,16 @@ def to_qwix_params(params, qtensors: dict[str, QTensor], abstract_quantized_para
         raise ValueError(f'qwix quantizes kernel {name!r}, which has no QTensor: its module matches a rule that '
                          f'qwix_rules would not write')
       qt = qtensor_lib.validate(qtensors[name], f'kernel {name!r}')
+      if qt.axes is not None:
+        raise ValueError(f'kernel {name!r} was quantized on a transposed view (QTensor.axes={qt.axes}, a WeightParam '
+                         f'weight), which this export does not write; use save_safetensors or save_orbax')
       out.append(abstract.replace(array=_qarray(name, qt, tuple(np.shape(leaf)), abstract.array)))
     elif name in qtensors:
       if not float_fallback:
         raise ValueError(f'kernel {name!r} has a QTensor but qwix does not quantize it (no rule matches its module); '
                          f'use qwix_rules, or float_fallback=True to write its dequantized float kernel')
       dtype = jnp.asarray(leaf).dtype
-      out.append(jnp.asarray(qtensors[name].dequantize(dtype)).reshape(np.shape(leaf)))
+      out.append(jnp.asarray(qtensors[name].to_weight(np.shape(leaf), dtype)))
     elif tuple(np.shape(leaf)) != tuple(abstract.shape):
       raise ValueError(f'param {name!r}: shape {np.shape(leaf)} in params, {tuple(abstract.shape)} in the qwix model')
     else:
