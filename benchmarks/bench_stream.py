@@ -48,7 +48,7 @@ def build(path):
       return np.ones(shape, ml_dtypes.bfloat16)
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)).astype(ml_dtypes.bfloat16)
   size = weights.write_params(path, specs, ((n, tensor(n, s)) for n, (s, _) in specs.items()),
-                              llama.safetensors_metadata(config))
+                              llama.safetensors_metadata(config), overwrite=True)   # a rerun rebuilds it
   return {'file_bytes': size, 'params': int(sum(np.prod(s) for s, _ in specs.values()))}
 
 

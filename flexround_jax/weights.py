@@ -42,7 +42,8 @@ def _code(dtype, name: str) -> str:
 
 
 def write_params(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
-                 tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
+                 tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None, *,
+                 overwrite: bool = False) -> int:
   """Writes a safetensors file whose tensors arrive one at a time; returns the file's size in bytes.
 
   Args:
@@ -52,7 +53,10 @@ def write_params(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
     tensors: (name, array) pairs in the order of ``specs``, e.g. a generator that converts one tensor per step;
       each must have its spec's shape and dtype.
     metadata: str -> str pairs for the header's ``__metadata__``.
+    overwrite: replace an existing file at ``path`` (only once the new one is complete); without it an existing
+      path is a FileExistsError before anything is read or written. A folder is never replaced.
   """
+  check_writable(path, overwrite)
   header, offset = {}, 0
   for name, (shape, dtype) in specs.items():
     shape = [int(d) for d in shape]
@@ -93,13 +97,24 @@ def write_params(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
   return 8 + len(blob) + offset
 
 
-def save_params(path: str, params, metadata: dict[str, str] | None = None) -> int:
+def check_writable(path: str, overwrite: bool) -> None:
+  """FileExistsError unless ``path`` is free, or an existing file and ``overwrite`` (a folder is never replaced)."""
+  if os.path.isdir(path):
+    raise FileExistsError(f'{path} is a folder; give a file path')
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
+
+
+def save_params(path: str, params, metadata: dict[str, str] | None = None, *, overwrite: bool = False) -> int:
   """Writes a params tree (nested dicts, an nnx pure dict; leaves: numpy, jax or memory-mapped arrays) as a
-  safetensors file, one leaf in host memory at a time; returns the file's size. ``load_params`` reads it back."""
-  flat = treepath.flatten(params)
+  safetensors file, one leaf in host memory at a time; returns the file's size. ``load_params`` reads it back.
+  An existing ``path`` needs ``overwrite=True``; a key holding '/' is refused (names are '/'-joined paths)."""
+  check_writable(path, overwrite)
+  flat = treepath.flatten_params(params, f'save_params {path}')
   specs = {name: (np.shape(leaf), np.dtype(leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype))
            for name, leaf in flat.items()}
-  return write_params(path, specs, ((name, np.asarray(leaf)) for name, leaf in flat.items()), metadata)
+  return write_params(path, specs, ((name, np.asarray(leaf)) for name, leaf in flat.items()), metadata,
+                      overwrite=overwrite)
 
 
 def read_header(path: str) -> tuple[dict, dict[str, str], int]:

@@ -56,6 +56,17 @@ def test_non_finite_half_precision_calibration_data_is_found_naming_the_leaf(dty
     fr.quantize(params, lambda p, b: apply_fn(p, b['x']), batch, _config(dry_run=True))
 
 
+def test_a_slash_inside_a_param_key_is_refused_before_work(no_work):
+  """Flax accepts a module named 'a/b'; its kernel could not be named in the '/'-joined paths of the exports, so
+  quantize refuses it up front instead of after the run (where the exporters would)."""
+  params, apply_fn, calib = _mlp()
+  params = dict(params)
+  params['block/0'] = params.pop('block_0')
+  renamed = lambda p, x: apply_fn({**{k: v for k, v in p.items() if k != 'block/0'}, 'block_0': p['block/0']}, x)
+  with pytest.raises(ValueError, match=r"key 'block/0' .* holds '/'"):
+    fr.quantize(params, renamed, calib, _config(dry_run=True))
+
+
 class _NormedMLP(nn.Module):
   """Dense -> BatchNorm (running statistics) -> an MLP block -> Dense."""
 

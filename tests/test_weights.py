@@ -140,3 +140,27 @@ def test_quantize_from_memory_maps_with_spilled_units_equals_in_memory(tmp_path)
   for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(got.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert got.plan[0]['state_bytes'] > 0 and got.plan[0]['state_bytes_exact']
+
+
+def test_writers_refuse_an_existing_file_unless_asked_and_never_a_folder(tmp_path):
+  path = tmp_path / 'p.safetensors'
+  path.write_bytes(b'the user\'s own file')
+  with pytest.raises(FileExistsError, match='overwrite=True'):
+    weights.save_params(str(path), _tree())
+  specs = {'a': ((2,), np.float32)}
+  with pytest.raises(FileExistsError, match='overwrite=True'):
+    weights.write_params(str(path), specs, [('a', np.zeros(2, np.float32))])
+  with pytest.raises(FileExistsError, match='overwrite=True'):   # before the (missing) GGUF is even opened
+    llama.gguf_to_safetensors(str(tmp_path / 'absent.gguf'), str(path))
+  assert path.read_bytes() == b'the user\'s own file'
+  weights.save_params(str(path), _tree(), overwrite=True)
+  assert set(weights.load_params(str(path))) == set(_tree())
+  with pytest.raises(FileExistsError, match='folder'):
+    weights.save_params(str(tmp_path), _tree(), overwrite=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['p.safetensors']   # no partial file left
+
+
+def test_save_params_refuses_a_slash_inside_a_key(tmp_path):
+  with pytest.raises(ValueError, match="key 'a/b'"):
+    weights.save_params(str(tmp_path / 'p.safetensors'), {'a/b': {'kernel': np.zeros((2, 2), np.float32)}})
+  assert not list(tmp_path.iterdir())

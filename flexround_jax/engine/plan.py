@@ -115,9 +115,12 @@ def _hashable(x):
 
 
 def check_params(tree):
+  """ValueError if ``tree`` is empty, holds a key with '/' (kernels are named by '/'-joined paths, so the exports
+  could not name it), or a non-finite float leaf."""
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   if not leaves:
     raise ValueError('params is empty')
+  treepath.flatten_params(tree)
   for kp, leaf in leaves:
     dtype = np.dtype(leaf.dtype if hasattr(leaf, 'dtype') else np.asarray(leaf).dtype)   # no host copy
     if jnp.issubdtype(dtype, jnp.floating) and not _all_finite(leaf):   # every float dtype (bfloat16 too)

@@ -438,14 +438,16 @@ def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
                                        for name, param in names.items()})
 
 
-def gguf_to_safetensors(gguf_path: str, out_path: str, dtype=np.float32) -> LlamaConfig:
+def gguf_to_safetensors(gguf_path: str, out_path: str, dtype=np.float32, *, overwrite: bool = False) -> LlamaConfig:
   """Converts a Llama GGUF file to a safetensors file of Flax params in ``dtype``, one tensor at a time.
 
   The GGUF file is memory-mapped and each tensor is dequantized, laid out for Flax (``_to_flax``) and written
   before the next is read, so host memory holds about one tensor whatever the model's size. The architecture is
   kept in the file's metadata; ``load_safetensors`` returns (module, memory-mapped params, config). With the
-  default float32 the params equal ``load_smollm2``'s bit for bit.
+  default float32 the params equal ``load_smollm2``'s bit for bit. An existing ``out_path`` needs ``overwrite=True``
+  (FileExistsError before the GGUF is read).
   """
+  weights.check_writable(out_path, overwrite)
   reader, meta = open_gguf(gguf_path)
   config = config_from_gguf(meta, gguf_path)
   tensors = {t.name: t for t in reader.tensors}
@@ -456,7 +458,7 @@ def gguf_to_safetensors(gguf_path: str, out_path: str, dtype=np.float32) -> Llam
   converted = (('/'.join(param), _to_flax(_dequantized(gguf_path, tensors[name]), param, config).astype(dtype))
                for name, param in names.items())
   weights.write_params(out_path, specs, converted, {**safetensors_metadata(config),
-                                                     'source': os.path.basename(gguf_path)})
+                                                     'source': os.path.basename(gguf_path)}, overwrite=overwrite)
   return config
 
 
@@ -480,9 +482,10 @@ def load_safetensors(path: str, mmap: bool = True):
   return Llama(config), weights.load_params(path, mmap=mmap), config
 
 
-def save_safetensors(path: str, params, config: LlamaConfig) -> int:
-  """Writes Llama params (any dtype, one leaf in memory at a time) for ``load_safetensors``; returns bytes."""
-  return weights.save_params(path, params, safetensors_metadata(config))
+def save_safetensors(path: str, params, config: LlamaConfig, *, overwrite: bool = False) -> int:
+  """Writes Llama params (any dtype, one leaf in memory at a time) for ``load_safetensors``; returns bytes. An
+  existing ``path`` needs ``overwrite=True``."""
+  return weights.save_params(path, params, safetensors_metadata(config), overwrite=overwrite)
 
 
 def safetensors_metadata(config: LlamaConfig) -> dict[str, str]:
