@@ -148,6 +148,24 @@ class WeightParam:
             'in_axes': None if self.in_axes is None else list(self.in_axes)}
 
 
+def _records(values, cls, field: str) -> tuple:
+  """``values`` (a list of ``cls`` records or mappings of their fields) as a tuple of ``cls``; ValueError naming
+  ``QuantConfig.<field>`` (and the index) otherwise."""
+  if isinstance(values, (str, Mapping, cls)) or not isinstance(values, (list, tuple)):
+    raise ValueError(f'QuantConfig.{field} must be a list of {cls.__name__}s, got {type(values).__name__}')
+  out = []
+  for i, value in enumerate(values):
+    if isinstance(value, Mapping):
+      try:
+        value = cls(**value)
+      except TypeError as e:
+        raise ValueError(f'QuantConfig.{field}[{i}]: {e}') from e
+    if not isinstance(value, cls):
+      raise ValueError(f'QuantConfig.{field}[{i}] must be a {cls.__name__} or a mapping of its fields, got {value!r}')
+    out.append(value)
+  return tuple(out)
+
+
 def _describe_act(act):
   return act.describe() if isinstance(act, act_lib.ActQuantizer) else act
 
@@ -251,34 +269,11 @@ class QuantConfig:
       raise ValueError(f'QuantConfig.activation: {e}') from e
     if not isinstance(self.weight, QuantSpec):
       raise ValueError(f'QuantConfig.weight must be a QuantSpec, got {type(self.weight).__name__}')
-    if isinstance(self.rules, (str, Mapping, Rule)) or not isinstance(self.rules, (list, tuple)):
-      raise ValueError(f'QuantConfig.rules must be a list of Rules, got {type(self.rules).__name__}')
-    rules = []
-    for i, rule in enumerate(self.rules):
-      if isinstance(rule, Mapping):
-        try:
-          rule = Rule(**rule)
-        except TypeError as e:
-          raise ValueError(f'QuantConfig.rules[{i}]: {e}') from e
-      if not isinstance(rule, Rule):
-        raise ValueError(f'QuantConfig.rules[{i}] must be a Rule or a mapping of its fields, got {rule!r}')
+    rules = _records(self.rules, Rule, 'rules')
+    for rule in rules:
       rule.apply(self.weight)      # raises now, naming the rule, if its overrides do not make a valid spec
-      rules.append(rule)
-    object.__setattr__(self, 'rules', tuple(rules))
-    if isinstance(self.weight_params, (str, Mapping, WeightParam)) or not isinstance(self.weight_params, (list, tuple)):
-      raise ValueError(f'QuantConfig.weight_params must be a list of WeightParams, got '
-                       f'{type(self.weight_params).__name__}')
-    weight_params = []
-    for i, wp in enumerate(self.weight_params):
-      if isinstance(wp, Mapping):
-        try:
-          wp = WeightParam(**wp)
-        except TypeError as e:
-          raise ValueError(f'QuantConfig.weight_params[{i}]: {e}') from e
-      if not isinstance(wp, WeightParam):
-        raise ValueError(f'QuantConfig.weight_params[{i}] must be a WeightParam or a mapping of its fields, got {wp!r}')
-      weight_params.append(wp)
-    object.__setattr__(self, 'weight_params', tuple(weight_params))
+    object.__setattr__(self, 'rules', rules)
+    object.__setattr__(self, 'weight_params', _records(self.weight_params, WeightParam, 'weight_params'))
     if self.blocks is not None:
       check_regex(self.blocks, 'QuantConfig.blocks')
     for name in ('iters', 'batch_size', 'eval_batch_size', 'act_calib_samples'):
