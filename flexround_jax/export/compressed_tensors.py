@@ -1,12 +1,23 @@
-"""compressed-tensors export (vLLM, transformers): a Llama as an HF checkpoint folder, kernels 'pack-quantized'.
+"""compressed-tensors export (vLLM, transformers): a decoder as an HF checkpoint folder, kernels 'pack-quantized'.
+
+Two kinds of model: the SmolLM2 ``models.llama.Llama`` (``LlamaConfig``; config.json made from the config, below)
+and a Hugging Face family decoder (``models.decoder.Decoder``, a ``DecoderConfig`` from ``models.load_hf``: Llama,
+Mistral, Qwen2, Qwen3, Gemma 3). For the latter tensor names are the family's own (``hf.hf_param_names``: biases,
+q/k norms, Gemma's four norms per layer, ``lm_head.weight`` when untied); config.json is the source checkpoint's
+(``source=``, every field kept; a multimodal Gemma 3 source gives its ``text_config`` as a ``Gemma3ForCausalLM``:
+only the text model is written) or, without a source, one written from the ``DecoderConfig`` (``decoder_config_json``)
+that ``hf.decoder_config`` reads back to the same config; either way with ``torch_dtype`` / ``dtype`` set to the
+written dtype and this ``quantization_config``. With ``source=`` its tokenizer files and generation_config.json are
+copied (``COPIED``). The layout below is the same for both kinds.
 
 The folder is what compressed-tensors 0.20 itself writes (``ModelCompressor.compress_model`` + ``save_pretrained`` +
 ``update_config``, as llm-compressor saves weight-only int models) for the same codes and grids, tensor for tensor:
   config.json        HF ``LlamaForCausalLM`` config (legacy keys ``rope_theta`` / ``torch_dtype``, read by
-                     transformers 4 and 5 and vLLM) with ``quantization_config``: quant_method 'compressed-tensors',
+                     transformers 4 and 5 and vLLM; a ``DecoderConfig``: see above) with ``quantization_config``: quant_method 'compressed-tensors',
                      format 'pack-quantized', status 'compressed', one config group per distinct grid (bits,
                      granularity, group_size, symmetric), targets ['Linear'] for a single grid, else the module
-                     names; ignore: the projections without a QTensor, then 'lm_head' (tied to the embedding).
+                     names; ignore: the projections without a QTensor, then 'lm_head' (tied to the embedding, or
+                     left dense; an untied ``lm_head/kernel`` with a QTensor is quantized like a projection).
   model.safetensors  HF names and layout: weight (out, in) = Flax kernel.T (q/k rows in rotate-half order, as ours).
     <module>.weight_packed      int32 (out, ceil(in * b / 32)): each row a little-endian bit stream in 32-bit words,
                                 value j at bits [j b, (j + 1) b); value = code + 2**(b-1) (symmetric) or the uint
@@ -16,14 +27,17 @@ The folder is what compressed-tensors 0.20 itself writes (``ModelCompressor.comp
                                 points packed as above along the output axis; per tensor int8 (1,), zp - 2**(b-1)
     <module>.weight_shape       int64 [out, in]
     other tensors               model.embed_tokens.weight, model.norm.weight, model.layers.N.{input,
-                                post_attention}_layernorm.weight, unquantized projections' .weight, in ``dtype``
+                                post_attention}_layernorm.weight (and the family's biases, q/k norms, Gemma's
+                                pre/post_feedforward_layernorm, lm_head.weight), unquantized projections' .weight,
+                                in ``dtype``
 compressed-tensors dequantizes W = scale * (q - zero_point) in the scale's dtype: with ``dtype='float32'`` that is
 ``QTensor.dequantize()`` bit for bit; with float16 / bfloat16 it is that value rounded once to the dtype (a scale
 exact in the dtype times an integer |q - zp| < 2**8 is exact in float32).
 
 Refused with a ValueError naming the kernel, before anything is written: per-group grids whose group size does not
-divide the kernel's inputs (the format has no shorter last group) and scales ``dtype`` cannot hold
-(``spec.scale_dtype`` must equal ``dtype`` unless ``dtype='float32'``). Readers differ in what they take:
+divide the kernel's inputs (the format has no shorter last group), scales ``dtype`` cannot hold
+(``spec.scale_dtype`` must equal ``dtype`` unless ``dtype='float32'``), QTensors of a transposed view (``axes``) and
+QTensors of params that are no projection kernel (embeddings, norms, biases, names the family map does not know). Readers differ in what they take:
 compressed-tensors decompresses 2..8 bits and all three granularities; transformers 5 (``from_pretrained``) loads
 asymmetric per-group / per-channel grids only with ``CompressedTensorsConfig(dequantize=True)`` and one config group
 (compressed-tensors 0.20 shapes their zero points unpacked on the meta model); vLLM's WNA16 kernels take 4 and 8
@@ -32,8 +46,10 @@ bits, per-channel or per-group grids, one grid for q/k/v and one for gate/up.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -54,13 +70,48 @@ _BLOCK = {'input_layernorm/scale': 'input_layernorm.weight',
           **{f'mlp/{p}/kernel': f'mlp.{p}' for p in ('gate_proj', 'up_proj', 'down_proj')}}
 
 
+# The architecture written for each ``DecoderConfig.model_type`` (a multimodal Gemma 3 source: its text model).
+ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                 'qwen3': 'Qwen3ForCausalLM', 'gemma3_text': 'Gemma3ForCausalLM'}
+# The files of a ``source`` folder copied into the export, those it has (tokenizer, chat template, generation).
+COPIED = ('generation_config.json', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+          'tokenizer.model', 'vocab.json', 'merges.txt', 'added_tokens.json', 'chat_template.jinja',
+          'chat_template.json')
+MAX_POSITIONS = 8192   # max_position_embeddings of a config.json written without a source (not in a DecoderConfig)
+
+
+def _is_decoder(config) -> bool:
+  from flexround_jax.models import decoder  # pylint: disable=g-import-not-at-top
+  return isinstance(config, decoder.DecoderConfig)
+
+
+def _model_name(config) -> str:
+  return f'Decoder(config) ({config.model_type})' if _is_decoder(config) else 'Llama(config)'
+
+
 def hf_names(config) -> dict[str, str]:
-  """{Flax param path: HF name} of every param of ``Llama(config)``: tensor names for embedding and norms
-  ('model.norm.weight'), module names for projection kernels ('model.layers.0.self_attn.q_proj')."""
+  """{Flax param path: HF name} of every param of the model of ``config`` (``LlamaConfig``: ``Llama``;
+  ``DecoderConfig``: ``Decoder``, named by its family's map ``hf.hf_param_names``, an untied 'lm_head/kernel' last):
+  tensor names for embedding, norms and biases ('model.norm.weight'), module names for kernels
+  ('model.layers.0.self_attn.q_proj', 'lm_head')."""
+  if _is_decoder(config):
+    from flexround_jax.models import hf  # pylint: disable=g-import-not-at-top
+    names = {'/'.join(path): name[:-len('.weight')] if path[-1] == 'kernel' else name
+             for name, path in hf.hf_param_names(config).items()}
+    return dict(sorted(names.items(), key=lambda item: item[0] == 'lm_head/kernel'))   # stable: model order
   names = dict(_TOP)
   for i in range(config.n_layers):
     names.update({f'layers_{i}/{path}': f'model.layers.{i}.{hf}' for path, hf in _BLOCK.items()})
   return names
+
+
+def _param_shapes(config) -> dict[str, tuple[int, ...]]:
+  """{param path: shape} of the model of ``config`` (abstract: nothing is allocated)."""
+  if _is_decoder(config):
+    from flexround_jax.models import hf  # pylint: disable=g-import-not-at-top
+    return {'/'.join(path): shape for path, shape in hf.param_shapes(config).items()}
+  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  return {k: tuple(v.shape) for k, v in treepath.flatten(jax.eval_shape(lambda: llama.make_llama(config)[1])).items()}
 
 
 def hf_config(config, dtype: str = 'float32') -> dict:
@@ -73,6 +124,106 @@ def hf_config(config, dtype: str = 'float32') -> dict:
           'max_position_embeddings': config.max_seq_len, 'vocab_size': config.vocab_size,
           'tie_word_embeddings': True, 'bos_token_id': config.bos_token_id, 'eos_token_id': config.eos_token_id,
           'attention_bias': False, 'mlp_bias': False, 'torch_dtype': dtype, 'use_cache': True}
+
+
+def _rope_scaling(rope) -> dict | None:
+  """transformers' ``rope_scaling`` dict of a ``Rope`` (None: no scaling)."""
+  if rope.rope_type == 'default':
+    return None
+  out = {'rope_type': rope.rope_type, 'factor': rope.factor}
+  if rope.rope_type == 'llama3':
+    out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+               original_max_position_embeddings=rope.original_max_position_embeddings)
+  return out
+
+
+def _same_model(config):
+  """``config`` with the fields that have several spellings of one forward written one way: explicit layer types,
+  no sliding window when no layer slides, the attention scalar (None: head_dim)."""
+  from flexround_jax.models import decoder  # pylint: disable=g-import-not-at-top
+  types = tuple(config.layer_type(i) for i in range(config.num_layers))
+  return dataclasses.replace(
+      config, layer_types=types, sliding_window=config.sliding_window if decoder.SLIDING in types else None,
+      query_pre_attn_scalar=float(config.head_dim if config.query_pre_attn_scalar is None
+                                  else config.query_pre_attn_scalar))
+
+
+def _differ(config, other) -> dict:
+  """{field: (config's value, other's)} of the fields where two DecoderConfigs give different forwards."""
+  a, b = _same_model(config), _same_model(other)
+  return {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)
+          if getattr(a, f.name) != getattr(b, f.name)}
+
+
+def decoder_config_json(config) -> dict:
+  """HF config.json fields of a ``DecoderConfig`` of a known family (``ARCHITECTURES``), checked to read back
+  (``hf.decoder_config``) to the same forward: sizes, ``rms_norm_eps``, ``tie_word_embeddings``, the legacy RoPE keys
+  ``rope_theta`` / ``rope_scaling`` (Gemma 3: + ``rope_local_base_freq``) that transformers 4 and 5 and vLLM read,
+  ``hidden_act`` / ``hidden_activation``, the family's bias switches, ``sliding_window``, ``layer_types`` (Qwen2 /
+  Qwen3: with ``use_sliding_window``, ``max_window_layers``), Gemma's ``query_pre_attn_scalar``. A DecoderConfig
+  holds no token ids (not written) nor ``max_position_embeddings`` (written as ``MAX_POSITIONS``): pass the source
+  folder to ``save_compressed_tensors`` to keep the checkpoint's own.
+
+  Raises:
+    ValueError naming ``model_type`` if it is not a known family, or the fields a config.json of its family cannot
+    express (a Qwen2 without q/k/v biases, RoPE scaling on Gemma's sliding layers, a Llama sliding window, ...).
+  """
+  from flexround_jax.models import decoder, hf  # pylint: disable=g-import-not-at-top
+  c = config
+  if c.model_type not in ARCHITECTURES:
+    raise ValueError(f'DecoderConfig.model_type={c.model_type!r} is not a Hugging Face family this exporter writes '
+                     f'(known: {", ".join(ARCHITECTURES)})')
+  gemma, qwen = c.model_type == 'gemma3_text', c.model_type in ('qwen2', 'qwen3')
+  types = [c.layer_type(i) for i in range(c.num_layers)]
+  out = {'architectures': [ARCHITECTURES[c.model_type]], 'model_type': c.model_type, 'vocab_size': c.vocab_size,
+         'hidden_size': c.hidden_size, 'intermediate_size': c.intermediate_size, 'num_hidden_layers': c.num_layers,
+         'num_attention_heads': c.num_heads, 'num_key_value_heads': c.num_kv_heads, 'head_dim': c.head_dim,
+         'rms_norm_eps': float(c.norm_eps), 'tie_word_embeddings': c.tie_embeddings,
+         'max_position_embeddings': MAX_POSITIONS, 'rope_theta': float(c.rope.base),
+         'rope_scaling': _rope_scaling(c.rope), ('hidden_activation' if gemma else 'hidden_act'): c.activation,
+         'use_cache': True}
+  if c.model_type in ('llama', 'qwen3', 'gemma3_text'):
+    out['attention_bias'] = c.qkv_bias
+  if c.model_type == 'llama':
+    out['mlp_bias'] = c.mlp_bias
+  else:
+    out['sliding_window'] = c.sliding_window if decoder.SLIDING in types else None
+  if qwen or gemma:
+    out['layer_types'] = types
+  if qwen:
+    out['use_sliding_window'] = decoder.SLIDING in types
+    out['max_window_layers'] = types.index(decoder.SLIDING) if decoder.SLIDING in types else c.num_layers
+  if gemma:
+    out['rope_local_base_freq'] = float((c.rope_local or c.rope).base)
+    out['query_pre_attn_scalar'] = float(_same_model(c).query_pre_attn_scalar)
+  try:
+    diff = _differ(c, hf.decoder_config(out))
+  except ValueError as e:
+    raise ValueError(f'DecoderConfig ({c.model_type}) cannot be written as a config.json: {e}') from e
+  if diff:
+    raise ValueError(f'DecoderConfig fields {sorted(diff)} cannot be written in a {c.model_type} config.json (it '
+                     f'would read back as {", ".join(f"{k}={v[1]!r}" for k, v in sorted(diff.items()))}); pass '
+                     'source= a checkpoint folder whose config.json describes the model')
+  return out
+
+
+def _source_config_json(source: str, config) -> dict:
+  """The config.json of the checkpoint folder ``source`` (a multimodal Gemma 3: its text_config as a
+  ``Gemma3ForCausalLM``), without its ``quantization_config``; ValueError naming the folder unless it describes
+  ``config``'s forward."""
+  from flexround_jax.models import hf  # pylint: disable=g-import-not-at-top
+  config_json, source_config = hf.read_config(source)
+  diff = _differ(config, source_config)
+  if diff:
+    raise ValueError(f'source {source}: its config.json describes another model than config (DecoderConfig fields '
+                     f'{", ".join(f"{k}: {v[0]!r} here, {v[1]!r} there" for k, v in sorted(diff.items()))})')
+  if config_json.get('model_type') == 'gemma3':   # multimodal: write the text model
+    top = {k: config_json[k] for k in ('dtype', 'torch_dtype', 'transformers_version') if k in config_json}
+    config_json = {**top, **config_json['text_config'], 'architectures': [ARCHITECTURES['gemma3_text']],
+                   'model_type': 'gemma3_text'}
+  config_json = dict(config_json)
+  config_json.pop('quantization_config', None)
+  return config_json
 
 
 def check_grid(name: str, qt: QTensor, dtype: str) -> None:
@@ -133,7 +284,7 @@ def _weights_args(spec) -> dict:
 def quantization_config(modules: dict[str, QTensor], projections: list[str]) -> dict:
   """config.json ``quantization_config`` for {HF module name: QTensor}, in compressed-tensors' schema: one config
   group per distinct grid, targets ['Linear'] for a single grid, else the module names; ignore: the ``projections``
-  (every Linear module name, model order) without a QTensor, then 'lm_head'."""
+  (every Linear module name, model order) without a QTensor, then 'lm_head' unless it is one of them (tied)."""
   grids: dict[tuple, list[str]] = {}
   for module, qt in modules.items():
     s = qt.spec
@@ -142,7 +293,7 @@ def quantization_config(modules: dict[str, QTensor], projections: list[str]) -> 
                            'weights': _weights_args(modules[names[0]].spec), 'input_activations': None,
                            'output_activations': None, 'format': FORMAT}
             for i, names in enumerate(grids.values())}
-  ignore = [p for p in projections if p not in modules] + ['lm_head']
+  ignore = [p for p in projections if p not in modules] + ([] if 'lm_head' in projections else ['lm_head'])
   return {'config_groups': groups, 'format': FORMAT, 'global_compression_ratio': None, 'ignore': ignore,
           'kv_cache_scheme': None, 'moe_sparsity_config': None, 'quant_method': 'compressed-tensors',
           'quantization_status': 'compressed', 'sparsity_config': {}, 'transform_config': {},
@@ -150,49 +301,68 @@ def quantization_config(modules: dict[str, QTensor], projections: list[str]) -> 
 
 
 def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor], config, overwrite: bool = False,
-                            dtype: str = 'float32') -> dict:
-  """Writes ``Llama(config)``'s ``params`` with ``qtensors`` as a compressed-tensors checkpoint folder (see above).
+                            dtype: str = 'float32', *, source: str | os.PathLike | None = None) -> dict:
+  """Writes the model of ``config`` (``params`` with ``qtensors``) as a compressed-tensors checkpoint folder (above).
 
   Args:
     directory: the folder to write (built as '<directory>.tmp-<pid>' and renamed into place when complete).
-    params: Flax params of ``models.llama.Llama(config)``, a linen dict or an nnx ``State`` (a kernel named in
-      ``qtensors`` is written from its QTensor, only its shape is read here).
-    qtensors: {projection kernel path ('layers_0/attn/q_proj/kernel'): QTensor}; other kernels are written dense.
-    config: the ``models.llama.LlamaConfig``.
+    params: Flax params of the model, a linen dict or an nnx ``State`` (a kernel named in ``qtensors`` is written
+      from its QTensor, only its shape is read here).
+    qtensors: {projection kernel path ('layers_0/attn/q_proj/kernel'; a ``Decoder``'s untied 'lm_head/kernel' too):
+      QTensor}; other kernels are written dense.
+    config: a ``models.llama.LlamaConfig`` (``Llama``) or a ``models.decoder.DecoderConfig`` (``Decoder``, e.g.
+      ``models.load_hf(path).config``).
     overwrite: replace an existing ``directory`` (moved aside, deleted once the new one is in place).
     dtype: ``torch_dtype``: the dtype of scales and unquantized tensors ('float32' keeps everything bit for bit;
       'float16' / 'bfloat16' need QTensors with that ``scale_dtype`` and round embeddings and norms).
+    source: with a ``DecoderConfig``: the Hugging Face checkpoint folder it was loaded from (``HFModel.path``): its
+      config.json is written (every field kept; a multimodal Gemma 3: its text model, ``Gemma3ForCausalLM``) and its
+      ``COPIED`` files that exist are copied. Without it, config.json is ``decoder_config_json(config)``.
 
   Returns:
-    {'tensors': {safetensors name: dtype}, 'file_bytes': size of model.safetensors}.
+    {'tensors': {safetensors name: dtype}, 'file_bytes': size of model.safetensors, 'copied': [files from source]}.
 
   Raises:
-    ValueError naming the param or kernel (not a param of ``Llama(config)``, wrong shape, invalid QTensor, grid the
-    format cannot hold) and FileExistsError, before anything is written.
+    ValueError naming the param or kernel (not a param of the model, wrong shape, invalid QTensor, not a projection
+    kernel, grid the format cannot hold), the config field or the source folder, and FileExistsError, before
+    anything is written.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
 
   directory = os.path.abspath(directory)
   if dtype not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
+  decoder = _is_decoder(config)
+  if source is not None and not decoder:
+    raise ValueError('source= needs a DecoderConfig (a model loaded by models.load_hf); a LlamaConfig writes its own '
+                     'config.json')
   if os.path.lexists(directory) and not overwrite:
     raise FileExistsError(f'{directory} exists; pass overwrite=True to replace it')
+  model = _model_name(config)
+  if not decoder:
+    hf_json = hf_config(config, dtype)
+  else:
+    hf_json = decoder_config_json(config) if source is None else _source_config_json(os.fspath(source), config)
+    keys = [k for k in ('torch_dtype', 'dtype') if k in hf_json] or ['torch_dtype']
+    hf_json.update({k: dtype for k in keys})
   names = hf_names(config)
-  shapes = {k: tuple(v.shape) for k, v in treepath.flatten(jax.eval_shape(lambda: llama.make_llama(config)[1])).items()}
-  assert set(shapes) == set(names), 'hf_names out of step with models.llama'
+  shapes = _param_shapes(config)
+  assert set(shapes) == set(names), f'hf_names out of step with {model}'
   flat = treepath.flatten_params(params, f'save_compressed_tensors {directory}')
   for path in sorted(set(flat) | set(shapes)):
     if path not in flat:
       raise ValueError(f'params lack {path} (HF {names[path]})')
     if path not in shapes:
-      raise ValueError(f'params hold {path}, which is not a param of Llama(config)')
+      raise ValueError(f'params hold {path}, which is not a param of {model}')
     if tuple(np.shape(flat[path])) != shapes[path]:
-      raise ValueError(f'param {path} has shape {np.shape(flat[path])}, Llama(config) expects {shapes[path]}')
+      raise ValueError(f'param {path} has shape {np.shape(flat[path])}, {model} expects {shapes[path]}')
   kernels = {p for p in names if p.endswith('/kernel')}
   unknown = sorted(set(qtensors) - kernels)
   if unknown:
-    raise ValueError(f'qtensors name {unknown[0]!r}, which is not a projection kernel of Llama(config)')
+    why = (f'HF {names[unknown[0]]}: compressed-tensors quantizes Linear weights only' if unknown[0] in names
+           else 'no such param')
+    raise ValueError(f'qtensors name {unknown[0]!r}, which is not a projection kernel of {model} ({why})')
+  copied = [f for f in COPIED if source is not None and os.path.isfile(os.path.join(source, f))]
 
   tensors, modules = {}, {}
   for path, hf in names.items():
@@ -200,6 +370,9 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
       qt = qtensor_lib.validate(qtensors[path], f'kernel {path}')
       if qt.shape != shapes[path]:
         raise ValueError(f'kernel {path}: QTensor shape {qt.shape}, the param {shapes[path]}')
+      if qt.axes is not None:
+        raise ValueError(f'kernel {path}: QTensor.axes={qt.axes} (a transposed view); compressed-tensors holds Dense '
+                         'kernels quantized in their (in, out) view')
       check_grid(path, qt, dtype)
       modules[hf] = qt
       tensors.update({f'{hf}.{part}': arr for part, arr in _compress(qt, dtype).items()})
@@ -208,7 +381,6 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
       if path in kernels:
         hf, value = f'{hf}.weight', value.T
       tensors[hf] = np.ascontiguousarray(_cast(value, dtype))
-  hf_json = hf_config(config, dtype)
   if modules:
     hf_json['quantization_config'] = quantization_config(modules, [names[p] for p in names if p in kernels])
 
@@ -218,7 +390,9 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
     save_file(tensors, os.path.join(tmp, 'model.safetensors'), metadata={'format': 'pt'})
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       json.dump(hf_json, f, indent=2, sort_keys=True)
+    for file in copied:
+      shutil.copyfile(os.path.join(source, file), os.path.join(tmp, file))
 
   integrity.write_in_place(directory, write)
   return {'tensors': {n: str(t.dtype) for n, t in tensors.items()},
-          'file_bytes': os.path.getsize(os.path.join(directory, 'model.safetensors'))}
+          'file_bytes': os.path.getsize(os.path.join(directory, 'model.safetensors')), 'copied': copied}
