@@ -195,7 +195,8 @@ def decoder_config_json(config) -> dict:
     out['max_window_layers'] = types.index(decoder.SLIDING) if decoder.SLIDING in types else c.num_layers
   if gemma:
     out['rope_local_base_freq'] = float((c.rope_local or c.rope).base)
-    out['query_pre_attn_scalar'] = float(_same_model(c).query_pre_attn_scalar)
+    scalar = _same_model(c).query_pre_attn_scalar   # an int where it is one: transformers 5 types it int
+    out['query_pre_attn_scalar'] = int(scalar) if scalar.is_integer() else scalar
   try:
     diff = _differ(c, hf.decoder_config(out))
   except ValueError as e:
