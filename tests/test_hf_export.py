@@ -34,9 +34,19 @@ def models():
   return {family: load_hf(os.path.join(FIXTURES, family)) for family in FAMILIES}
 
 
+_QTENSORS = {}   # the tests share each (fixture, spec, lm_head) quantization: computing one is most of their time
+
+
 def _qtensors(model, spec, lm_head=False):
   """Every projection kernel (and an untied lm_head with ``lm_head``) on ``spec``'s grid: FlexRound with perturbed
-  divisors, codes RTN would not give."""
+  divisors, codes RTN would not give (a new dict; the QTensors are shared)."""
+  key = model.path, spec, lm_head
+  if key not in _QTENSORS:
+    _QTENSORS[key] = _quantize(model, spec, lm_head)
+  return dict(_QTENSORS[key])
+
+
+def _quantize(model, spec, lm_head):
   out = {}
   for i, (name, kernel) in enumerate(sorted(treepath.flatten(model.params).items())):
     if not name.endswith('/kernel') or (name == 'lm_head/kernel' and not lm_head):
