@@ -163,6 +163,20 @@ def test_a_config_json_from_the_decoder_config_alone(models, tmp_path, family):
   assert sorted(os.listdir(tmp_path / 'q')) == ['config.json', 'model.safetensors']
 
 
+def test_hand_made_decoder_configs_read_back():
+  """DecoderConfigs not from a file: the tests' default, Mistral without a window, Gemma without an attention scalar
+  (head_dim ** -0.5, written as query_pre_attn_scalar=head_dim), a Llama with biases."""
+  import dataclasses
+  from flexround_jax.models import decoder
+  gemma = hf.decoder_config(json.load(open(os.path.join(FIXTURES, 'gemma3', 'config.json'))))
+  for config in (decoder.DecoderConfig(), decoder.DecoderConfig(model_type='mistral'),
+                 dataclasses.replace(gemma, query_pre_attn_scalar=None),
+                 decoder.DecoderConfig(qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=False)):
+    written = ct.decoder_config_json(config)
+    assert not ct._differ(config, hf.decoder_config(written)), config  # pylint: disable=protected-access
+  assert ct.decoder_config_json(dataclasses.replace(gemma, query_pre_attn_scalar=None))['query_pre_attn_scalar'] == 24
+
+
 def test_untied_lm_head_can_be_quantized(models, tmp_path):
   model = models['llama']
   qts = _qtensors(model, G8, lm_head=True)

@@ -13,11 +13,12 @@ copied (``COPIED``). The layout below is the same for both kinds.
 The folder is what compressed-tensors 0.20 itself writes (``ModelCompressor.compress_model`` + ``save_pretrained`` +
 ``update_config``, as llm-compressor saves weight-only int models) for the same codes and grids, tensor for tensor:
   config.json        HF ``LlamaForCausalLM`` config (legacy keys ``rope_theta`` / ``torch_dtype``, read by
-                     transformers 4 and 5 and vLLM; a ``DecoderConfig``: see above) with ``quantization_config``: quant_method 'compressed-tensors',
-                     format 'pack-quantized', status 'compressed', one config group per distinct grid (bits,
-                     granularity, group_size, symmetric), targets ['Linear'] for a single grid, else the module
-                     names; ignore: the projections without a QTensor, then 'lm_head' (tied to the embedding, or
-                     left dense; an untied ``lm_head/kernel`` with a QTensor is quantized like a projection).
+                     transformers 4 and 5 and vLLM; a ``DecoderConfig``: see above) with ``quantization_config``:
+                     quant_method 'compressed-tensors', format 'pack-quantized', status 'compressed', one config
+                     group per distinct grid (bits, granularity, group_size, symmetric), targets ['Linear'] for a
+                     single grid, else the module names; ignore: the projections without a QTensor, then
+                     'lm_head' (tied to the embedding, or left dense; an untied ``lm_head/kernel`` with a QTensor
+                     is quantized like a projection).
   model.safetensors  HF names and layout: weight (out, in) = Flax kernel.T (q/k rows in rotate-half order, as ours).
     <module>.weight_packed      int32 (out, ceil(in * b / 32)): each row a little-endian bit stream in 32-bit words,
                                 value j at bits [j b, (j + 1) b); value = code + 2**(b-1) (symmetric) or the uint
@@ -37,11 +38,12 @@ exact in the dtype times an integer |q - zp| < 2**8 is exact in float32).
 Refused with a ValueError naming the kernel, before anything is written: per-group grids whose group size does not
 divide the kernel's inputs (the format has no shorter last group), scales ``dtype`` cannot hold
 (``spec.scale_dtype`` must equal ``dtype`` unless ``dtype='float32'``), QTensors of a transposed view (``axes``) and
-QTensors of params that are no projection kernel (embeddings, norms, biases, names the family map does not know). Readers differ in what they take:
-compressed-tensors decompresses 2..8 bits and all three granularities; transformers 5 (``from_pretrained``) loads
-asymmetric per-group / per-channel grids only with ``CompressedTensorsConfig(dequantize=True)`` and one config group
-(compressed-tensors 0.20 shapes their zero points unpacked on the meta model); vLLM's WNA16 kernels take 4 and 8
-bits, per-channel or per-group grids, one grid for q/k/v and one for gate/up.
+QTensors of params that are no projection kernel (embeddings, norms, biases, names the family map does not know).
+Readers differ in what they take: compressed-tensors decompresses 2..8 bits and all three granularities;
+transformers 5 (``from_pretrained``) loads asymmetric per-group / per-channel grids only with
+``CompressedTensorsConfig(dequantize=True)`` and one config group (compressed-tensors 0.20 shapes their zero points
+unpacked on the meta model); vLLM's WNA16 kernels take 4 and 8 bits, per-channel or per-group grids, one grid for
+q/k/v and one for gate/up.
 """
 
 from __future__ import annotations
@@ -334,6 +336,7 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
   if dtype not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
   decoder = _is_decoder(config)
+  source = None if source is None else os.fspath(source)
   if source is not None and not decoder:
     raise ValueError('source= needs a DecoderConfig (a model loaded by models.load_hf); a LlamaConfig writes its own '
                      'config.json')
@@ -343,7 +346,7 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
   if not decoder:
     hf_json = hf_config(config, dtype)
   else:
-    hf_json = decoder_config_json(config) if source is None else _source_config_json(os.fspath(source), config)
+    hf_json = decoder_config_json(config) if source is None else _source_config_json(source, config)
     keys = [k for k in ('torch_dtype', 'dtype') if k in hf_json] or ['torch_dtype']
     hf_json.update({k: dtype for k in keys})
   names = hf_names(config)
