@@ -233,6 +233,8 @@ def test_unexpressible_params_and_configs_are_named(models, tmp_path):
   with pytest.raises(ValueError, match=f'source {models["qwen3"].path}: its config.json describes another model '
                                        'than config .*head_dim: 16 here, 24 there'):
     ct.save_compressed_tensors(out, params, good, config, source=models['qwen3'].path)
+  with pytest.raises(ValueError, match='is the source folder; write the export to another folder'):
+    ct.save_compressed_tensors(model.path, params, good, config, source=model.path, overwrite=True)
   with pytest.raises(ValueError, match='has no config.json'):
     ct.save_compressed_tensors(out, params, good, config, source=str(tmp_path))
   from flexround_jax.models import llama

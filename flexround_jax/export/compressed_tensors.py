@@ -340,6 +340,9 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
   if source is not None and not decoder:
     raise ValueError('source= needs a DecoderConfig (a model loaded by models.load_hf); a LlamaConfig writes its own '
                      'config.json')
+  if source is not None and os.path.abspath(source) == directory:
+    raise ValueError(f'{directory}: is the source folder; write the export to another folder (the params may be '
+                     'memory-mapped from its files)')
   if os.path.lexists(directory) and not overwrite:
     raise FileExistsError(f'{directory} exists; pass overwrite=True to replace it')
   model = _model_name(config)
