@@ -205,7 +205,7 @@ def prepare(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', 
   try:
     _, config = hf.read_config(model)
   except ValueError as e:
-    raise InputError(str(e)) from None
+    raise InputError(f'--model {e}') from None
   weight = preset.fields['weight']
   kernels = {'/'.join(p): s for p, s in hf.param_shapes(config).items() if p[-1] == 'kernel' and p[0] != 'lm_head'}
   if format == 'compressed-tensors' and weight.granularity == 'per_group':
