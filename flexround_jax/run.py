@@ -156,12 +156,13 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
       description='Post-training quantization of JAX/Flax models (FlexRound, LRQ, AdaRound, GPTQ, RTN) from a '
-                  'config file.',
+                  'config file, or of a Hugging Face LLM checkpoint in one command (quantize).',
       epilog='examples:\n'
              '  flexround-jax run configs/toy_mlp.py --workdir work/toy --scheme W4G128 --config.quant.iters=200\n'
              '  flexround-jax dry-run configs/minilm.py --scheme W4A8\n'
              '  flexround-jax presets\n'
-             'run `flexround-jax run --help` for the overrides.')
+             '  flexround-jax quantize --model ckpt/Qwen2.5-0.5B --scheme W4G128 --calib calib.txt --out work/q\n'
+             'run `flexround-jax run --help` for the overrides, `flexround-jax quantize --help` for quantize.')
   commands = parser.add_subparsers(dest='command', metavar='COMMAND')
   for name, text in [('run', 'quantize the model of a config file and write everything to a workdir'),
                      ('dry-run', "check a config and print the engine's plan (units, kernels, bits, memory); no "

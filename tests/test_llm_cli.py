@@ -183,6 +183,16 @@ def test_dry_run_prints_the_plan_and_writes_nothing(files, tmp_path, capsys):
   assert not out.exists()
 
 
+def test_help_and_imports_without_jax():
+  code = ('import sys, flexround_jax.run, flexround_jax.llm; assert "jax" not in sys.modules; '
+          'sys.argv = ["flexround-jax", "quantize", "--help"]; flexround_jax.run.main()')
+  proc = subprocess.run([sys.executable, '-c', code], env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for flag in ('--model', '--scheme', '--method', '--calib', '--n-calib', '--seq-len', '--iters', '--out', '--format',
+               '--eval', '--dry-run'):
+    assert flag in proc.stdout
+
+
 def _error(files, capsys, argv) -> str:
   code = run.main(argv)
   err = capsys.readouterr().err
