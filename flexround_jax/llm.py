@@ -29,7 +29,6 @@ non-overlapping ``seq_len``-token windows (``evals.perplexity.token_windows``); 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -96,14 +95,6 @@ def _positive(name: str, value, minimum: int = 1):
     raise InputError(f'{name} must be an integer >= {minimum}, got {value!r}')
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _text_tokens(path: str, what: str, tokenizer, vocab_size: int):
   """(N,) int32 token ids of a UTF-8 text file, tokenized whole without special tokens."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -162,14 +153,13 @@ def _check_same(out: str, stored: dict, settings: dict) -> None:
 
 
 def prepare(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', method: str = 'flexround',
-            n_calib: int = 128, seq_len: int = 512, iters: int = 250, format: str = 'compressed-tensors',  # pylint: disable=redefined-builtin
+            n_calib: int = 128, seq_len: int = 512, iters: int = 250, format: str = 'compressed-tensors',
             eval_file: str | None = None, eval_windows: int | None = None, rank: int | None = None,
             batch_size: int | None = None, seed: int = 0, dtype: str = 'float32', progress: bool = True,
             dry_run: bool = False) -> Prepared:
   """Checks every input of ``quantize_llm`` (same arguments) without reading a weight; InputError naming the
   first bad one. ``out`` may be None only with ``dry_run``."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flexround_jax import presets  # pylint: disable=g-import-not-at-top
+  from flexround_jax import integrity, presets  # pylint: disable=g-import-not-at-top
   try:
     preset = presets.get(scheme)
   except ValueError as e:
@@ -203,7 +193,7 @@ def prepare(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', 
                       'configs/smollm2.py)' if model.lower().endswith('.gguf') else ''))
   from flexround_jax.models import decoder, hf  # pylint: disable=g-import-not-at-top
   try:
-    _, config = hf.read_config(model)
+    config_json, config = hf.read_config(model)
   except ValueError as e:
     raise InputError(f'--model {e}') from None
   weight = preset.fields['weight']
@@ -216,7 +206,7 @@ def prepare(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', 
                        f'inputs {bad}, and compressed-tensors has no shorter last group; use --format native or a '
                        'per-channel scheme (W4)')
 
-  settings = {'model': model, 'model_config_sha256': _sha256(os.path.join(model, 'config.json')),
+  settings = {'model': model, 'model_config_sha256': integrity.json_sha256(config_json),
               'scheme': preset.name, 'method': method_entry, 'calib': os.path.abspath(calib), 'n_calib': n_calib,
               'seq_len': seq_len, 'iters': iters, 'batch_size': batch_size or min(32, n_calib), 'seed': seed,
               'dtype': dtype}
@@ -239,7 +229,7 @@ def prepare(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', 
     windows = perplexity.token_windows(eval_ids, seq_len)[:eval_windows]
     if not len(windows):
       raise InputError(f'--eval {eval_file}: {eval_ids.size} tokens, less than one window of --seq-len {seq_len}')
-  settings['calib_sha256'] = hashlib.sha256(np.ascontiguousarray(calib_windows).tobytes()).hexdigest()
+  settings['calib_sha256'] = integrity.array_digest(calib_windows)['sha256']   # the tokens: text and tokenizer
   if stored is not None:
     _check_same(out, stored, json.loads(json.dumps(settings)))   # as stored: JSON lists and numbers
 
@@ -259,7 +249,7 @@ def prepare(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', 
 
 
 def quantize_llm(model: str, out: str | None, *, calib: str, scheme: str = 'W4G128', method: str = 'flexround',
-                 n_calib: int = 128, seq_len: int = 512, iters: int = 250, format: str = 'compressed-tensors',  # pylint: disable=redefined-builtin
+                 n_calib: int = 128, seq_len: int = 512, iters: int = 250, format: str = 'compressed-tensors',
                  eval_file: str | None = None, eval_windows: int | None = None, rank: int | None = None,
                  batch_size: int | None = None, seed: int = 0, dtype: str = 'float32', progress: bool = True,
                  dry_run: bool = False) -> dict:

@@ -1,8 +1,8 @@
-"""``flexround-jax quantize`` (``llm.quantize_llm``) on a tiny Hugging Face fixture checkpoint: end to end (results.json,
-the compressed-tensors export read back to the perplexity the run reported), a run SIGKILLed after its first block
-and rerun (it resumes and exports exactly what an uninterrupted run exports), the native export round trip,
-``--dry-run`` (plan and memory, nothing written) and the one-line errors for bad input, given before any weight is
-read."""
+"""``flexround-jax quantize`` (``llm.quantize_llm``) on a tiny Hugging Face fixture checkpoint: end to end
+(results.json, the compressed-tensors export read back to the perplexity the run reported), a run SIGKILLed after
+its first block and rerun (it resumes and exports exactly what an uninterrupted run exports), the native export
+round trip, ``--dry-run`` (plan and memory, nothing written) and the one-line errors for bad input, given before any
+weight is read."""
 
 import json
 import os
