@@ -3,6 +3,8 @@
   flexround-jax run CONFIG --workdir DIR [--scheme NAME] [--config.FIELD=VALUE ...]
   flexround-jax dry-run CONFIG [--workdir DIR] [--scheme NAME] [--config.FIELD=VALUE ...]
   flexround-jax presets
+  flexround-jax quantize --model DIR --calib FILE.txt --out DIR [--scheme W4G128] [--method flexround]
+      [--n-calib 128] [--seq-len 512] [--iters 250] [--format compressed-tensors] [--eval FILE.txt] [--dry-run]
   python -m flexround_jax.run --config CONFIG --workdir DIR [...]     (the same as ``run``)
 
 ``run`` reads an ml_collections config file (``get_config()``, built on ``config_base.base_config()``), applies the
@@ -14,6 +16,13 @@ writes to the workdir:
   quantized/ (Orbax: the dequantized params and every QTensor's codes, scale and zero point),
   checkpoints/ (per-block progress; a rerun with the same workdir resumes).
 ``dry-run`` makes the task and prints the engine's plan (units, kernels, bits, methods, memory) without quantizing.
+``quantize`` quantizes a Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3) calibrated on a text
+file, with no config file (``llm.quantize_llm``): it checks every input before reading a weight, shows progress bars,
+and writes to --out quantize.json (the settings), checkpoints/ (a rerun of the same command resumes after the last
+finished block; other settings are refused), results.json (per-block report, wall times, perplexity of the float and
+quantized model on --eval) and the export (model/ in compressed-tensors format, or model.safetensors with --format
+native). ``quantize --dry-run`` prints the plan and the memory and writes nothing. Bad input is one line on stderr and
+exit code 2; a failure after loading (a checkpoint of other weights, an export the format cannot hold) exit code 1.
 
 Importing this module does not import JAX (the command sets up one XLA device per CPU core first).
 """
@@ -29,7 +38,7 @@ import time
 from flexround_jax import cpu
 
 PROG = 'flexround-jax'
-COMMANDS = ('run', 'dry-run', 'presets')
+COMMANDS = ('run', 'dry-run', 'presets', 'quantize')
 
 
 def quant_config(q, workdir: str | None):
@@ -147,12 +156,13 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog=PROG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
       description='Post-training quantization of JAX/Flax models (FlexRound, LRQ, AdaRound, GPTQ, RTN) from a '
-                  'config file.',
+                  'config file, or of a Hugging Face LLM checkpoint in one command (quantize).',
       epilog='examples:\n'
              '  flexround-jax run configs/toy_mlp.py --workdir work/toy --scheme W4G128 --config.quant.iters=200\n'
              '  flexround-jax dry-run configs/minilm.py --scheme W4A8\n'
              '  flexround-jax presets\n'
-             'run `flexround-jax run --help` for the overrides.')
+             '  flexround-jax quantize --model ckpt/Qwen2.5-0.5B --scheme W4G128 --calib calib.txt --out work/q\n'
+             'run `flexround-jax run --help` for the overrides, `flexround-jax quantize --help` for quantize.')
   commands = parser.add_subparsers(dest='command', metavar='COMMAND')
   for name, text in [('run', 'quantize the model of a config file and write everything to a workdir'),
                      ('dry-run', "check a config and print the engine's plan (units, kernels, bits, memory); no "
@@ -168,7 +178,73 @@ def _parser() -> argparse.ArgumentParser:
                      help='a preset (W4, W4G128, W3G128, W8A8, W4A8, GGUF-Q4_0; see `flexround-jax presets`), '
                           'applied to config.quant before the --config.* overrides')
   commands.add_parser('presets', help='list the presets that --scheme and fr.preset() take')
+  _quantize_parser(commands)
   return parser
+
+
+def _quantize_parser(commands) -> None:
+  text = 'quantize a Hugging Face checkpoint folder calibrated on a text file, and export it (no config file)'
+  sub = commands.add_parser(
+      'quantize', help=text, description=text, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='example:\n  flexround-jax quantize --model ckpt/Qwen2.5-0.5B --scheme W4G128 --method flexround '
+             '--calib calib.txt \\\n      --n-calib 128 --seq-len 512 --iters 250 --out work/qwen-w4g128 '
+             '--eval eval.txt\nrerun the same command after a crash: it resumes after the last finished block.')
+  sub.add_argument('--model', required=True, metavar='DIR',
+                   help='checkpoint folder: config.json, model.safetensors (or shards + index), tokenizer.json')
+  sub.add_argument('--calib', required=True, metavar='FILE', help='UTF-8 calibration text')
+  sub.add_argument('--out', metavar='DIR', help='folder for settings, checkpoints, results.json and the export: new, '
+                   'empty, or a run of the same settings (resumed); optional with --dry-run')
+  sub.add_argument('--scheme', default='W4G128', metavar='NAME', help='a preset (W4, W4G128, W3G128, W8A8, W4A8, '
+                   'GGUF-Q4_0; see `flexround-jax presets`); default W4G128')
+  sub.add_argument('--method', default='flexround', metavar='NAME',
+                   help='rtn, adaround, flexround, gptq, lrq, gptq+flexround, gptq+lrq; default flexround')
+  sub.add_argument('--n-calib', type=int, default=128, metavar='N', help='calibration windows (default 128)')
+  sub.add_argument('--seq-len', type=int, default=512, metavar='T', help='tokens per window (default 512)')
+  sub.add_argument('--iters', type=int, default=250, metavar='N', help='optimizer steps per block (default 250)')
+  sub.add_argument('--batch-size', type=int, metavar='N', help='windows per step (default min(32, n-calib))')
+  sub.add_argument('--rank', type=int, metavar='R', help='rank of lrq / gptq+lrq')
+  sub.add_argument('--seed', type=int, default=0, metavar='N', help='default 0')
+  sub.add_argument('--dtype', default='float32', metavar='DTYPE', help='params while quantizing: float32 (default) '
+                   'or bfloat16')
+  sub.add_argument('--format', default='compressed-tensors', metavar='FORMAT',
+                   help='compressed-tensors (default: out/model/, what vLLM loads) or native (out/model.safetensors)')
+  sub.add_argument('--eval', metavar='FILE', help='UTF-8 text: perplexity of the float and the quantized model')
+  sub.add_argument('--eval-windows', type=int, metavar='N', help='score only the first N windows of --eval')
+  sub.add_argument('--dry-run', action='store_true', help="check everything, print the engine's plan and the "
+                   'memory; quantize and write nothing')
+  sub.add_argument('--no-progress', action='store_true', help='no progress bars')
+
+
+def quantize_command(args) -> int:
+  """``flexround-jax quantize``: 0, 2 for bad input (checked before any weight is read), 1 for a failure after."""
+  if 'jax' not in sys.modules:
+    cpu.use_all_cores()   # one XLA device per core, before jax starts
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from flexround_jax import compile_cache, llm  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)   # Orbax logs every file it writes at INFO
+  kwargs = dict(calib=args.calib, scheme=args.scheme, method=args.method, n_calib=args.n_calib,
+                seq_len=args.seq_len, iters=args.iters, format=args.format, eval_file=args.eval,
+                eval_windows=args.eval_windows, rank=args.rank, batch_size=args.batch_size, seed=args.seed,
+                dtype=args.dtype, progress=not args.no_progress, dry_run=args.dry_run)
+  try:
+    job = llm.prepare(args.model, args.out, **kwargs)
+    if not args.dry_run:
+      llm.start(job)
+      compile_cache.enable(os.path.join(job.out, 'jax_cache'))   # a rerun (resume) skips compiles
+    results = llm.run(job)
+  except llm.InputError as e:
+    return _error(str(e))
+  except (ValueError, FileExistsError) as e:   # the loader's, the engine's or the exporter's named error
+    print(f'{PROG}: error: {e}'.replace('\n', ' '), file=sys.stderr)
+    return 1
+  if args.dry_run:
+    return 0
+  summary = {k: results[k] for k in ('perplexity', 'quantize_wall_s', 'resumed_units', 'kernels')}
+  print(json.dumps({'scheme': results['settings']['scheme'], 'method': results['settings']['method']['name'],
+                    **summary}, indent=2, default=float))
+  print(f'wrote {results["export"]["path"]} ({results["format"]}) and '
+        f'{os.path.join(os.path.abspath(args.out), "results.json")}')
+  return 0
 
 
 def split_overrides(argv: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -218,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
   if rest[0] not in COMMANDS and rest[0] not in ('-h', '--help'):
     rest = ['run'] + rest   # python -m flexround_jax.run --config CONFIG --workdir DIR
   args = parser.parse_args(rest)
+  if args.command == 'quantize':
+    if overrides:
+      return _error('quantize takes no --config.* overrides')
+    return quantize_command(args)
   if args.command == 'presets':
     if overrides:
       return _error('presets takes no --config.* overrides')
