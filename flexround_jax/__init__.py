@@ -20,7 +20,7 @@ _PUBLIC = {
     'preset': 'flexround_jax.presets',
     'quantize': 'flexround_jax.engine',
 }
-_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'methods', 'plots', 'presets', 'quantizers', 'run',
+_SUBMODULES = ('compile_cache', 'cpu', 'engine', 'export', 'llm', 'methods', 'plots', 'presets', 'quantizers', 'run',
                'tasks', 'weights')
 
 __all__ = sorted(_PUBLIC) + ['cpu', 'methods', 'presets', 'quantizers', 'weights']
