@@ -30,4 +30,5 @@ from flexround_jax.export.qwix import qwix_rules
 from flexround_jax.export.qwix import to_qwix_params
 
 __all__ = ['FORMAT', 'FORMAT_1', 'Loaded', 'load_activations', 'load_orbax', 'load_safetensors', 'ptq_model',
-           'qwix_rules', 'save_compressed_tensors', 'save_gguf', 'save_hf', 'save_orbax', 'save_safetensors', 'to_qwix_params']
+           'qwix_rules', 'save_compressed_tensors', 'save_gguf', 'save_hf', 'save_orbax', 'save_safetensors',
+           'to_qwix_params']

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp: a decoder loaded from GGUF (``models.gguf``), written back with its quantized kernels as Q4_0 / Q8_0.
+"""GGUF export for llama.cpp: a decoder loaded from GGUF (``models.gguf``), written back with its quantized kernels
+as Q4_0 / Q8_0.
 
 llama.cpp's Q4_0 and Q8_0 blocks are symmetric grids of 32 consecutive input weights with one float16 step ``d``:
 Q4_0 stores ``q = code + 8`` in [0, 15] (x = d * (q - 8)), Q8_0 the int8 code (x = d * code). A QTensor with

@@ -380,7 +380,7 @@ def read_gguf(path: str, dtype='float32'):
   names = gguf_layout(shapes, config, path, meta['general.architecture'])
   tensors = {t.name: t for t in reader.tensors}
   dtype = np.dtype(dtype)
-  flat = {param: np.asarray(arch.to_param(dequantized(path, tensors[name]), param, config), dtype)
+  flat = {param: np.ascontiguousarray(arch.to_param(dequantized(path, tensors[name]), param, config), dtype)
           for name, param in names.items()}
   return meta, config, traverse_util.unflatten_dict(flat)
 
