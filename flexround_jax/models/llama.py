@@ -15,7 +15,6 @@ bias-free ``nn.Dense`` with kernel (in, out). A block is called with the hidden 
 (B, T, d)``: causal mask and positions ``arange(T)`` are built inside, so the quantization engine can select blocks
 with ``BLOCK_REGEX`` and re-apply one on its recorded input. RoPE is HF's rotate-half form; the llama.cpp row
 permutation of the GGUF q/k matrices is undone at load time (``unpermute_qk``).
-
 """
 
 from __future__ import annotations
@@ -196,10 +195,10 @@ def decoder_config(config: LlamaConfig) -> DecoderConfig:
 def llama_config(config: DecoderConfig, meta: dict | None = None, path: str = '<gguf>') -> LlamaConfig:
   """The ``LlamaConfig`` of a plain Llama ``DecoderConfig`` (token ids and context length from GGUF ``meta``);
   ValueError naming the file if ``Llama`` cannot compute it (an untied LM head, biases, sliding windows, ...)."""
-  if config != decoder_config(llama := LlamaConfig(
-      vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_layers, n_heads=config.num_heads,
-      n_kv_heads=config.num_kv_heads, head_dim=config.head_dim, ffn_dim=config.intermediate_size,
-      rope_base=config.rope.base, norm_eps=config.norm_eps)):
+  llama = LlamaConfig(vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_layers,
+                      n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                      ffn_dim=config.intermediate_size, rope_base=config.rope.base, norm_eps=config.norm_eps)
+  if config != decoder_config(llama):
     untied = '' if config.tie_embeddings else ' (an untied output.weight; this Llama ties the LM head to token_embd)'
     raise ValueError(f'{path}: not a model the Llama module computes{untied}: {config}; use models.gguf.load_gguf '
                      '(the Decoder)')
