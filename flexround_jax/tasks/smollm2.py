@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct (Llama architecture, from its Q4_1 GGUF file) as a quantization task.
+"""SmolLM2-135M-Instruct (Llama architecture, from its Q4_1 GGUF file, as ``models.decoder.Decoder``) as a
+quantization task.
 
 The GGUF weights are already on a 4-bit grid (Q4_1, groups of 32): the dequantized model is this task's float
 baseline, and every result says so. Calibration: ``n_calib`` non-overlapping ``calib_len``-token windows of the
@@ -9,20 +10,21 @@ Blocks: the 30 decoder layers (q, k, v, o, gate, up, down kernels); embeddings (
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from flexround_jax.evals import perplexity
-from flexround_jax.models import llama
+from flexround_jax.models import gguf
 from flexround_jax.tasks import Task
 
 
 def make(args) -> Task:
   n_calib, calib_len = args.get('n_calib', 128), args.get('calib_len', 512)
   max_windows = args.get('max_windows', None)
-  module, params, tokenizer, _ = llama.load_smollm2()
-  calib = perplexity.calibration_tokens(n_calib, calib_len, tokenizer)
-  windows = perplexity.evaluation_windows(tokenizer)
-
-  def apply_fn(p, tokens):
-    return module.apply({'params': p}, tokens)
+  model = gguf.load_smollm2()
+  params, apply_fn = jax.tree.map(jnp.asarray, model.params), model.apply_fn
+  calib = perplexity.calibration_tokens(n_calib, calib_len, model.tokenizer)
+  windows = perplexity.evaluation_windows(model.tokenizer)
 
   def evaluate(p, forward=None) -> dict:
     return perplexity.perplexity(forward or apply_fn, p, windows, batch_size=args.get('eval_batch', 4), max_windows=max_windows)
