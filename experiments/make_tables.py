@@ -343,7 +343,8 @@ def stream_hf_table() -> str:
   gb = lambda n: f'{n / 1e9:.2f} GB'
   lines = [f"Host: {h['cpu_model']}, {h['cpu_count']} cores ({', '.join(h['cpu_flags']) or 'no bf16 flags'}); model: "
            f"{m['architectures'][0]}, {m['num_hidden_layers']} layers, width {m['hidden_size']}, SwiGLU "
-           f"{m['intermediate_size']}, vocab {m['vocab_size']}, tied embeddings, {b['layout']} "
+           f"{m['intermediate_size']}, vocab {m['vocab_size']}, {'tied' if m['tie_word_embeddings'] else 'untied'} embeddings, "
+           f"{b['layout']} "
            f"({b['bytes_on_disk'] / 1e9:.1f} GB); calibration {b['calibration']}, batch {b['batch_size']}; "
            f"{b['scheme']}, {b['iters']} steps, spill_dir.", '',
            '| phase | wall | peak RSS (VmHWM) | peak anonymous memory (sampled) | under 8 GB |', '|---|---|---|---|---|']
