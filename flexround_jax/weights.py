@@ -187,7 +187,6 @@ def load_params(path: str, mmap: bool = True) -> dict:
     raise ValueError(f'{path}: tensor names overlap as tree paths (one is the prefix of another)') from e
 
 
-
 def release_pages(tree) -> None:
   """Drops the pages of the read-only memory-mapped leaves of ``tree`` (``load_params``' maps, and views of them
   such as a transpose) from this process's resident memory (``madvise(MADV_DONTNEED)``). The file's pages stay in
