@@ -335,10 +335,43 @@ def stream_table() -> str:
   return '\n'.join(lines)
 
 
+def stream_hf_table() -> str:
+  """benchmarks/results/stream_7b_hf_cpu.json: the 7B shape as a Hugging Face folder of bfloat16 shards, loaded with
+  ``load_hf(stream=True)``, per phase, against issue 33's 8 GB peak RSS."""
+  b = json.load(open(os.path.join(BENCH, 'stream_7b_hf_cpu.json')))
+  m, h = b['model'], b['host']
+  gb = lambda n: f'{n / 1e9:.2f} GB'
+  lines = [f"Host: {h['cpu_model']}, {h['cpu_count']} cores ({', '.join(h['cpu_flags']) or 'no bf16 flags'}); model: "
+           f"{m['architectures'][0]}, {m['num_hidden_layers']} layers, width {m['hidden_size']}, SwiGLU "
+           f"{m['intermediate_size']}, vocab {m['vocab_size']}, {'tied' if m['tie_word_embeddings'] else 'untied'} embeddings, "
+           f"{b['layout']} "
+           f"({b['bytes_on_disk'] / 1e9:.1f} GB); calibration {b['calibration']}, batch {b['batch_size']}; "
+           f"{b['scheme']}, {b['iters']} steps, spill_dir.", '',
+           '| phase | wall | peak RSS (VmHWM) | peak anonymous memory (sampled) | under 8 GB |', '|---|---|---|---|---|']
+  names = {'build': 'write the folder, one tensor at a time',
+           'dry': '`load_hf(DIR, stream=True)` and dry run (plan of 32 units)',
+           'layer_before_engine_release': 'quantize layers_0, before the engine dropped mapped pages',
+           'layer': 'quantize layers_0', 'layer_fused_grad': 'quantize layers_0 with `flexround(fused_grad=True)`'}
+  for phase, name in names.items():
+    if phase in b:
+      r = b[phase]
+      lines.append(f"| {name} | {r['wall_s']:.0f} s | {gb(r['peak_rss_bytes'])} | "
+                   f"{gb(r['peak_anon_mb_sampled'] * 2**20)} | {'yes' if r['under_8gb'] else '**no**'} |")
+  layers = [(n, b[n]) for n in ('layer', 'layer_fused_grad', 'layer_before_engine_release') if n in b]
+  if layers:
+    r = layers[0][1]
+    lines += ['', f"Training state of one layer per device: planned {r['peak_state_bytes_planned'] / 2**30:.2f} GiB "
+                  f"(dry run), measured {r['state_bytes_per_device'] / 2**30:.2f} GiB (report); block loss of "
+                  f"layers_0: RTN {r['loss_rtn']:.1f}, after FlexRound " +
+                  ', '.join(f"{x['loss_final']:.1f} ({names[n].replace('quantize layers_0', '').strip(', ') or 'default'})"
+                            for n, x in layers) + '.']
+  return '\n'.join(lines)
+
+
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
           'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,
-          'stream': stream_table}
+          'stream': stream_table, 'stream_hf': stream_hf_table}
 PLOTS = {   # docs/assets/<name>_vs_bits.png: (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
     'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),

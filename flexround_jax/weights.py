@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import mmap as mmap_lib
 import os
 import struct
 from typing import Iterable
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -184,3 +186,17 @@ def load_params(path: str, mmap: bool = True) -> dict:
   except (AttributeError, TypeError) as e:   # 'a/b' and 'a/b/c' both present
     raise ValueError(f'{path}: tensor names overlap as tree paths (one is the prefix of another)') from e
 
+
+def release_pages(tree) -> None:
+  """Drops the pages of the read-only memory-mapped leaves of ``tree`` (``load_params``' maps, and views of them
+  such as a transpose) from this process's resident memory (``madvise(MADV_DONTNEED)``). The file's pages stay in
+  the page cache, so the next read of a leaf refaults them from memory (from disk once the kernel has evicted them):
+  values never change, but what a pass over a model larger than RAM has read stops counting in its RSS. Any other
+  leaf (host or device arrays, writable or copy-on-write maps) is left alone; a no-op where madvise is missing."""
+  dontneed = getattr(mmap_lib, 'MADV_DONTNEED', None)
+  if dontneed is None:
+    return
+  for leaf in jax.tree.leaves(tree):
+    mapped = getattr(leaf, '_mmap', None) if isinstance(leaf, np.memmap) else None
+    if mapped is not None and leaf.mode == 'r' and not mapped.closed:
+      mapped.madvise(dontneed)

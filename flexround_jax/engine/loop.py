@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .. import treepath
+from .. import treepath, weights
 from . import activations, graph
 from . import unit as unit_lib
 from . import plan as plan_lib
@@ -252,6 +252,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     if x_q is None:
       x_q = unit_inputs(unit, tree_q, quantized=True)
       x_fp = unit_inputs(unit, fp_tree, quantized=False)
+      weights.release_pages((fp_tree, tree_q))   # what the forward read of memory-mapped params (the embedding)
     user_unit = treepath.get_subtree(fp_tree, unit.prefix)
     fp_unit = engine_placed(user_unit)
     y_fp = recon.forward(unit, fp_unit, x_fp)
@@ -266,6 +267,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
     acts.update({m: (unit.acts[i], result.act_states[m]) for i, m in
                  ((i, unit.kernels[i].module) for i in unit.act_paths())})
     q_unit = finish(unit, user_unit, result.qtensors)
+    weights.release_pages((user_unit, q_unit))   # a model larger than RAM: its mapped pages leave with the unit
     release_free_host_memory()
 
     if chain:   # the final loss pass computed the outputs, unless the unit fell back to other kernels

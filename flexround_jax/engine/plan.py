@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import methods as methods_lib
-from .. import treepath
+from .. import treepath, weights
 from . import activations, graph
 from .config import QuantConfig
 from ..quantizers.base import Method
@@ -143,10 +143,17 @@ _HOST_CHUNK = 1 << 22   # elements per pass: a temporary of 8-32 MB whatever the
 
 def host_finite_and_peak(leaf) -> tuple[bool, np.float32]:
   """(every element finite, max |x| in float32) of a host float array, read once in chunks (a contiguous one, as a
-  memory map is, is never copied whole). max |x| is exact: the largest magnitude, cast to float32 as the quantizers
-  compute."""
-  a = np.asarray(leaf)
-  flat = a.reshape(-1)
+  memory map is, is never copied whole; a read-only map's pages are then dropped from the resident set,
+  ``weights.release_pages``, so checking a model larger than RAM does not hold it). max |x| is exact: the largest
+  magnitude, cast to float32 as the quantizers compute."""
+  try:
+    return _host_finite_and_peak(np.asarray(leaf))
+  finally:
+    weights.release_pages(leaf)
+
+
+def _host_finite_and_peak(a: np.ndarray) -> tuple[bool, np.float32]:
+  flat = a.ravel(order='K')   # memory order: a view of a transposed map too (load_hf's kernels), not a copy
   bits = _IEEE.get(a.dtype)
   finite, peak = True, np.float32(0)
   if bits is not None:

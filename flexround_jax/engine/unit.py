@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import treepath
+from .. import treepath, weights
 from . import activations, graph
 from .activations import ActivationStore, Placement
 from .config import QuantConfig
@@ -455,6 +455,7 @@ class UnitReconstructor:
       trainable, frozen = (trainable, a_train), (frozen, a_frozen)
     (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
     trainable, frozen, unit_params = self.placement.state((trainable, frozen, fp_unit))
+    weights.release_pages(fp_unit)   # memory-mapped params: their placed copy is what the steps read
     opt_state = self.placement.state(opt.init(trainable))
     self.state_bytes = self.placement.bytes_per_device((trainable, frozen, unit_params, opt_state))
     sampler = activations.Sampler(self.n, cfg.batch_size, cfg.sample_shards, cfg.seed, unit.index)

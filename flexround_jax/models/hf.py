@@ -15,6 +15,7 @@ import os
 from typing import Any, Callable
 
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -271,7 +272,7 @@ def _shard_files(path: str) -> list[str]:
   return [single]
 
 
-def load_hf(path: str, dtype: Any = 'float32') -> HFModel:
+def load_hf(path: str, dtype: Any = 'float32', *, stream: bool = False) -> HFModel:
   """Loads a Hugging Face checkpoint folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3; see ``ARCHITECTURES``); of a
   multimodal Gemma 3 only the text decoder (its vision tensors are listed in ``HFModel.ignored``).
 
@@ -281,6 +282,17 @@ def load_hf(path: str, dtype: Any = 'float32') -> HFModel:
   has no lm_head.weight). Tensors are memory-mapped; kernels are the transposed views; ``dtype`` (e.g. 'float32',
   'bfloat16') casts each tensor (a copy in memory where the stored dtype differs); ``dtype=None`` keeps every
   tensor as stored, so nothing is read until a computation touches it (the streaming path of ``weights``).
+
+  ``stream=True`` is for checkpoints larger than RAM (a 7B model in bfloat16 is 13 GB, 27 GB in float32): every
+  tensor stays memory-mapped as stored, whatever ``dtype``, and ``apply_fn`` computes in ``dtype`` instead (None:
+  the stored dtype). Its embedding lookup is cast to ``dtype``, so each operation promotes the weights it uses
+  where it uses them: one tensor is converted at a time, and the logits equal those of the eager ``dtype`` load
+  (bfloat16 to float32 is exact). After each top-level module (embedding, decoder layer, norm, head) runs
+  eagerly, the pages of its mapped tensors are dropped from the process's resident memory
+  (``weights.release_pages``), so a forward over the whole model holds one layer's pages, not the file's.
+  ``flexround_jax.quantize`` then reads one unit's tensors at a time (``QuantConfig.spill_dir`` for the rest);
+  a unit re-applied alone computes in the dtype of its recorded inputs (``dtype``), with its quantized kernels
+  rounded to the stored dtype, as for any model with bfloat16 params.
   """
   path = os.fspath(path)
   config_json, config = read_config(path)
@@ -314,11 +326,35 @@ def load_hf(path: str, dtype: Any = 'float32') -> HFModel:
       raise ValueError(f'{origin[name][0]}: tensor {origin[name][1]!r} has shape {tuple(w.shape)}, config.json '
                        f'implies {want}')
     w = w.T if param[-1] == 'kernel' else w
-    flat[param] = w if dtype is None or w.dtype == dtype else np.asarray(w, dtype)
+    flat[param] = w if stream or dtype is None or w.dtype == dtype else np.asarray(w, dtype)
   module = decoder_lib.Decoder(config)
-  return HFModel(module=module, apply_fn=lambda params, tokens: module.apply({'params': params}, tokens),
+  if stream:
+    interceptor = _streaming_interceptor(dtype)
+
+    def apply_fn(params, tokens):
+      with nn.intercept_methods(interceptor):
+        return module.apply({'params': params}, tokens)
+  else:
+    apply_fn = lambda params, tokens: module.apply({'params': params}, tokens)
+  return HFModel(module=module, apply_fn=apply_fn,
                  params=traverse_util.unflatten_dict(flat), config=config, tokenizer=_tokenizer(path), path=path,
                  ignored=tuple(sorted(ignored)))
+
+
+def _streaming_interceptor(dtype):
+  """Flax method interceptor of ``load_hf(stream=True)``'s forward: casts the embedding lookup to ``dtype`` (None:
+  unchanged) and, after each method of a top-level module, drops the pages of its memory-mapped params from the
+  resident set (eager calls; under a trace the params are tracers and nothing is released)."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if dtype is not None and context.method_name == '__call__' and isinstance(module, nn.Embed):
+      out = out.astype(dtype)
+    if len(module.path) == 1:   # embed_tokens, layers_<i>, norm, lm_head
+      weights.release_pages(module.variables.get('params', {}))
+    return out
+  return interceptor
 
 
 def _tokenizer(path: str):
