@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from .. import treepath
-from . import activations, graph
+from . import activations, graph, precision
 from .activations import ActivationStore, Placement
 from .config import QuantConfig
 from .plan import Unit, relative_module
@@ -170,8 +170,9 @@ def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> 
   return int(total), all(m.init is not None for m in unit.methods)
 
 
-def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
-  """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch.
+def make_train_step(unit: Unit, iters: int, drop_prob: float, compute_dtype: str = 'float32') -> tuple[Callable, Any]:
+  """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch, their matmuls and
+  convolutions (forward and backward) in ``compute_dtype`` (``precision.cast_matmuls``; QuantConfig.compute_dtype).
 
   ``steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first) -> (trainable, opt_state, losses)``
   runs K = ``len(ys[0])`` steps (K > 1: one ``lax.scan``): step ``k`` trains on the minibatch ``xs[j][k]`` /
@@ -224,7 +225,7 @@ def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable,
     (trainable, opt_state), losses = jax.lax.scan(body, (trainable, opt_state), (k, xs, ys, x0s))
     return trainable, opt_state, losses
 
-  return jax.jit(steps, donate_argnums=(0, 1)), opt
+  return jax.jit(precision.cast_matmuls(steps, compute_dtype), donate_argnums=(0, 1)), opt
 
 
 class Compiled:
@@ -270,9 +271,10 @@ class Compiled:
       return (loss, jax.tree.leaves(out)) if with_outputs else loss
     return self._get(('loss', unit.static_key, with_outputs), lambda: jax.jit(fn))[0]
 
-  def train_step(self, unit: Unit, iters: int, drop_prob: float):
+  def train_step(self, unit: Unit, iters: int, drop_prob: float, compute_dtype: str = 'float32'):
     """((step, optimizer), newly built?)"""
-    return self._get(('train', unit.static_key, iters, drop_prob), lambda: make_train_step(unit, iters, drop_prob))
+    return self._get(('train', unit.static_key, iters, drop_prob, compute_dtype),
+                     lambda: make_train_step(unit, iters, drop_prob, compute_dtype))
 
   def hessian(self, unit: Unit, index: int):
     return self._get(('hessian', unit.static_key, index), lambda: _hessian_fn(unit, index))[0]
@@ -453,7 +455,7 @@ class UnitReconstructor:
     if has_acts:
       a_train, a_frozen = split_acts(unit, act_states)
       trainable, frozen = (trainable, a_train), (frozen, a_frozen)
-    (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
+    (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob), cfg.compute_dtype)
     trainable, frozen, unit_params = self.placement.state((trainable, frozen, fp_unit))
     opt_state = self.placement.state(opt.init(trainable))
     self.state_bytes = self.placement.bytes_per_device((trainable, frozen, unit_params, opt_state))
