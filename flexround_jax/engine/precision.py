@@ -10,6 +10,13 @@ Wrapping a whole training step (``value_and_grad`` and the update) casts the bac
 reaches the float32 kernel straight through the cast (the cast's transpose is a cast back). Products the code
 asked for at an explicit ``precision`` (``Precision.HIGHEST``: GPTQ's Hessian, LRQ's low-rank scale) stay float32,
 as on TPUs and GPUs, where an explicit precision overrides the default.
+
+On CPU each product is laid out as XLA's fused matmul kernels (oneDNN / YNNPACK) take it, batch x rows x contracted
+times batch x contracted x columns, behind optimization barriers: XLA's CPU runtime multiplies bfloat16 into float32
+only in those kernels, and fails at run time on a product it left elsewhere. Only a float32 product with bfloat16
+operands and ``preferred_element_type=float32`` is fast there: a bfloat16 result (no float32 accumulation) is slower
+than float32, and XLA's CPU backend ignores ``DotAlgorithmPreset.BF16_BF16_F32`` (measured:
+benchmarks/bench_bf16.py).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 DTYPES = ('float32', 'bfloat16')
@@ -65,7 +73,9 @@ def _eval(jaxpr, consts, args, low) -> list:
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
-    if _castable(eqn):
+    if _castable(eqn) and name == 'dot_general' and jax.default_backend() == 'cpu':
+      outvals = _canonical_dot(*[x.astype(low) for x in invals], eqn.params['dimension_numbers'])
+    elif _castable(eqn):
       params = dict(eqn.params, preferred_element_type=jnp.dtype(jnp.float32))
       outvals = eqn.primitive.bind(*[x.astype(low) for x in invals], **params)
     elif name in _INLINE and _INLINE[name] in eqn.params:
@@ -83,6 +93,32 @@ def _eval(jaxpr, consts, args, low) -> list:
       if not isinstance(v, jcore.DropVar):
         env[v] = x
   return [read(v) for v in jaxpr.outvars]
+
+
+def _canonical_dot(lhs, rhs, dimension_numbers):
+  """``dot_general(lhs, rhs, dimension_numbers)`` with float32 accumulation and output, its operands laid out as
+  (batch, rows, contracted) and (batch, contracted, columns): XLA's CPU runtime multiplies bfloat16 into float32
+  only in its fused matmul kernels, which take that layout; a product left in another one fails at run time
+  ('Unsupported element type for DotThunk'). Same result and output layout as the plain ``dot_general``."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  lf = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+  rf = [d for d in range(rhs.ndim) if d not in rc and d not in rb]
+  size = lambda x, dims: int(np.prod([x.shape[d] for d in dims], dtype=np.int64))
+  b, m, k, n = size(lhs, lb), size(lhs, lf), size(lhs, lc), size(rhs, rf)
+  a = _laid_out(lhs, (*lb, *lf, *lc), (b, m, k))
+  c = _laid_out(rhs, (*rb, *rc, *rf), (b, k, n))
+  out = jax.lax.dot_general(a, c, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+  out = jax.lax.optimization_barrier(out)   # nor may it fold a transpose of the result into the product
+  shape = [lhs.shape[d] for d in lb] + [lhs.shape[d] for d in lf] + [rhs.shape[d] for d in rf]
+  return out.reshape(shape)
+
+
+def _laid_out(x, perm, shape):
+  """``x`` transposed by ``perm`` and reshaped; a real transpose is materialized (an optimization barrier), or XLA
+  folds it back into the product's dimension numbers."""
+  if tuple(perm) != tuple(range(x.ndim)):
+    x = jax.lax.optimization_barrier(jnp.transpose(x, perm))
+  return x.reshape(shape)
 
 
 def _rewrite(value, low):
