@@ -43,6 +43,7 @@ CHANGED = {
     'act_calib_samples': 64,
     'weight_params': (fr.WeightParam(r'block_0/.*', 'w'),),
     'compute_dtype': 'bfloat16',
+    'fallback_samples': 16,
 }
 
 

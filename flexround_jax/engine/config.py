@@ -182,7 +182,7 @@ FINGERPRINTED_ELSEWHERE = {'num_devices': 'the data mesh size'}
 ACTIVATION_FIELDS = ('activation', 'act_calib_samples')
 # Fingerprinted only when set (not at this default): runs that do not use them keep the fingerprints of runs before
 # they existed.
-FINGERPRINTED_WHEN_SET = {'weight_params': [], 'compute_dtype': 'float32'}
+FINGERPRINTED_WHEN_SET = {'weight_params': [], 'compute_dtype': 'float32', 'fallback_samples': None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +241,12 @@ class QuantConfig:
       straight through the cast); quantizer state, optimizer moments, losses and targets stay float32, and the
       passes that measure losses and make the next unit's inputs run in float32, so reported losses compare across
       settings. ``finalize`` and the deployed grid do not change.
+    fallback_samples: the RTN start's (and a closed-form start's) reference loss, and the fall-back comparison with
+      the trained kernels, use this many calibration samples (per process; a fixed subset drawn with ``seed``,
+      recorded in the report) instead of all of them: the RTN pass then costs that fraction of a full pass. The
+      trained kernels' loss on every sample still comes from the pass that makes the next unit's inputs
+      (``loss_final``); the subset losses are reported as ``loss_rtn`` / ``loss_trained_subset``. None: every
+      sample (the behaviour before this field).
   """
 
   method: Any = methods_lib.DEFAULT
@@ -266,6 +272,7 @@ class QuantConfig:
   act_calib_samples: int = 256
   weight_params: tuple = ()
   compute_dtype: str = 'float32'
+  fallback_samples: int | None = None
 
   def __post_init__(self):
     try:
@@ -309,6 +316,10 @@ class QuantConfig:
                        f'model_devices={self.model_devices}')
     if self.compute_dtype not in precision.DTYPES:
       raise ValueError(f'QuantConfig.compute_dtype must be one of {precision.DTYPES}, got {self.compute_dtype!r}')
+    if self.fallback_samples is not None and (isinstance(self.fallback_samples, bool) or
+                                              not isinstance(self.fallback_samples, int) or self.fallback_samples < 1):
+      raise ValueError(f'QuantConfig.fallback_samples must be a positive integer or None (every sample), got '
+                       f'{self.fallback_samples!r}')
     for name in ('dry_run', 'fallback_to_rtn', 'progress', 'keep_states'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'QuantConfig.{name} must be a bool, got {getattr(self, name)!r}')
