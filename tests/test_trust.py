@@ -42,6 +42,8 @@ CHANGED = {
     'activation': fr.quantizers.activation.lsq(4),
     'act_calib_samples': 64,
     'weight_params': (fr.WeightParam(r'block_0/.*', 'w'),),
+    'compute_dtype': 'bfloat16',
+    'fallback_samples': 16,
 }
 
 
@@ -53,7 +55,8 @@ def _fp(config, tree=None, calib=None, digest='model', devices=1):
 
 def test_every_config_field_is_fingerprinted_or_declared_result_neutral():
   fields = {f.name for f in dataclasses.fields(fr.QuantConfig)}
-  fingerprinted = set(fr.QuantConfig(activation='lsq', weight_params=CHANGED['weight_params']).fingerprint_fields())
+  when_set = {k: CHANGED[k] for k in config_lib.FINGERPRINTED_WHEN_SET}
+  fingerprinted = set(fr.QuantConfig(activation='lsq', **when_set).fingerprint_fields())
   elsewhere = set(config_lib.FINGERPRINTED_ELSEWHERE)
   assert fingerprinted | config_lib.RESULT_NEUTRAL | elsewhere == fields
   assert not fingerprinted & config_lib.RESULT_NEUTRAL and not fingerprinted & elsewhere

@@ -7,6 +7,7 @@
   loop.py         quantize(), dequantize_params()
   checkpoint.py   per-unit Orbax checkpoints and the run fingerprint
   graph.py        what the engine sees of a Flax model (calls, kernels, stopping a forward at a module)
+  precision.py    the training step's matmuls and convolutions in bfloat16 with float32 accumulation
 """
 
 from .config import QuantConfig, Rule, WeightParam

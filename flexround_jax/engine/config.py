@@ -14,6 +14,7 @@ import re
 import typing
 from typing import Any, Mapping
 
+from . import precision
 from .. import methods as methods_lib
 from ..quantizers import activation as act_lib
 from ..quantizers.base import Method
@@ -179,8 +180,9 @@ RESULT_NEUTRAL = frozenset({'checkpoint_dir', 'log_dir', 'dry_run', 'progress', 
 FINGERPRINTED_ELSEWHERE = {'num_devices': 'the data mesh size'}
 # Fingerprinted only when some kernel input is quantized (a weight-only run's result cannot depend on them).
 ACTIVATION_FIELDS = ('activation', 'act_calib_samples')
-# Fingerprinted only when set (not empty): runs that do not use them keep the fingerprints of runs before they existed.
-FINGERPRINTED_WHEN_SET = ('weight_params',)
+# Fingerprinted only when set (not at this default): runs that do not use them keep the fingerprints of runs before
+# they existed.
+FINGERPRINTED_WHEN_SET = {'weight_params': [], 'compute_dtype': 'float32', 'fallback_samples': None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +235,18 @@ class QuantConfig:
     act_calib_samples: calibration samples (per process) the static activation grids are searched on.
     weight_params: ``WeightParam``s (or mappings of their fields) naming weights not called 'kernel' to quantize
       too (an einsum module's 'w'), with their input axes. Every 'kernel' param of rank >= 2 is quantized anyway.
+    compute_dtype: precision of the training step's matmuls and convolutions (forward and backward): 'float32', or
+      'bfloat16' (bfloat16 operands, float32 accumulation and outputs, as mixed-precision training;
+      ``engine.precision``). The fake-quant kernel is formed in float32 and cast for the product (the gradient goes
+      straight through the cast); quantizer state, optimizer moments, losses and targets stay float32, and the
+      passes that measure losses and make the next unit's inputs run in float32, so reported losses compare across
+      settings. ``finalize`` and the deployed grid do not change.
+    fallback_samples: the RTN start's (and a closed-form start's) reference loss, and the fall-back comparison with
+      the trained kernels, use this many calibration samples (per process; a fixed subset drawn with ``seed``,
+      recorded in the report) instead of all of them: the RTN pass then costs that fraction of a full pass. The
+      trained kernels' loss on every sample still comes from the pass that makes the next unit's inputs
+      (``loss_final``); the subset losses are reported as ``loss_rtn`` / ``loss_trained_subset``. None: every
+      sample (the behaviour before this field).
   """
 
   method: Any = methods_lib.DEFAULT
@@ -257,6 +271,8 @@ class QuantConfig:
   activation: Any = None
   act_calib_samples: int = 256
   weight_params: tuple = ()
+  compute_dtype: str = 'float32'
+  fallback_samples: int | None = None
 
   def __post_init__(self):
     try:
@@ -298,6 +314,12 @@ class QuantConfig:
     if self.num_devices is not None and self.num_devices % self.model_devices:
       raise ValueError(f'QuantConfig.num_devices={self.num_devices} is not a multiple of '
                        f'model_devices={self.model_devices}')
+    if self.compute_dtype not in precision.DTYPES:
+      raise ValueError(f'QuantConfig.compute_dtype must be one of {precision.DTYPES}, got {self.compute_dtype!r}')
+    if self.fallback_samples is not None and (isinstance(self.fallback_samples, bool) or
+                                              not isinstance(self.fallback_samples, int) or self.fallback_samples < 1):
+      raise ValueError(f'QuantConfig.fallback_samples must be a positive integer or None (every sample), got '
+                       f'{self.fallback_samples!r}')
     for name in ('dry_run', 'fallback_to_rtn', 'progress', 'keep_states'):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f'QuantConfig.{name} must be a bool, got {getattr(self, name)!r}')
@@ -363,8 +385,8 @@ class QuantConfig:
         out.pop(k)
       for rule in out['rules']:
         rule.pop('activation')
-    for k in FINGERPRINTED_WHEN_SET:
-      if not out[k]:
+    for k, default in FINGERPRINTED_WHEN_SET.items():
+      if out[k] == default:
         out.pop(k)
     return out
 

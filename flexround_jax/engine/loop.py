@@ -48,7 +48,10 @@ class QuantizeResult:
       optimizer steps, compilation included when new_train_step), fell_back_to_rtn, loss_curve ([step, mean
       training loss] pairs, one per dispatch of K steps), new_train_step (whether the unit compiled its own step),
       state_bytes_per_device (params, quantizer and optimizer state of the unit on one device while training),
-      method_facts (per kernel, from methods that report, e.g. GPTQ's damping).
+      method_facts (per kernel, from methods that report, e.g. GPTQ's damping). With
+      ``QuantConfig.fallback_samples``: loss_rtn (and loss_start) are on that subset of the samples, as are
+      loss_final_subset and loss_trained_subset (what the fall-back compared), and fallback_subset lists the
+      samples; loss_final and loss_trained stay on every sample.
     resumed_units: how many leading units were restored from ``checkpoint_dir`` instead of run by this call (0: it
       ran them all). Their ``report`` entries, ``seconds`` included, are the earlier process's.
     plan: the units, kernels and sizes, as printed by ``dry_run``.

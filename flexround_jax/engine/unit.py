@@ -3,7 +3,7 @@
 For a unit with cached inputs x_q (quantized model), x_fp (float model) and float targets y_fp
 (``UnitReconstructor.reconstruct``, one method per step):
   1. ``baseline``: the unit's baseline Method (RTN) on every kernel, and its block loss (the start every method is
-     compared with).
+     compared with; with ``QuantConfig.fallback_samples``, on that fixed subset of the samples alone).
   2. ``solve``: kernels whose method solves in closed form (GPTQ) are solved one by one in call order, each from the
      Hessian of its own inputs in the unit whose earlier kernels are already solved ("true sequential");
      ``closed_form_start``: the loss of that start, when the unit trains from it.
@@ -12,7 +12,9 @@ For a unit with cached inputs x_q (quantized model), x_fp (float model) and floa
      its method's optax transformation.
   4. ``candidate``: every kernel is finalized to a QTensor, and ``choose`` picks what the unit keeps: a non-finite
      result never; with ``fallback_to_rtn``, a unit trained from a closed-form start that ends worse than that
-     start keeps the start, and a unit that ends worse than RTN keeps RTN. ``report`` and ``result`` record it.
+     start keeps the start, and a unit that ends worse than RTN keeps RTN (each compared on the same samples). The
+     trained kernels' loss on every sample comes from the pass that writes the unit's outputs (the next unit's
+     inputs). ``report`` and ``result`` record it.
 
 Compiled functions live in a ``Compiled`` cache owned by one ``quantize`` call and keyed by the unit's static
 key, so identical blocks compile once and nothing outlives the call.
@@ -31,7 +33,7 @@ import numpy as np
 import optax
 
 from .. import treepath, weights
-from . import activations, graph
+from . import activations, graph, precision
 from .activations import ActivationStore, Placement
 from .config import QuantConfig
 from .plan import Unit, relative_module
@@ -170,8 +172,9 @@ def state_bytes(unit: Unit, unit_params, iters: int, model_devices: int = 1) -> 
   return int(total), all(m.init is not None for m in unit.methods)
 
 
-def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable, Any]:
-  """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch.
+def make_train_step(unit: Unit, iters: int, drop_prob: float, compute_dtype: str = 'float32') -> tuple[Callable, Any]:
+  """(jitted K-step function, optimizer) for ``unit``: several optax steps per dispatch, their matmuls and
+  convolutions (forward and backward) in ``compute_dtype`` (``precision.cast_matmuls``; QuantConfig.compute_dtype).
 
   ``steps(trainable, opt_state, frozen, unit_params, xs, ys, x0s, key, first) -> (trainable, opt_state, losses)``
   runs K = ``len(ys[0])`` steps (K > 1: one ``lax.scan``): step ``k`` trains on the minibatch ``xs[j][k]`` /
@@ -224,7 +227,7 @@ def make_train_step(unit: Unit, iters: int, drop_prob: float) -> tuple[Callable,
     (trainable, opt_state), losses = jax.lax.scan(body, (trainable, opt_state), (k, xs, ys, x0s))
     return trainable, opt_state, losses
 
-  return jax.jit(steps, donate_argnums=(0, 1)), opt
+  return jax.jit(precision.cast_matmuls(steps, compute_dtype), donate_argnums=(0, 1)), opt
 
 
 class Compiled:
@@ -270,9 +273,10 @@ class Compiled:
       return (loss, jax.tree.leaves(out)) if with_outputs else loss
     return self._get(('loss', unit.static_key, with_outputs), lambda: jax.jit(fn))[0]
 
-  def train_step(self, unit: Unit, iters: int, drop_prob: float):
+  def train_step(self, unit: Unit, iters: int, drop_prob: float, compute_dtype: str = 'float32'):
     """((step, optimizer), newly built?)"""
-    return self._get(('train', unit.static_key, iters, drop_prob), lambda: make_train_step(unit, iters, drop_prob))
+    return self._get(('train', unit.static_key, iters, drop_prob, compute_dtype),
+                     lambda: make_train_step(unit, iters, drop_prob, compute_dtype))
 
   def hessian(self, unit: Unit, index: int):
     return self._get(('hessian', unit.static_key, index), lambda: _hessian_fn(unit, index))[0]
@@ -305,13 +309,20 @@ def _hessian_fn(unit: Unit, index: int):   # the kernel's module must take its i
 @dataclasses.dataclass
 class Candidate:
   """Finalized kernels a unit may keep: per kernel, its method's state and QTensor; the block loss with them and
-  with ``acts`` (per kernel, the activation-quantizer state of its input; None: inputs float); ``non_finite``: the
-  kernels (or 'loss') holding NaN or Inf (``_non_finite``; checked for trained and closed-form candidates)."""
+  with ``acts`` (per kernel, the activation-quantizer state of its input; None: inputs float) on the samples the
+  candidates are compared on (``QuantConfig.fallback_samples``; all by default), and ``loss_all`` on every sample
+  when that was measured (None: not measured, or the same as ``loss``); ``non_finite``: the kernels (or 'loss')
+  holding NaN or Inf (``_non_finite``; checked for trained and closed-form candidates)."""
   states: list
   qts: list
   loss: float
   acts: list | None = None
   non_finite: list[str] = dataclasses.field(default_factory=list)
+  loss_all: float | None = None
+
+  @property
+  def loss_every_sample(self) -> float:
+    return self.loss if self.loss_all is None else self.loss_all
 
 
 @dataclasses.dataclass
@@ -327,6 +338,7 @@ class Outcome:
   new_train_step: bool = False
   seconds_train: float = 0.0
   facts: dict = dataclasses.field(default_factory=dict)
+  subset: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -380,24 +392,29 @@ class UnitReconstructor:
     return states
 
   def eval_loss(self, unit: Unit, fp_unit, qts, x: ActivationStore, y: ActivationStore,
-                outputs: ActivationStore | None = None, act_states=None) -> float:
-    """Mean per-sample block loss over the whole calibration set with the finalized kernels ``qts`` (dequantized
-    in the kernels' dtype, as ``dequantize_params`` does) and the kernel inputs quantized by ``act_states``; with
-    ``outputs``, the unit's outputs go there too (the quantized model's inputs of the next unit, from the same
-    pass)."""
+                outputs: ActivationStore | None = None, act_states=None, samples: np.ndarray | None = None,
+                subset: np.ndarray | None = None):
+    """Mean per-sample block loss over the calibration set (``samples``: only those local samples) with the
+    finalized kernels ``qts`` (dequantized in the kernels' dtype, as ``dequantize_params`` does) and the kernel
+    inputs quantized by ``act_states``; with ``outputs``, the unit's outputs go there too (the quantized model's
+    inputs of the next unit, from the same pass). With ``subset`` (local sample indices), returns (mean over every
+    sample, mean over ``subset``) from the same pass."""
     views = kernel_views(unit, fp_unit)
     params = with_kernels(fp_unit, unit, [qt.dequantize(v.dtype) for qt, v in zip(qts, views)])
     fn = self.compiled.loss_eval(unit, with_outputs=outputs is not None)
-    total = 0.0
-    for start, n_valid, chunk in activations.chunks(list(x.arrays) + list(y.arrays), self.chunk):
+    arrays = list(x.arrays) + list(y.arrays)
+    if samples is not None:
+      arrays = [a[samples] for a in arrays]
+    losses = np.zeros(len(arrays[0]), np.float64)
+    for start, n_valid, chunk in activations.chunks(arrays, self.chunk):
       chunk = self.placement.local(chunk)
       per_sample = fn(params, chunk[:len(x.arrays)], chunk[len(x.arrays):], act_states)
       if outputs is not None:
         per_sample, out = per_sample
         outputs.write(start, n_valid, [np.asarray(o) for o in out])
-      total += float(np.asarray(per_sample)[:n_valid].astype(np.float64).sum())
-    total = activations.sum_over_processes(total)
-    return total / (self.n * jax.process_count())
+      losses[start:start + n_valid] = np.asarray(per_sample)[:n_valid]
+    mean = lambda values: activations.sum_over_processes(float(values.sum())) / (len(values) * jax.process_count())
+    return mean(losses) if subset is None else (mean(losses), mean(losses[subset]))
 
   def hessian(self, unit: Unit, index: int, unit_params, x: ActivationStore) -> jax.Array:
     """H = 2/n sum x x^T (float32, (in, in)) over the n input rows (tokens) of kernel ``index`` on every cached
@@ -453,7 +470,7 @@ class UnitReconstructor:
     if has_acts:
       a_train, a_frozen = split_acts(unit, act_states)
       trainable, frozen = (trainable, a_train), (frozen, a_frozen)
-    (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob))
+    (steps, opt), new = self.compiled.train_step(unit, iters, float(cfg.drop_prob), cfg.compute_dtype)
     trainable, frozen, unit_params = self.placement.state((trainable, frozen, fp_unit))
     weights.release_pages(fp_unit)   # memory-mapped params: their placed copy is what the steps read
     opt_state = self.placement.state(opt.init(trainable))
@@ -511,43 +528,66 @@ class UnitReconstructor:
     changes = iters > 0 or solves   # otherwise the unit keeps its baseline
     outputs = ActivationStore(self.n, self.config.spill_dir) if keep_outputs else None
     acts = self.calibrate_acts(unit, fp_unit, x_fp) if unit.act_paths() else None
-    baseline = self.baseline(unit, fp_unit, x_q, y_fp, acts, None if changes else outputs)
     if not changes:
+      baseline = self.baseline(unit, fp_unit, x_q, y_fp, acts, outputs)
       return self.result(unit, Outcome(baseline=baseline, trained=baseline, kept=baseline), outputs)
+    subset = self.fallback_subset()
+    baseline = self.baseline(unit, fp_unit, x_q, y_fp, acts, subset=subset)
     states, facts = self.solve(unit, fp_unit, x_q)
-    start = self.closed_form_start(unit, fp_unit, states, x_q, y_fp, acts) if iters > 0 and solves else None
+    start = (self.closed_form_start(unit, fp_unit, states, x_q, y_fp, acts, subset) if iters > 0 and solves else
+             None)
     curve, new_step, seconds_train = [], False, 0.0
     if iters > 0:
       t_train = time.perf_counter()
       states, curve, new_step, acts = self.train(unit, fp_unit, states, x_q, x_fp, y_fp, iters, acts)
       seconds_train = time.perf_counter() - t_train
-    trained = self.candidate(unit, fp_unit, unit.methods, states, x_q, y_fp, acts, outputs)
-    trained.non_finite = _non_finite(unit, states, trained.qts, trained.loss, acts)
+    trained = self.candidate(unit, fp_unit, unit.methods, states, x_q, y_fp, acts, outputs, subset)
+    trained.non_finite = _non_finite(unit, states, trained.qts, trained.loss_every_sample, acts)
     kept = self.choose(unit, baseline, start, trained)
     if kept is not trained:   # the outputs of the final loss pass are not the kept kernels'
       outputs = _discard(outputs)
-    return self.result(unit, Outcome(baseline, trained, kept, start, iters, curve, new_step, seconds_train, facts),
-                       outputs)
+      if subset is not None:   # the kept kernels' loss on every sample (and outputs) from a pass of their own
+        outputs = ActivationStore(self.n, self.config.spill_dir) if keep_outputs else None
+        kept.loss_all = self.eval_loss(unit, fp_unit, kept.qts, x_q, y_fp, outputs, kept.acts)
+    return self.result(unit, Outcome(baseline, trained, kept, start, iters, curve, new_step, seconds_train, facts,
+                                     subset), outputs)
+
+  def fallback_subset(self) -> np.ndarray | None:
+    """Sorted local indices of the ``QuantConfig.fallback_samples`` samples the reference losses and the fall-back
+    compare on: the same fixed subset in every unit, drawn with ``QuantConfig.seed`` (None: every sample)."""
+    m = self.config.fallback_samples
+    if m is None or m >= self.n:
+      return None
+    return np.sort(np.random.default_rng(self.config.seed).choice(self.n, m, replace=False))
 
   def candidate(self, unit: Unit, fp_unit, methods: list, states: list, x_q: ActivationStore,
-                y_fp: ActivationStore, acts=None, outputs: ActivationStore | None = None) -> Candidate:
+                y_fp: ActivationStore, acts=None, outputs: ActivationStore | None = None,
+                subset: np.ndarray | None = None, only_subset: bool = False) -> Candidate:
     """Per kernel, ``states`` finalized by ``methods``, and their block loss on every cached input (``outputs``:
-    the unit's outputs go there too)."""
+    the unit's outputs go there too). With ``subset`` (local sample indices, ``fallback_subset``): ``loss`` on
+    those samples, from the same pass as ``loss_all``, or (``only_subset``) from a pass over them alone."""
     views = kernel_views(unit, fp_unit)
     qts = [m.finalize(v, st, s) for m, v, st, s in zip(methods, views, states, unit.specs)]
-    return Candidate(states, qts, self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts), acts)
+    if subset is None:
+      return Candidate(states, qts, self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts), acts)
+    if only_subset:
+      return Candidate(states, qts, self.eval_loss(unit, fp_unit, qts, x_q, y_fp, None, acts, samples=subset), acts)
+    loss_all, loss = self.eval_loss(unit, fp_unit, qts, x_q, y_fp, outputs, acts, subset=subset)
+    return Candidate(states, qts, loss, acts, loss_all=loss_all)
 
   def baseline(self, unit: Unit, fp_unit, x_q: ActivationStore, y_fp: ActivationStore, acts=None,
-               outputs: ActivationStore | None = None) -> Candidate:
-    """The unit's baseline (``Unit.baseline``, RTN) on every kernel: the start every method is compared with."""
+               outputs: ActivationStore | None = None, subset: np.ndarray | None = None) -> Candidate:
+    """The unit's baseline (``Unit.baseline``, RTN) on every kernel: the start every method is compared with
+    (``subset``: its loss on those samples alone)."""
     states = [unit.baseline.init(v, s) for v, s in zip(kernel_views(unit, fp_unit), unit.specs)]
-    return self.candidate(unit, fp_unit, [unit.baseline] * len(unit.kernels), states, x_q, y_fp, acts, outputs)
+    return self.candidate(unit, fp_unit, [unit.baseline] * len(unit.kernels), states, x_q, y_fp, acts, outputs,
+                          subset, only_subset=True)
 
   def closed_form_start(self, unit: Unit, fp_unit, states: list, x_q: ActivationStore, y_fp: ActivationStore,
-                        acts=None) -> Candidate:
+                        acts=None, subset: np.ndarray | None = None) -> Candidate:
     """The solved start of a unit that trains from it (GPTQ -> FlexRound), which training must beat: its states
     copied to the host (training donates the device buffers) and what of it is not finite (never kept)."""
-    start = self.candidate(unit, fp_unit, unit.methods, states, x_q, y_fp, acts)
+    start = self.candidate(unit, fp_unit, unit.methods, states, x_q, y_fp, acts, subset=subset, only_subset=True)
     start.states = jax.device_get(states)
     start.non_finite = _non_finite(unit, start.states, start.qts, start.loss)
     return start
@@ -584,13 +624,17 @@ class UnitReconstructor:
     o = outcome
     rep = {'unit': unit.name, 'kind': unit.kind, 'kernels': len(unit.kernels),
            'bits': sorted({s.bits for s in unit.specs}), 'methods': sorted({m.name for m in unit.methods}),
-           'loss_rtn': o.baseline.loss, 'loss_final': o.kept.loss, 'loss_trained': o.trained.loss, 'iters': o.iters,
+           'loss_rtn': o.baseline.loss, 'loss_final': o.kept.loss_every_sample,
+           'loss_trained': o.trained.loss_every_sample, 'iters': o.iters,
            'fell_back_to_rtn': o.kept is o.baseline and o.trained is not o.baseline, 'loss_curve': o.curve,
            'new_train_step': o.new_train_step, 'seconds_train': round(o.seconds_train, 3)}
     if o.iters > 0:   # params, quantizer state and optimizer moments of the block on one device while training
       rep['state_bytes_per_device'] = self.state_bytes
     if o.start is not None:
       rep.update(loss_start=o.start.loss, kept_start=o.kept is o.start)
+    if o.subset is not None:   # loss_rtn, loss_start and these compare on the same samples; loss_final: on all
+      rep.update(fallback_subset=[int(i) for i in o.subset], loss_final_subset=o.kept.loss,
+                 loss_trained_subset=o.trained.loss)
     if o.trained.non_finite:
       rep['non_finite'] = o.trained.non_finite
     if o.facts:
