@@ -297,7 +297,13 @@ def main():
       print(f'skip {row}: {out} and its per-chunk NLL exist', flush=True)
       continue
     print(f'== {row}', flush=True)
+    previous = json.load(open(out)) if os.path.exists(out) else {}
     result = score_row(row, args, source, text_file, windows, tokenizer)
+    jax = previous.get('jax_same_file')
+    if (not args.jax and jax and jax['n_windows'] == result['llama_cpp']['n_chunks']
+        and previous.get('file_bytes') == result['file_bytes']):
+      # the same file (llama-quantize is deterministic; the source is the source) scored by JAX in an earlier run
+      result['jax_same_file'] = {**jax, 'from_commit': previous.get('commit')}
     with open(out, 'w') as f:
       json.dump(result, f, indent=2, default=float)
     print(json.dumps({'row': row, 'ppl': result['llama_cpp']['ppl'], 'n_chunks': result['llama_cpp']['n_chunks'],
