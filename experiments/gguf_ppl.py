@@ -89,7 +89,7 @@ def run_tool(cmd: list[str], log_file: str) -> dict:
   text = open(log_file, errors='replace').read()
   if proc.returncode:
     raise RuntimeError(f'{" ".join(cmd)} failed (rc {proc.returncode}):\n{text[-3000:]}')
-  system = re.search(r'^system_info: (.*)$', text, re.M)
+  system = re.search(r'system_info: (.*)$', text, re.M)
   return {'command': _relative(cmd), 'wall_s': round(time.time() - start, 1),
           'peak_rss_mb': round(usage.ru_maxrss / 1024, 1), 'system_info': system.group(1) if system else None,
           'log': text}
