@@ -79,20 +79,31 @@ def _relative(cmd: list[str]) -> str:
   return ' '.join(os.path.relpath(c, ROOT) if os.path.isabs(c) else c for c in cmd)
 
 
+def _peak_rss_mb(pid: int) -> float | None:
+  """A live process's peak resident memory so far (VmHWM), or None once it is gone."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      return next(int(line.split()[1]) / 1024 for line in f if line.startswith('VmHWM:'))
+  except (OSError, StopIteration):
+    return None
+
+
 def run_tool(cmd: list[str], log_file: str) -> dict:
-  """Runs one llama.cpp tool, its output into ``log_file``; its wall time and peak RSS (its own, from wait4)."""
+  """Runs one llama.cpp tool, its output into ``log_file``: its wall time and its peak RSS (its VmHWM, sampled every
+  0.2 s until it exits: the child's rusage would report the forking Python process's RSS when that is larger)."""
   start = time.time()
+  peak = 0.0
   with open(log_file, 'w') as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-  proc.returncode = os.waitstatus_to_exitcode(status)
+    while proc.poll() is None:
+      peak = max(peak, _peak_rss_mb(proc.pid) or 0.0)
+      time.sleep(0.2)
   text = open(log_file, errors='replace').read()
   if proc.returncode:
     raise RuntimeError(f'{" ".join(cmd)} failed (rc {proc.returncode}):\n{text[-3000:]}')
   system = re.search(r'system_info: (.*)$', text, re.M)
-  return {'command': _relative(cmd), 'wall_s': round(time.time() - start, 1),
-          'peak_rss_mb': round(usage.ru_maxrss / 1024, 1), 'system_info': system.group(1) if system else None,
-          'log': text}
+  return {'command': _relative(cmd), 'wall_s': round(time.time() - start, 1), 'peak_rss_mb': round(peak, 1),
+          'system_info': system.group(1).strip() if system else None, 'log': text}
 
 
 def chunk_nll(log: str) -> np.ndarray:
