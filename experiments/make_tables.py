@@ -234,27 +234,53 @@ def image_ablate_table() -> str:
 GGUF_ROWS = {   # row -> (what the file is, who made it)
     'source_q4_1': ('source file (Q4_1, group 32, asymmetric; our float baseline)', 'SmolLM2 release'),
     'llamacpp_q4_0': ('Q4_0 from the source', 'llama.cpp `llama-quantize`'),
+    'llamacpp_imatrix_q4_0': ('Q4_0 from the source, importance matrix', 'llama.cpp `llama-imatrix` + `llama-quantize`'),
+    'llamacpp_q4_k_m': ('Q4_K_M from the source', 'llama.cpp `llama-quantize`'),
+    'llamacpp_imatrix_q4_k_m': ('Q4_K_M from the source, importance matrix',
+                                'llama.cpp `llama-imatrix` + `llama-quantize`'),
     'rtn_q4_0': ('Q4_0, RTN', 'flexround_jax `save_gguf`'),
     'flexround_q4_0': ('Q4_0, FlexRound', 'flexround_jax `save_gguf`'),
     'llamacpp_q8_0': ('Q8_0 from the source', 'llama.cpp `llama-quantize`'),
     'rtn_q8_0': ('Q8_0, RTN', 'flexround_jax `save_gguf`'),
 }
+GGUF_BASE = 'llamacpp_q4_0'   # the row the paired differences are taken against
+GGUF_PREFIX = 40              # the chunks every row has been scored on (the first rows were scored on 40)
+
+
+def _gguf_chunk_nll(row: str):
+  """The per-chunk mean NLL gguf_ppl.py stores next to a row's JSON, or None."""
+  path = os.path.join(RESULTS, f'gguf_{row}.chunk_nll.txt')
+  return np.loadtxt(path, np.float64) if os.path.exists(path) else None
 
 
 def gguf_table() -> str:
-  """One row per GGUF file: perplexity by llama.cpp and by our JAX model loaded from the same file."""
+  """One row per GGUF file: perplexity by llama.cpp on all its chunks and on the first 40 (the chunks every row has),
+  the paired mean-NLL difference to llama.cpp's Q4_0, and our JAX model's perplexity of the same file."""
+  from flexround_jax.evals.perplexity import paired_nll_difference  # pylint: disable=g-import-not-at-top
   rows = {r['row']: r for r in _load('gguf_*.json')}
+  base = _gguf_chunk_nll(GGUF_BASE)
   lines = ['| GGUF file | made by | size (MB) | chunks | llama.cpp `llama-perplexity` (2nd half of each chunk) | '
-           'JAX, same file, same scoring | JAX, same file, every token |', '|---|---|---|---|---|---|---|']
+           f'same, first {GGUF_PREFIX} chunks | mean NLL − Q4_0 `llama-quantize` ± paired SE | '
+           'JAX, same file, same scoring | JAX, same file, every token |', '|---|---|---|---|---|---|---|---|---|']
   for name, (what, who) in GGUF_ROWS.items():
     if name not in rows:
-      lines.append(f'| {what} | {who} | not run yet | | | | |')
+      lines.append(f'| {what} | {who} | not run yet | | | | | | |')
       continue
-    r = rows[name]
-    lines.append(f"| {what} | {who} | {r['file_bytes'] / 2**20:.0f} | {r['llama_cpp']['n_chunks']} | "
-                 f"{r['llama_cpp']['ppl']:.2f} ± "
-                 f"{r['llama_cpp']['ppl_stderr']:.2f} | {r['jax_same_file']['ppl_second_half']:.2f} | "
-                 f"{r['jax_same_file']['ppl_protocol']:.2f} |")
+    r, nll = rows[name], _gguf_chunk_nll(name)
+    ppl = r['llama_cpp']
+    if nll is not None:
+      prefix = f'{np.exp(nll[:GGUF_PREFIX].mean()):.2f}'
+    else:
+      prefix = f"{ppl['ppl']:.2f}" if ppl['n_chunks'] == GGUF_PREFIX else '–'
+    diff = '–'
+    if name != GGUF_BASE and nll is not None and base is not None and len(nll) == len(base):
+      d = paired_nll_difference(base, nll)
+      diff = f"{d['diff']:+.4f} ± {d['se']:.4f}"
+    jax = r.get('jax_same_file')
+    jax_cells = (f"{jax['ppl_second_half']:.2f} | {jax['ppl_protocol']:.2f}" + ('' if jax['n_windows'] ==
+                 ppl['n_chunks'] else f" ({jax['n_windows']} windows)")) if jax else '– | –'
+    lines.append(f"| {what} | {who} | {r['file_bytes'] / 2**20:.0f} | {ppl['n_chunks']} | {ppl['ppl']:.2f} ± "
+                 f"{ppl['ppl_stderr']:.2f} | {prefix} | {diff} | {jax_cells} |")
   return '\n'.join(lines)
 
 

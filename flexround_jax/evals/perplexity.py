@@ -110,3 +110,23 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
   n_tokens = n * (t - 1 - first)
   mean_nll = total / n_tokens
   return {'ppl': math.exp(mean_nll), 'nll': mean_nll, 'n_windows': n, 'n_tokens': n_tokens}
+
+
+def paired_nll_difference(nll_a, nll_b) -> dict:
+  """Mean NLL of ``b`` minus that of ``a`` on the same windows, with its paired standard error.
+
+  Args:
+    nll_a, nll_b: (N,) mean NLL per window (or per llama.cpp chunk) of two models on the same N windows, in the same
+      order, every window scoring the same number of tokens (then the mean over windows is the mean over tokens).
+
+  Returns:
+    dict with ``diff`` (mean of d = nll_b - nll_a; > 0: ``b`` is worse), ``se`` (std(d, ddof=1) / sqrt(N), the
+    standard error of ``diff`` over windows, which cancels the windows' shared difficulty), ``ppl_ratio``
+    (exp(diff) = ppl_b / ppl_a) and ``n``.
+  """
+  a, b = np.asarray(nll_a, np.float64), np.asarray(nll_b, np.float64)
+  if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+    raise ValueError(f'paired_nll_difference: need two (N,) arrays of the same N >= 2, got {a.shape} and {b.shape}')
+  d = b - a
+  diff = float(np.mean(d))
+  return {'diff': diff, 'se': float(np.std(d, ddof=1) / math.sqrt(len(d))), 'ppl_ratio': math.exp(diff), 'n': len(d)}
