@@ -184,3 +184,11 @@ def test_decoder_token_nll_equals_window_nll_of_the_full_logits():
   full = np.asarray(perplexity.window_nll(module.apply({'params': params}, tokens), tokens))
   assert chunked.shape == (2, 8)
   np.testing.assert_allclose(chunked.sum(-1), full, rtol=1e-5)
+
+
+def test_missing_package_names_make_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == _gguf_gemma3.GEMMA3_270M_PACKAGE else real(name, *a))
+  with pytest.raises(ModuleNotFoundError, match='run `make install`'):
+    _gguf_gemma3.gemma3_270m_path()
