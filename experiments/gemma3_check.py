@@ -48,7 +48,9 @@ flags.DEFINE_string('llama_cpp_bin', os.path.join(ROOT, 'build', 'llama.cpp', 'b
                     'llama.cpp binaries (llama-tokenize, llama-perplexity); skipped where missing')
 flags.DEFINE_integer('llama_chunks', 40, 'llama-perplexity --chunks K on the same file, compared with our first K '
                      'windows (0: skip; llama.cpp takes ~15 s a chunk on 2 busy cores); reused from --out if there')
-flags.DEFINE_string('prompt', 'The capital of France is', 'greedy-completion prompt (bos prepended)')
+flags.DEFINE_multi_string('prompt', ['The capital of France is',
+                                     'The capital of Germany is Berlin. The capital of France is'],
+                          'greedy-completion prompts (bos prepended); compared with llama-simple where built')
 flags.DEFINE_integer('n_new', 8, 'greedy tokens')
 flags.DEFINE_string('out', os.path.join(HERE, 'results', 'gemma3_fp.json'), 'result JSON')
 FLAGS = flags.FLAGS
@@ -65,6 +67,13 @@ def llama_tokenize_ids(bin_dir: str, model: str, text_file: str) -> list[int]:
   proc = subprocess.run([os.path.join(bin_dir, 'llama-tokenize'), '-m', model, '-f', text_file, '--ids',
                          '--no-escape', '--log-disable'], capture_output=True, text=True, check=True)
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def llama_simple(bin_dir: str, model: str, prompt: str, n_new: int) -> str:
+  """llama.cpp's greedy completion of ``prompt`` (llama-simple prints bos, the prompt, the new text and a newline)."""
+  out = subprocess.run([os.path.join(bin_dir, 'llama-simple'), '-m', model, '-n', str(n_new), prompt],
+                       capture_output=True, text=True, check=True).stdout
+  return out.removeprefix('<bos>').removeprefix(prompt).removesuffix('\n')
 
 
 def llama_perplexity(bin_dir: str, model: str, text_file: str, chunks: int) -> dict:
@@ -111,12 +120,16 @@ def main(_):
           'n_ours': len(ours), 'n_llama_cpp': len(ref), 'identical': ours == ref,
           'first_difference': next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), None)}
 
-    # Greedy completion (prompt with bos, as llama.cpp tokenizes it).
-    prompt = tok.encode(FLAGS.prompt).ids
-    new = llama.greedy_generate(model.apply_fn, params, prompt, FLAGS.n_new)
-    result['greedy'] = {'prompt': FLAGS.prompt, 'prompt_ids': prompt, 'new_ids': new,
-                        'completion': tok.decode(new)}
-    print(json.dumps(result['greedy']), flush=True)
+    # Greedy completions (prompt with bos, as llama.cpp tokenizes it), and llama.cpp's own for the same prompts.
+    result['greedy'] = []
+    for text in FLAGS.prompt:
+      prompt = tok.encode(text).ids
+      new = llama.greedy_generate(model.apply_fn, params, prompt, FLAGS.n_new)
+      row = {'prompt': text, 'prompt_ids': prompt, 'new_ids': new, 'completion': tok.decode(new)}
+      if os.access(os.path.join(FLAGS.llama_cpp_bin, 'llama-simple'), os.X_OK):
+        row['llama_simple_completion'] = llama_simple(FLAGS.llama_cpp_bin, model.path, text, FLAGS.n_new)
+      result['greedy'].append(row)
+      print(json.dumps(row), flush=True)
 
     # Per-window NLL, resumable.
     store = os.path.join(FLAGS.workdir, 'nll.npy')
