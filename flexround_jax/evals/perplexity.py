@@ -72,6 +72,35 @@ def _jitted_nll(apply_fn, first: int = 0):
   return jax.jit(lambda params, tokens: window_nll(apply_fn(params, tokens), tokens, first))
 
 
+def decoder_token_nll(module, vocab_chunk: int = 16384):
+  """jit((params, tokens (B, T) int) -> (B, T - 1) float32 NLL of tokens 1..T-1) for a ``models.decoder.Decoder``
+  with tied embeddings, without forming the (B, T, vocab) logits (Gemma 3: 512 MB per 512-token window).
+
+  The decoder runs up to its final norm (captured; the unused LM head is dead code under jit); the logsumexp over the
+  tied embedding (vocab, d) runs in ``vocab_chunk``-row steps (one step if vocab is not a multiple), and the target
+  logit is h . embedding[target]. Equal to ``window_nll`` on the full logits up to float rounding.
+  """
+
+  def fn(params, tokens):
+    _, state = module.apply({'params': params}, tokens, capture_intermediates=lambda m, _: m.name == 'norm')
+    h = state['intermediates']['norm']['__call__'][0][:, :-1].astype(jnp.float32)        # (B, T-1, d)
+    emb = params['embed_tokens']['embedding'].astype(jnp.float32)                         # (V, d)
+    vocab, d = emb.shape
+    chunk = vocab_chunk if vocab % vocab_chunk == 0 else vocab
+
+    def step(carry, e):
+      m, s = carry
+      z = h @ e.T                                                                          # (B, T-1, chunk)
+      m_new = jnp.maximum(m, z.max(-1))
+      return (m_new, s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)), None
+
+    init = (jnp.full(h.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:2], jnp.float32))
+    (m, s), _ = jax.lax.scan(step, init, emb.reshape(vocab // chunk, chunk, d))
+    return m + jnp.log(s) - jnp.sum(h * emb[tokens[:, 1:]], -1)
+
+  return jax.jit(fn)
+
+
 def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int | None = None,
                progress: bool = True, first: int = 0) -> dict:
   """exp(mean NLL) over every window's tokens 1..T-1, each window scored alone.
