@@ -39,6 +39,25 @@ def test_loader_maps_every_tensor_and_reads_the_config(tiny_file):
   assert len(_gguf_gemma3.tensor_names(config)) == 2 + 13 * config.num_layers
 
 
+def test_load_gguf_reads_gemma3_through_the_architecture_switch(tiny_file):
+  """models.load_gguf (gguf.ARCHITECTURES['gemma3']) gives load_gemma3_gguf's config, params and tokenizer; the GGUF
+  export's inverse map (from_param) gives the stored tensors back."""
+  from flexround_jax.models import gguf   # pylint: disable=g-import-not-at-top
+  config, params, path = tiny_file
+  model, direct = gguf.load_gguf(path), _gguf_gemma3.load_gemma3_gguf(path)
+  assert model.config == direct.config == config
+  ours, want = traverse_util.flatten_dict(model.params), traverse_util.flatten_dict(direct.params)
+  assert sorted(ours) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(ours[name], want[name], err_msg=name)
+  text = 'Hello  world <b>\n\n 123'
+  assert model.tokenizer.encode(text).ids == direct.tokenizer.encode(text).ids
+  arch = gguf.ARCHITECTURES['gemma3']
+  for name, param in arch.names(config).items():
+    value = want[param]
+    np.testing.assert_array_equal(arch.to_param(arch.from_param(value, param, config), param, config), value)
+
+
 def test_logits_equal_a_decoder_built_with_the_same_weights(tmp_path):
   """Two layers (sliding_window_pattern 2: sliding, then full) over 10 tokens, more than the window of 4."""
   config = tiny.tiny_config(num_layers=2, layer_types=(SLIDING, FULL))

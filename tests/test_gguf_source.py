@@ -87,7 +87,7 @@ def test_untied_output_weight_loads_as_lm_head(tiny, tmp_path):
 
 @pytest.mark.parametrize('extra, message', [
     ({'general.architecture': 'falcon'},
-     r"general.architecture is 'falcon', not supported \(supported: llama\)"),
+     r"general.architecture is 'falcon', not supported \(supported: llama, gemma3\)"),
     ({'llama.rope.scaling.type': 'yarn'}, r"llama.rope.scaling.type='yarn' is not implemented"),
     ({'llama.expert_count': 8}, r'llama.expert_count=8 is not implemented'),
 ])

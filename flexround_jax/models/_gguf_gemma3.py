@@ -275,18 +275,18 @@ def load_gemma3_gguf(path: str | None = None, dtype='float32') -> hf.HFModel:
   """A gemma3 GGUF file (default: ``gemma3_270m_path()``) as an ``hf.HFModel``: ``module`` (``Decoder``),
   ``apply_fn(params, tokens (B, T) int) -> logits (B, T, vocab) float32``, ``params`` (every tensor dequantized to
   float32, laid out by ``to_param``, cast to ``dtype``), ``config``, ``tokenizer`` (``tokenizer_from_gguf``),
-  ``path``. The file is checked by ``llama.open_gguf`` (data ranges, seal) and its config read before any tensor;
+  ``path``. The file is checked by ``gguf.open_gguf`` (data ranges, seal) and its config read before any tensor;
   the tensors must be exactly ``tensor_names(config)`` with the implied shapes (ValueError naming the tensor)."""
-  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import gguf  # pylint: disable=g-import-not-at-top
   path = os.fspath(path or gemma3_270m_path())
-  reader, meta = llama.open_gguf(path)
+  reader, meta = gguf.open_gguf(path)
   shapes = {t.name: tuple(int(s) for s in t.shape[::-1]) for t in reader.tensors}
   cfg = config_from_gguf(meta, shapes, path)
   names = _check_layout(shapes, cfg, path)
   tokenizer = tokenizer_from_gguf(meta, path)
   tensors = {t.name: t for t in reader.tensors}
   dtype = np.dtype(dtype)
-  dequantized = llama._dequantized  # pylint: disable=protected-access
+  dequantized = gguf.dequantized
   flat = {param: np.ascontiguousarray(to_param(dequantized(path, tensors[name]), param, cfg), dtype)
           for name, param in names.items()}
   module = decoder_lib.Decoder(cfg)
@@ -296,7 +296,7 @@ def load_gemma3_gguf(path: str | None = None, dtype='float32') -> hf.HFModel:
 
 def load_gemma3_tokenizer(path: str | None = None):
   """Only the tokenizer of a gemma3 GGUF (default: ``gemma3_270m_path()``); reads the metadata, not the weights."""
-  from flexround_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from flexround_jax.models import gguf  # pylint: disable=g-import-not-at-top
   path = os.fspath(path or gemma3_270m_path())
-  _, meta = llama.open_gguf(path, tensors=False)
+  _, meta = gguf.open_gguf(path, tensors=False)
   return tokenizer_from_gguf(meta, path)

@@ -25,6 +25,7 @@ from flax import traverse_util
 import numpy as np
 
 from flexround_jax import _extras, integrity
+from flexround_jax.models import _gguf_gemma3
 from flexround_jax.models import decoder as decoder_lib
 from flexround_jax.models import hf
 from flexround_jax.models.decoder import DecoderConfig, Rope
@@ -283,7 +284,9 @@ class Architecture:
   from_param: Callable[[np.ndarray, tuple, DecoderConfig], np.ndarray]
 
 
-ARCHITECTURES = {'llama': Architecture(_llama_config, _llama_names, _llama_to_param, _llama_from_param)}
+ARCHITECTURES = {'llama': Architecture(_llama_config, _llama_names, _llama_to_param, _llama_from_param),
+                 'gemma3': Architecture(_gguf_gemma3.config_from_gguf, _gguf_gemma3.tensor_names,
+                                        _gguf_gemma3.to_param, _gguf_gemma3.from_param)}
 
 
 def architecture(meta: dict, path: str = '<gguf>') -> Architecture:
@@ -336,13 +339,17 @@ def tokenizer_from_gguf(meta: dict, path: str = '<gguf>'):
 
   Digits are split one by one, then GPT-2 byte-level pre-tokenization without a prefix space; no special tokens
   are added on encode (callers prepend bos themselves if they want it). ValueError naming the file if the metadata
-  lacks the vocabulary or is not a byte-level BPE (``tokenizer.ggml.model`` other than 'gpt2').
+  lacks the vocabulary or is neither a byte-level BPE (``tokenizer.ggml.model`` 'gpt2') nor SentencePiece ('llama':
+  ``_gguf_gemma3.tokenizer_from_gguf``, which encodes with bos where the file asks for it).
   """
   _extras.require('tokenizers', 'llm', 'the GGUF tokenizer')
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   kind = meta.get('tokenizer.ggml.model', 'gpt2')
+  if kind == 'llama':   # SentencePiece (Gemma): llama.cpp's SPM tokenizer, rebuilt as a BPE
+    return _gguf_gemma3.tokenizer_from_gguf(meta, path)
   if kind != 'gpt2':
-    raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2') is read")
+    raise ValueError(f"{path}: GGUF metadata tokenizer.ggml.model={kind!r}: only byte-level BPE ('gpt2') and "
+                     "SentencePiece ('llama') vocabularies are read")
   try:
     vocab = {tok: i for i, tok in enumerate(meta['tokenizer.ggml.tokens'])}
     merges = [tuple(m.split(' ', 1)) for m in meta['tokenizer.ggml.merges']]
@@ -386,7 +393,7 @@ def read_gguf(path: str, dtype='float32'):
 
 
 def load_gguf(path: str, dtype='float32'):
-  """A GGUF file (``ARCHITECTURES``: llama) as an ``hf.HFModel``: ``module`` (``Decoder``), ``apply_fn(params,
+  """A GGUF file (``ARCHITECTURES``: llama, gemma3) as an ``hf.HFModel``: ``module`` (``Decoder``), ``apply_fn(params,
   tokens (B, T) int) -> logits (B, T, vocab) float32``, ``params`` (dequantized, in ``dtype``), ``config``
   (``DecoderConfig``), ``tokenizer`` (from the GGUF vocabulary), ``path``. ValueError naming the file (and the key
   or tensor) for a damaged file, an unsupported architecture or metadata value, or tensors that do not match the
