@@ -1,5 +1,6 @@
 """The provenance every result JSON carries: commit, machine, peak resident memory."""
 
+import mmap
 import re
 import time
 
@@ -22,9 +23,12 @@ def test_host_info_names_the_machine():
 def test_peak_rss_sees_an_allocation_inside_the_block_only():
   before = psutil.Process().memory_info().rss / 2**20
   with provenance.PeakRSS(every_s=0.02) as rss:
-    block = np.ones(32 * 2**20)   # 256 MB of float64, every page touched
+    # An anonymous map of its own, so closing it returns the pages to the OS: a numpy array of this size may be
+    # carved from a free chunk of the allocator's heap after a long test session, and freeing it keeps RSS up.
+    region = mmap.mmap(-1, 256 * 2**20)
+    np.frombuffer(region, np.uint8)[:] = 1   # 256 MB, every page touched
     time.sleep(0.3)
-    del block
+    region.close()
   assert rss.peak_mb >= before + 200
   with provenance.PeakRSS(every_s=0.02) as quiet:
     time.sleep(0.1)
