@@ -35,11 +35,9 @@ import importlib
 import importlib.util
 import os
 
-from flax import traverse_util
 import numpy as np
 
 from flexround_jax import _extras
-from flexround_jax.models import decoder as decoder_lib
 from flexround_jax.models import hf
 from flexround_jax.models.decoder import FULL, SLIDING, DecoderConfig, Rope
 
@@ -190,24 +188,6 @@ def from_param(w: np.ndarray, param: tuple[str, ...], config: DecoderConfig | No
   return w
 
 
-def _check_layout(shapes: dict[str, tuple], config: DecoderConfig, path: str) -> dict[str, tuple[str, ...]]:
-  """``tensor_names(config)`` once the file's tensors (name -> torch-layout shape) are exactly those: a missing,
-  misshapen or unused tensor is a ValueError naming the file and the tensor."""
-  names = tensor_names(config)
-  unused = sorted(set(shapes) - set(names))
-  if unused:
-    raise ValueError(f'{path}: tensor {unused[0]!r} is not read by the {config.num_layers}-block gemma3 decoder its '
-                     f'metadata describes ({len(unused)} unused tensors)')
-  expected = hf.param_shapes(config)
-  for name, param in names.items():
-    if name not in shapes:
-      raise ValueError(f'{path}: GGUF file lacks tensor {name!r}')
-    want = expected[param][::-1] if param[-1] == 'kernel' else expected[param]
-    if tuple(shapes[name]) != tuple(want):
-      raise ValueError(f'{path}: tensor {name!r} has shape {tuple(shapes[name])}, the metadata implies {want}')
-  return names
-
-
 # ----------------------------------------------------------------------------------------------- tokenizer ----
 
 def _spm_merges(tokens, scores, types) -> list[tuple[str, str]]:
@@ -272,26 +252,13 @@ def tokenizer_from_gguf(meta: dict, path: str = '<gguf>'):
 # ------------------------------------------------------------------------------------------------- loading ----
 
 def load_gemma3_gguf(path: str | None = None, dtype='float32') -> hf.HFModel:
-  """A gemma3 GGUF file (default: ``gemma3_270m_path()``) as an ``hf.HFModel``: ``module`` (``Decoder``),
+  """A gemma3 GGUF file (default: ``gemma3_270m_path()``) as ``models.gguf.load_gguf`` reads it (``ARCHITECTURES
+  ['gemma3']``: this module's config, tensor map and tokenizer): an ``hf.HFModel`` with ``module`` (``Decoder``),
   ``apply_fn(params, tokens (B, T) int) -> logits (B, T, vocab) float32``, ``params`` (every tensor dequantized to
-  float32, laid out by ``to_param``, cast to ``dtype``), ``config``, ``tokenizer`` (``tokenizer_from_gguf``),
-  ``path``. The file is checked by ``gguf.open_gguf`` (data ranges, seal) and its config read before any tensor;
-  the tensors must be exactly ``tensor_names(config)`` with the implied shapes (ValueError naming the tensor)."""
+  float32, laid out by ``to_param``, cast to ``dtype``), ``config``, ``tokenizer``, ``path``. Another architecture,
+  a missing, misshapen or unused tensor is a ValueError naming the file (and the tensor)."""
   from flexround_jax.models import gguf  # pylint: disable=g-import-not-at-top
-  path = os.fspath(path or gemma3_270m_path())
-  reader, meta = gguf.open_gguf(path)
-  shapes = {t.name: tuple(int(s) for s in t.shape[::-1]) for t in reader.tensors}
-  cfg = config_from_gguf(meta, shapes, path)
-  names = _check_layout(shapes, cfg, path)
-  tokenizer = tokenizer_from_gguf(meta, path)
-  tensors = {t.name: t for t in reader.tensors}
-  dtype = np.dtype(dtype)
-  dequantized = gguf.dequantized
-  flat = {param: np.ascontiguousarray(to_param(dequantized(path, tensors[name]), param, cfg), dtype)
-          for name, param in names.items()}
-  module = decoder_lib.Decoder(cfg)
-  return hf.HFModel(module=module, apply_fn=lambda p, tokens: module.apply({'params': p}, tokens),
-                    params=traverse_util.unflatten_dict(flat), config=cfg, tokenizer=tokenizer, path=path)
+  return gguf.load_gguf(os.fspath(path or gemma3_270m_path()), dtype, expect=ARCH)
 
 
 def load_gemma3_tokenizer(path: str | None = None):

@@ -375,12 +375,15 @@ def hf_config_fields(meta: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------------- loading ----
 
-def read_gguf(path: str, dtype='float32'):
+def read_gguf(path: str, dtype='float32', expect: str | None = None):
   """(metadata, ``DecoderConfig``, params of ``Decoder(config)`` as nested dicts of numpy arrays in ``dtype``) of a
   GGUF file: checked (``open_gguf``), the config read before any tensor, each tensor dequantized and laid out for
-  Flax (``Architecture.to_param``) in turn; the file must hold exactly the tensors of the config (``gguf_layout``)."""
+  Flax (``Architecture.to_param``) in turn; the file must hold exactly the tensors of the config (``gguf_layout``).
+  ``expect``: the ``general.architecture`` the caller requires (ValueError naming both otherwise)."""
   path = os.fspath(path)
   reader, meta = open_gguf(path)
+  if expect is not None and meta.get('general.architecture') != expect:
+    raise ValueError(f"{path}: general.architecture is {meta.get('general.architecture')!r}, expected {expect!r}")
   shapes = tensor_shapes(reader)
   arch = architecture(meta, path)
   config = arch.config(meta, frozenset(shapes), path)
@@ -392,14 +395,14 @@ def read_gguf(path: str, dtype='float32'):
   return meta, config, traverse_util.unflatten_dict(flat)
 
 
-def load_gguf(path: str, dtype='float32'):
+def load_gguf(path: str, dtype='float32', expect: str | None = None):
   """A GGUF file (``ARCHITECTURES``: llama, gemma3) as an ``hf.HFModel``: ``module`` (``Decoder``), ``apply_fn(params,
   tokens (B, T) int) -> logits (B, T, vocab) float32``, ``params`` (dequantized, in ``dtype``), ``config``
   (``DecoderConfig``), ``tokenizer`` (from the GGUF vocabulary), ``path``. ValueError naming the file (and the key
   or tensor) for a damaged file, an unsupported architecture or metadata value, or tensors that do not match the
-  metadata; FileNotFoundError for a missing file."""
+  metadata, or another architecture than ``expect``; FileNotFoundError for a missing file."""
   path = os.fspath(path)
-  meta, config, params = read_gguf(path, dtype)
+  meta, config, params = read_gguf(path, dtype, expect)
   module = decoder_lib.Decoder(config)
   return hf.HFModel(module=module, apply_fn=lambda p, tokens: module.apply({'params': p}, tokens), params=params,
                     config=config, tokenizer=tokenizer_from_gguf(meta, path), path=path)
