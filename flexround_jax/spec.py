@@ -28,6 +28,10 @@ class QuantSpec:
       the last group is shorter (e.g. 576 = 4 x 128 + 64).
     symmetric: signed codes in [-2**(b-1), 2**(b-1)-1] with zero point 0; otherwise unsigned codes in [0, 2**b-1]
       with an integer zero point (the official FlexRound setting).
+    narrow_range: symmetric grids only: codes in [-(2**(b-1)-1), 2**(b-1)-1], the code -2**(b-1) unused, so the
+      grid is the same on both sides of zero and the min/max step is max|w| / (2**(b-1)-1). The int8 weight grid of
+      llama.cpp's Q8_0 (d = max|w| / 127; its int8 dot products assume |code| <= 127) and of TensorFlow's
+      ``narrow_range``.
     grid_init: initial grid: ``minmax`` (the range [min(w, 0), max(w, 0)]) or ``mse`` (shrink the range by
       1 - 0.01 i, i = 0..79, keeping the one with the smallest mean |w_q - w|**2.4 per grid, as BRECQ's 'mse').
     scale_dtype: the dtype a deployment format stores the grid step s1 in: 'float32' (default), 'float16' (GGUF
@@ -41,6 +45,7 @@ class QuantSpec:
   granularity: Granularity = 'per_channel'
   group_size: int | None = None
   symmetric: bool = False
+  narrow_range: bool = False
   grid_init: GridInit = 'minmax'
   scale_dtype: ScaleDtype = 'float32'
 
@@ -63,6 +68,11 @@ class QuantSpec:
       raise ValueError(f'QuantSpec.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}')
     if not isinstance(self.symmetric, bool):
       raise ValueError(f'QuantSpec.symmetric must be a bool, got {self.symmetric!r}')
+    if not isinstance(self.narrow_range, bool):
+      raise ValueError(f'QuantSpec.narrow_range must be a bool, got {self.narrow_range!r}')
+    if self.narrow_range and not self.symmetric:
+      raise ValueError('QuantSpec.narrow_range=True needs symmetric=True (it drops the code -2**(bits-1) of a '
+                       'symmetric grid)')
 
   @property
   def n_levels(self) -> int:
@@ -70,9 +80,10 @@ class QuantSpec:
 
   @property
   def code_range(self) -> tuple[int, int]:
-    """Stored integer code range: [0, 2**b-1] (asymmetric) or [-2**(b-1), 2**(b-1)-1] (symmetric)."""
+    """Stored integer code range: [0, 2**b-1] (asymmetric), [-2**(b-1), 2**(b-1)-1] (symmetric) or
+    [-(2**(b-1)-1), 2**(b-1)-1] (symmetric, narrow range)."""
     if self.symmetric:
-      return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+      return -(2 ** (self.bits - 1)) + int(self.narrow_range), 2 ** (self.bits - 1) - 1
     return 0, 2 ** self.bits - 1
 
   def replace(self, **changes) -> QuantSpec:

@@ -16,7 +16,9 @@ import tiny_gguf
 
 
 def spec(bits):
-  return fr.QuantSpec(bits=bits, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')
+  """The grid Q4_0 / Q8_0 store: Q8_0's int8 codes are the narrow range [-127, 127]."""
+  return fr.QuantSpec(bits=bits, granularity='per_group', group_size=32, symmetric=True, narrow_range=bits == 8,
+                      scale_dtype='float16')
 
 
 @pytest.fixture(scope='module')
@@ -47,9 +49,6 @@ def test_gguf_round_trip_is_exact(tmp_path, model, bits, learned):
   from gguf.quants import dequantize
   config, params, template = model
   qts = _qtensors(params, bits, learned)
-  if bits == 8:   # llama.cpp's Q8_0 assumes codes in [-127, 127]
-    qts = {k: qt.__class__(np.maximum(np.asarray(qt.codes), -127), qt.scale, qt.zero_point, qt.spec)
-           for k, qt in qts.items()}
   fake_quant = fr.dequantize_params(params, qts)
   path = str(tmp_path / 'q.gguf')
   info = export.save_gguf(path, fake_quant, qts, template_gguf=template)
@@ -80,7 +79,7 @@ def test_grids_gguf_cannot_hold_are_refused_naming_the_tensor(tmp_path, model):
   _, params, template = model
   path = str(tmp_path / 'x.gguf')
   for bad in [dict(granularity='per_channel', group_size=None), dict(symmetric=False), dict(group_size=64),
-              dict(scale_dtype='float32'), dict(bits=3)]:
+              dict(scale_dtype='float32'), dict(bits=3), dict(bits=8)]:   # bits=8 without narrow_range: code -128
     qts = {}
     for name, kernel in treepath.flatten(params).items():
       if name == 'layers_1/mlp/up_proj/kernel':

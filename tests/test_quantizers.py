@@ -365,7 +365,8 @@ def _output_error_traced(x, w, w_hat):
     (dict(bits=1), 'bits'), (dict(bits=9), 'bits'), (dict(bits=4.0), 'bits'),
     (dict(granularity='per_row'), 'granularity'), (dict(granularity='per_group'), 'group_size'),
     (dict(granularity='per_group', group_size=0), 'group_size'), (dict(grid_init='percentile'), 'grid_init'),
-    (dict(group_size=8), 'group_size'),
+    (dict(group_size=8), 'group_size'), (dict(narrow_range=1), 'narrow_range must be a bool'),
+    (dict(narrow_range=True), 'narrow_range=True needs symmetric=True'),
 ])
 def test_bad_spec_is_a_clear_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -389,3 +390,19 @@ def test_bad_kernel_is_a_clear_error(method):
     method.fake_quant(jnp.ones((8, 5)), state, spec)
   with pytest.raises(ValueError, match='keys'):
     method.finalize(kernel, {}, spec)
+
+
+@pytest.mark.parametrize('method', [rtn, adaround, flexround])
+def test_narrow_range_grid_is_symmetric_about_zero(method):
+  """narrow_range (Q8_0's int8 grid): codes in [-127, 127], step max|w| / 127; the full range puts -max|w| on -128."""
+  kernel = jax.random.normal(jax.random.key(0), (64, 8))
+  kernel = kernel.at[0].set(-jnp.abs(kernel).max(0) - 0.5)     # each channel's largest |w| is negative
+  narrow = QuantSpec(bits=8, granularity='per_channel', symmetric=True, narrow_range=True)
+  assert narrow.code_range == (-127, 127)
+  qt = method.finalize(kernel, method.init(kernel, narrow), narrow)
+  codes = np.asarray(qt.codes)
+  np.testing.assert_array_equal(codes[0], -127)
+  assert codes.min() == -127 and codes.max() <= 127
+  np.testing.assert_allclose(np.asarray(qt.scale)[0], np.abs(np.asarray(kernel)).max(0) / 127, rtol=1e-6)
+  full = narrow.replace(narrow_range=False)
+  assert np.asarray(method.finalize(kernel, method.init(kernel, full), full).codes).min() == -128

@@ -226,3 +226,13 @@ def test_masked_model_trains_each_block_on_the_inputs_the_model_produces():
   quant_out = model.apply({'params': result.params['block_1']}, input_of_block_1(q))
   expected = float(jnp.mean(jnp.sum((float_out - quant_out) ** 2, axis=-1)))
   assert block_1['loss_rtn'] == pytest.approx(expected, rel=1e-4)
+
+
+def test_narrow_range_is_fingerprinted_only_when_set():
+  """A QuantSpec field added later (narrow_range) keeps the fingerprints, so the checkpoints, of runs without it."""
+  assert 'narrow_range' not in fr.QuantConfig().fingerprint_fields()['weight']
+  narrow = fr.QuantConfig(weight=fr.QuantSpec(bits=8, symmetric=True, narrow_range=True))
+  assert narrow.fingerprint_fields()['weight']['narrow_range'] is True
+  assert _fp(narrow) != _fp(dataclasses.replace(narrow, weight=narrow.weight.replace(narrow_range=False)))
+  # A rule making a kernel asymmetric drops the default's narrow range with its sign.
+  assert fr.Rule('x', symmetric=False).apply(narrow.weight) == fr.QuantSpec(bits=8)

@@ -27,7 +27,8 @@ class Rule:
   Attributes:
     pattern: regex, ``re.fullmatch``-ed against the module path ('encoder/layer_3/query', 'stem').
     bits, granularity, group_size, symmetric, grid_init: override the fields of ``QuantConfig.weight``. Setting
-      ``granularity`` to 'per_tensor' or 'per_channel' drops the default's group size.
+      ``granularity`` to 'per_tensor' or 'per_channel' drops the default's group size, ``symmetric=False`` its
+      ``narrow_range``.
     method: a Method, a registered name or a {'name': ..., knobs} mapping for these kernels.
     activation: the quantizer of these kernels' inputs (an ActQuantizer, a registered name or a {'name': ...,
       knobs} mapping), or 'float' to keep their inputs float; None: ``QuantConfig.activation``.
@@ -73,6 +74,8 @@ class Rule:
       changes['group_size'] = self.group_size
     elif self.granularity is not None and self.granularity != 'per_group':
       changes['group_size'] = None
+    if self.symmetric is False:
+      changes['narrow_range'] = False
     try:
       return spec.replace(**changes)
     except ValueError as e:
@@ -388,6 +391,8 @@ class QuantConfig:
     for k, default in FINGERPRINTED_WHEN_SET.items():
       if out[k] == default:
         out.pop(k)
+    if not self.weight.narrow_range:   # QuantSpec fields added later: runs that do not set them keep their fingerprints
+      out['weight'].pop('narrow_range')
     return out
 
   @classmethod

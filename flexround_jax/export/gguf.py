@@ -2,9 +2,10 @@
 as Q4_0 / Q8_0.
 
 llama.cpp's Q4_0 and Q8_0 blocks are symmetric grids of 32 consecutive input weights with one float16 step ``d``:
-Q4_0 stores ``q = code + 8`` in [0, 15] (x = d * (q - 8)), Q8_0 the int8 code (x = d * code). A QTensor with
-``QuantSpec(bits=4 or 8, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')`` is exactly
-such a grid: its codes and steps are written as they are, so llama.cpp computes with the weights FlexRound learned,
+Q4_0 stores ``q = code + 8`` in [0, 15] (x = d * (q - 8)), Q8_0 the int8 code in [-127, 127] (x = d * code; llama.cpp
+writes d = max|x| / 127, and its int8 dot products take |code| with sign tricks that overflow at -128). A QTensor with
+``QuantSpec(bits=4, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')``, or the same
+with ``bits=8, narrow_range=True``, is exactly such a grid: its codes and steps are written as they are, so llama.cpp computes with the weights FlexRound learned,
 bit for bit (``gguf.quants.dequantize`` of every written tensor equals ``QTensor.dequantize``; checked on write).
 
 The blocks are packed here from our codes: ``gguf.quants.quantize`` chooses its own step (max |x| / -8) and cannot
@@ -40,13 +41,14 @@ def check_grid(name: str, qt: QTensor, n_in: int) -> None:
   """Raises ValueError naming the tensor unless ``qt`` is exactly a Q4_0 / Q8_0 grid."""
   spec = qt.spec
   ok = (spec.bits in (4, 8) and spec.granularity == 'per_group' and spec.group_size == BLOCK and spec.symmetric and
-        spec.scale_dtype == 'float16')
+        spec.scale_dtype == 'float16' and (spec.bits == 4 or spec.narrow_range))
   if not ok:
     raise ValueError(
         f'kernel {name}: its grid (bits={spec.bits}, {spec.granularity}, group_size={spec.group_size}, '
-        f'symmetric={spec.symmetric}, scale_dtype={spec.scale_dtype}) cannot be stored as GGUF Q4_0 / Q8_0, which '
-        f"need QuantSpec(bits=4 or 8, granularity='per_group', group_size={BLOCK}, symmetric=True, "
-        f"scale_dtype='float16')")
+        f'symmetric={spec.symmetric}, narrow_range={spec.narrow_range}, scale_dtype={spec.scale_dtype}) cannot be '
+        f"stored as GGUF Q4_0 / Q8_0, which need QuantSpec(bits=4, granularity='per_group', group_size={BLOCK}, "
+        f"symmetric=True, scale_dtype='float16') / the same with bits=8, narrow_range=True (Q8_0's codes are "
+        '[-127, 127])')
   if not grid.groups_divide(spec, n_in):
     raise ValueError(f'kernel {name}: {n_in} inputs are not a multiple of the GGUF block size {BLOCK}')
   codes = np.asarray(qt.codes)

@@ -122,8 +122,9 @@ def _grid_from_range(x_min, x_max, spec: QuantSpec):
   """log(s1) and integer zero point of the grid spanning [min(x_min, 0), max(x_max, 0)]."""
   x_min = jnp.minimum(x_min, 0.0)
   x_max = jnp.maximum(x_max, 0.0)
-  steps = spec.n_levels - 1
-  if spec.symmetric:
+  cmin, cmax = spec.code_range
+  steps = cmax - cmin
+  if spec.symmetric:   # steps / 2 steps on each side of 0: [-(s/2), s/2] covers [-max|x|, max|x|]
     scale = jnp.maximum(2.0 * jnp.maximum(-x_min, x_max) / steps, MIN_SCALE)
     zero_point = jnp.zeros_like(scale, dtype=jnp.int32)
   else:
