@@ -18,8 +18,9 @@ The importance matrix: ``llama-imatrix -c 512 --chunks 128`` of the source file 
 "\\n\\n": the first 128 chunks of 512 tokens are the SmolLM2 table's calibration windows (the JSON records that
 llama.cpp's token ids equal ours). It is computed once into the workdir.
 
-Our rows quantize with ``QuantSpec(bits, 'per_group', group_size=32, symmetric=True, scale_dtype='float16')``, the
-grid Q4_0 / Q8_0 store exactly, with the SmolLM2 table's calibration and budget (configs/smollm2.py: 128 x 512 tokens,
+Our rows quantize with ``QuantSpec(bits, 'per_group', group_size=32, symmetric=True, scale_dtype='float16')``, with
+``narrow_range=True`` at 8 bits (codes in [-127, 127], step max|w| / 127 per block, as llama.cpp's Q8_0), the grid
+Q4_0 / Q8_0 store exactly, with the SmolLM2 table's calibration and budget (configs/smollm2.py: 128 x 512 tokens,
 250 iterations of batch 2 per layer, FlexRound lr 3e-3), and ``export.save_gguf`` writes them with the source file as
 template. The source weights are Q4_1 (asymmetric, group 32): an asymmetric group-32 export would be exact, which is
 why Q4_0 is the test.
@@ -215,7 +216,7 @@ def our_export(row: str, path: str, workdir: str) -> dict:
   q = config.quant.to_dict()
   q['method'] = {'name': method, 'lr': FLEXROUND_LR} if method == 'flexround' else {'name': method}
   q['weight'] = {**q['weight'], 'bits': bits, 'granularity': 'per_group', 'group_size': 32, 'symmetric': True,
-                 'scale_dtype': 'float16'}
+                 'narrow_range': bits == 8, 'scale_dtype': 'float16'}   # Q8_0's int8 codes are [-127, 127]
   q.update(checkpoint_dir=os.path.join(workdir, 'checkpoints'), num_devices=1)
   cfg = QuantConfig.from_dict(q)
   start = time.time()
