@@ -191,3 +191,20 @@ def test_a_template_with_its_own_alignment_is_written_with_that_alignment(tmp_pa
   assert reader.alignment == alignment and all(t.data_offset % alignment == 0 for t in reader.tensors)
   _, loaded, _, _ = llama.load_smollm2(path)
   jax.tree.map(np.testing.assert_array_equal, loaded, fr.dequantize_params(params, qts))
+
+
+def test_float32_gguf_of_the_dequantized_weights(tmp_path, model):
+  """keep_source_types=False: every tensor F32, the values the model computes with (a float source for
+  llama-quantize); the default keeps the template's encodings."""
+  _, params, template = model
+  quantized = str(tmp_path / 'q4_0.gguf')
+  qts = _qtensors(params, 4, learned=False)
+  types = export.save_gguf(quantized, fr.dequantize_params(params, qts), qts, template_gguf=template)['tensors']
+  assert 'Q4_0' in types.values()
+  _, params, _, _ = llama.load_smollm2(quantized)
+  assert export.save_gguf(str(tmp_path / 'kept.gguf'), params, {}, template_gguf=quantized)['tensors'] == types
+  path = str(tmp_path / 'f32.gguf')
+  info = export.save_gguf(path, params, {}, template_gguf=quantized, keep_source_types=False)
+  assert set(info['tensors'].values()) == {'F32'}
+  _, loaded, _, _ = llama.load_smollm2(path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

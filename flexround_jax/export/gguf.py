@@ -88,7 +88,8 @@ def pack_blocks(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
   return np.concatenate([d, qs], axis=-1).reshape(rows, -1)
 
 
-def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: str, overwrite: bool = False) -> dict:
+def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: str, overwrite: bool = False,
+              keep_source_types: bool = True) -> dict:
   """Writes ``params`` (a ``Decoder`` loaded from ``template_gguf`` by ``models.gguf.load_gguf``, or the ``Llama``
   of ``models.llama.load_smollm2``: the same params) with ``qtensors`` as Q4_0 / Q8_0.
 
@@ -98,6 +99,11 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
     qtensors: {kernel path ('layers_0/attn/q_proj/kernel'): QTensor} on Q4_0 / Q8_0 grids (see ``check_grid``).
     template_gguf: the source GGUF: its metadata, tokenizer and non-quantized tensors are copied.
     overwrite: replace an existing ``path`` (only once the new file is complete and reads back as sealed).
+    keep_source_types: a tensor not in ``qtensors`` whose param still equals the template's keeps the template's
+      encoding (default); False writes every such tensor as F32. ``save_gguf(path, params, {}, template,
+      keep_source_types=False)`` of a model loaded from a quantized GGUF is the float32 GGUF of its dequantized
+      weights: a source ``llama-quantize`` requantizes every tensor from (it copies a tensor whose type already is
+      the target type).
 
   Returns:
     {'tensors': {gguf name: type written}, 'file_bytes': size, 'sha256': the ``flexround_jax.sha256`` seal}.
@@ -156,7 +162,7 @@ def save_gguf(path: str, params, qtensors: dict[str, QTensor], template_gguf: st
                             expected):
         raise AssertionError(f'{key}: GGUF blocks do not dequantize to the QTensor (packing bug)')
       encoded.append((name, data, types[qt.spec.bits]))
-    elif np.array_equal(source, ours):
+    elif keep_source_types and np.array_equal(source, ours):
       encoded.append((name, t.data, t.tensor_type))
     else:
       encoded.append((name, ours.astype(np.float32), None))
