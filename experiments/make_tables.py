@@ -241,9 +241,20 @@ GGUF_ROWS = {   # row -> (what the file is, who made it)
     'rtn_q4_0': ('Q4_0, RTN', 'flexround_jax `save_gguf`'),
     'flexround_q4_0': ('Q4_0, FlexRound', 'flexround_jax `save_gguf`'),
     'llamacpp_q8_0': ('Q8_0 from the source', 'llama.cpp `llama-quantize`'),
-    'rtn_q8_0': ('Q8_0, RTN', 'flexround_jax `save_gguf`'),
+    'rtn_q8_0': ('Q8_0, RTN (narrow range, codes ±127)', 'flexround_jax `save_gguf`'),
+}
+GEMMA3_GGUF_ROWS = {
+    'gemma3_source_q4_k_m': ('source file (Q4_K_M: Q5_0 / Q4_K / Q6_K / Q8_0 layers, Q8_0 embedding; our float '
+                             'baseline)', 'Gemma 3 release'),
+    'gemma3_llamacpp_q4_0': ('Q4_0 from the float32 source', 'llama.cpp `llama-quantize`'),
+    'gemma3_llamacpp_imatrix_q4_0': ('Q4_0 from the float32 source, importance matrix',
+                                     'llama.cpp `llama-imatrix` + `llama-quantize`'),
+    'gemma3_llamacpp_q4_k_m': ('Q4_K_M from the float32 source', 'llama.cpp `llama-quantize`'),
+    'gemma3_llamacpp_imatrix_q4_k_m': ('Q4_K_M from the float32 source, importance matrix',
+                                       'llama.cpp `llama-imatrix` + `llama-quantize`'),
 }
 GGUF_BASE = 'llamacpp_q4_0'   # the row the paired differences are taken against
+GGUF_OURS = 'flexround_q4_0'  # ... and our FlexRound file, where it has per-chunk NLL on the same chunks
 GGUF_PREFIX = 40              # the chunks every row has been scored on (the first rows were scored on 40)
 
 
@@ -253,18 +264,27 @@ def _gguf_chunk_nll(row: str):
   return np.loadtxt(path, np.float64) if os.path.exists(path) else None
 
 
-def gguf_table() -> str:
-  """One row per GGUF file: perplexity by llama.cpp on all its chunks and on the first 40 (the chunks every row has),
-  the paired mean-NLL difference to llama.cpp's Q4_0, and our JAX model's perplexity of the same file."""
+def _paired(nll, base) -> str:
+  """'mean NLL(nll) - mean NLL(base) ± paired SE' over the same chunks, or '–'."""
   from flexround_jax.evals.perplexity import paired_nll_difference  # pylint: disable=g-import-not-at-top
+  if nll is None or base is None or len(nll) != len(base) or nll is base:
+    return '–'
+  d = paired_nll_difference(base, nll)
+  return f"{d['diff']:+.4f} ± {d['se']:.4f}"
+
+
+def _gguf_rows(names: dict, versus: dict, jax_columns: bool) -> list[str]:
+  """Rows of a GGUF table: file, maker, size, chunks, llama.cpp perplexity on all of them and on the first 40, the
+  paired mean-NLL difference to each row of ``versus`` ({column title: row}), our JAX model on the same file."""
   rows = {r['row']: r for r in _load('gguf_*.json')}
-  base = _gguf_chunk_nll(GGUF_BASE)
-  lines = ['| GGUF file | made by | size (MB) | chunks | llama.cpp `llama-perplexity` (2nd half of each chunk) | '
-           f'same, first {GGUF_PREFIX} chunks | mean NLL − Q4_0 `llama-quantize` ± paired SE | '
-           'JAX, same file, same scoring | JAX, same file, every token |', '|---|---|---|---|---|---|---|---|---|']
-  for name, (what, who) in GGUF_ROWS.items():
+  bases = {title: _gguf_chunk_nll(row) for title, row in versus.items()}
+  head = (['GGUF file', 'made by', 'size (MB)', 'chunks', 'llama.cpp `llama-perplexity` (2nd half of each chunk)',
+           f'same, first {GGUF_PREFIX} chunks'] + [f'mean NLL − {title} ± paired SE' for title in versus] +
+          (['JAX, same file, same scoring', 'JAX, same file, every token'] if jax_columns else []))
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for name, (what, who) in names.items():
     if name not in rows:
-      lines.append(f'| {what} | {who} | not run yet | | | | | | |')
+      lines.append(f'| {what} | {who} | not run yet |' + ' |' * (len(head) - 3))
       continue
     r, nll = rows[name], _gguf_chunk_nll(name)
     ppl = r['llama_cpp']
@@ -272,16 +292,29 @@ def gguf_table() -> str:
       prefix = f'{np.exp(nll[:GGUF_PREFIX].mean()):.2f}'
     else:
       prefix = f"{ppl['ppl']:.2f}" if ppl['n_chunks'] == GGUF_PREFIX else '–'
-    diff = '–'
-    if name != GGUF_BASE and nll is not None and base is not None and len(nll) == len(base):
-      d = paired_nll_difference(base, nll)
-      diff = f"{d['diff']:+.4f} ± {d['se']:.4f}"
-    jax = r.get('jax_same_file')
-    jax_cells = (f"{jax['ppl_second_half']:.2f} | {jax['ppl_protocol']:.2f}" + ('' if jax['n_windows'] ==
-                 ppl['n_chunks'] else f" ({jax['n_windows']} windows)")) if jax else '– | –'
-    lines.append(f"| {what} | {who} | {r['file_bytes'] / 2**20:.0f} | {ppl['n_chunks']} | {ppl['ppl']:.2f} ± "
-                 f"{ppl['ppl_stderr']:.2f} | {prefix} | {diff} | {jax_cells} |")
-  return '\n'.join(lines)
+    cells = [what, who, f"{r['file_bytes'] / 2**20:.0f}", str(ppl['n_chunks']),
+             f"{ppl['ppl']:.2f} ± {ppl['ppl_stderr']:.2f}", prefix]
+    cells += ['–' if name == versus[title] else _paired(nll, base) for title, base in bases.items()]
+    if jax_columns:
+      jax = r.get('jax_same_file')
+      cells.append((f"{jax['ppl_second_half']:.2f} | {jax['ppl_protocol']:.2f}" + ('' if jax['n_windows'] ==
+                    ppl['n_chunks'] else f" ({jax['n_windows']} windows)")) if jax else '– | –')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def gguf_table() -> str:
+  """SmolLM2, one row per GGUF file: perplexity by llama.cpp on all its chunks and on the first 40 (the chunks every
+  row has), the paired mean-NLL differences to llama.cpp's Q4_0 and to our FlexRound Q4_0, and our JAX model's
+  perplexity of the same file."""
+  return '\n'.join(_gguf_rows(GGUF_ROWS, {'Q4_0 `llama-quantize`': GGUF_BASE, 'Q4_0 FlexRound': GGUF_OURS},
+                               jax_columns=True))
+
+
+def gguf_gemma3_table() -> str:
+  """Gemma 3 270M, one row per GGUF file, scored by llama.cpp (all 345 chunks), with the paired mean-NLL difference
+  to llama.cpp's Q4_0."""
+  return '\n'.join(_gguf_rows(GEMMA3_GGUF_ROWS, {'Q4_0 `llama-quantize`': 'gemma3_' + GGUF_BASE}, jax_columns=False))
 
 
 BENCH = os.path.join(HERE, '..', 'benchmarks', 'results')
@@ -396,6 +429,7 @@ def stream_hf_table() -> str:
 
 TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
+          'gguf_gemma3': gguf_gemma3_table,
           'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,
           'stream': stream_table, 'stream_hf': stream_hf_table}
 PLOTS = {   # docs/assets/<name>_vs_bits.png: (results pattern, metric, lines by, lower is better (and a log axis))
