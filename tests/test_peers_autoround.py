@@ -1,4 +1,5 @@
-"""experiments/peers/autoround_format.py: AutoRound's packed integer layers read back into our QTensors.
+"""experiments/peers/: AutoRound's packed integer layers read back into our QTensors (autoround_format.py), and the
+per-window NLL that every peer row stores (window_nll.py).
 
 The packers below are numpy ports of auto-round 0.16.1's ``auto_round_extension.torch.qlinear_torch.QuantLinear``
 (``pack_248_bits``: codes shifted by b * j and summed per 32-bit word; ``pack_3bits``: ten 3-bit codes per word with
@@ -16,21 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flexround_jax.evals import perplexity
 from flexround_jax.models import decoder
 from flexround_jax.spec import QuantSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_format():
-  spec = importlib.util.spec_from_file_location('autoround_format',
-                                                os.path.join(ROOT, 'experiments', 'peers', 'autoround_format.py'))
+def _load_peer_module(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'experiments', 'peers', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-fmt = _load_format()
+fmt = _load_peer_module('autoround_format')
+window_nll = _load_peer_module('window_nll')
 
 
 def _pack_248(intweight, bits):
@@ -157,6 +159,21 @@ def test_checkpoint_folder_into_decoder_params(tmp_path):
     fmt.read_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match='not a projection kernel'):
     fmt.decoder_qtensors({'model.embed_tokens': next(iter(by_module.values()))}, config)
+
+
+def test_window_nll_is_the_protocol_perplexity_window_by_window():
+  """experiments/peers/window_nll.py: mean NLL per window; exp(mean over windows) is ``perplexity``'s number (every
+  window scores the same number of tokens), with a last batch shorter than the others."""
+  module, params = decoder.make_decoder()
+  apply_fn = lambda p, t: module.apply({'params': p}, t)
+  windows = np.random.default_rng(0).integers(0, 256, (5, 16)).astype(np.int32)
+  nll = window_nll.window_nll(apply_fn, params, windows, batch_size=2)
+  ref = perplexity.perplexity(apply_fn, params, windows, batch_size=2, progress=False)
+  assert nll.shape == (5,)
+  assert np.exp(np.mean(nll)) == pytest.approx(ref['ppl'], rel=1e-6)
+  one = window_nll.window_nll(apply_fn, params, windows[3:4], batch_size=2)
+  assert one[0] == pytest.approx(nll[3], rel=1e-6)
+  assert window_nll.nll_path('a/b.json') == 'a/b.window_nll.txt'
 
 
 def _leaf(tree, path):
