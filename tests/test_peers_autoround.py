@@ -196,8 +196,40 @@ def test_reader_matches_auto_round_own_packer(bits):
   linear = torch.nn.Linear(n_in, n_out, bias=False)
   linear.weight.data = torch.from_numpy(w_hat)
   layer = QuantLinear(bits, g, n_in, n_out, bias=False)
+  layer.device = torch.device('cpu')   # as auto-round's export.pack_layer sets it before packing
   layer.pack(linear, torch.from_numpy(scales.astype(np.float32)), torch.from_numpy(zeros).to(torch.int32), None)
   qt = fmt.qtensor_from_packed(layer.qweight.numpy(), layer.qzeros.numpy(), layer.scales.numpy(), bits, g)
   np.testing.assert_array_equal(qt.codes, codes.T)
   np.testing.assert_array_equal(qt.zero_point, zeros.T)
   np.testing.assert_array_equal(np.asarray(qt.dequantize(jnp.float32)), w_hat.T)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('auto_round') is None,
+                    reason='auto-round is not installed (it lives in `make peers`\'s .venv-peers, never in .venv)')
+@pytest.mark.parametrize('bits,group_size', [(4, -1), (3, 32)])
+def test_autoround_run_reads_back_as_it_held_the_grid(tmp_path, bits, group_size):
+  """A tiny random Llama through AutoRound's public API (2 steps) and the save format autoround_smollm2.py uses: the
+  folder reads back to the scales and zero points AutoRound held and the codes its packer derives (~10 s)."""
+  import torch
+  import transformers
+  from tokenizers import Tokenizer, models
+  from auto_round import AutoRound
+  runner = _load_peer_module('autoround_smollm2')
+
+  config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                    tie_word_embeddings=True)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  tokenizer = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=Tokenizer(models.WordLevel({f't{i}': i for i in range(128)}, unk_token='t0')))
+  ids = torch.randint(0, 128, (16, 64))
+  ar = AutoRound(model, tokenizer, bits=bits, group_size=group_size, sym=False, iters=2, nsamples=16, seqlen=64,
+                 batch_size=8, dataset=list(torch.split(ids, 8)), device_map='cpu', seed=42)
+  ar.quantize()
+  grid = runner.in_memory_grid(model, bits)
+  ar.save_quantized(str(tmp_path), format=runner.EXPORT_FORMAT, inplace=True)
+  qc, by_module = fmt.read_checkpoint(str(tmp_path))
+  assert qc['packing_format'] == runner.EXPORT_FORMAT and qc['bits'] == bits
+  check = runner.readback_check(by_module, grid)
+  assert check['layers_read'] == check['layers_compared'] == 14 and check['codes_scales_zeros_equal'], check

@@ -1,15 +1,17 @@
 """Intel AutoRound's packed integer checkpoints read back into our QTensors, in numpy (no torch, no auto-round).
 
-``AutoRound(...).save_quantized(dir, format='auto_round')`` writes, for each quantized ``nn.Linear`` of weight
+``AutoRound(...).save_quantized(dir, format='auto_round:gptqmodel')`` (or ``'auto_round'``) writes, for each quantized ``nn.Linear`` of weight
 (out, in) at b bits with groups of g input channels (``group_size=-1``: g = in, one group per output channel),
 three tensors next to its name in the safetensors file (auto_round_extension.torch.qlinear_torch.QuantLinear.pack):
 
 * ``qweight`` (in * b / 32, out) int32: for each output column, the codes of its ``in`` weights as one little-endian
   bit stream, code i at bits b*i .. b*i+b-1 of the column's 32-bit words (so 3-bit codes straddle words);
 * ``qzeros`` (ceil(in / g), out * b / 32) int32: each group row's zero points, packed the same way along ``out``;
-  packing format ``auto_round`` stores the zero point itself, ``auto_round:auto_gptq`` (AutoRound's choice for
-  symmetric grids) stores zero point - 1;
-* ``scales`` (ceil(in / g), out) float16.
+  packing formats ``auto_round`` and ``auto_round:gptqmodel`` store the zero point itself, ``auto_round:auto_gptq``
+  (AutoRound's choice for symmetric grids) stores zero point - 1;
+* ``scales`` (ceil(in / g), out) float16;
+* ``g_idx`` (in,) int32 (``auto_round:gptqmodel`` only): each input channel's group, i // g here (a permuted,
+  act-order ``g_idx`` is refused).
 
 W_hat[o, i] = scales[i // g, o] * (codes[i, o] - zeros[i // g, o]): our asymmetric ``QTensor`` (codes (in, out) in the
 Flax layout, scale and zero point per group and output channel, ``QuantSpec(scale_dtype='float16')``), so
@@ -28,7 +30,7 @@ from flexround_jax.models import hf
 from flexround_jax.qtensor import QTensor, validate
 from flexround_jax.spec import QuantSpec
 
-PACKING_ZERO_OFFSET = {'auto_round': 0, 'auto_round:auto_gptq': 1}   # zero point = stored + offset
+PACKING_ZERO_OFFSET = {'auto_round': 0, 'auto_round:gptqmodel': 0, 'auto_round:auto_gptq': 1}   # zero point = stored + offset
 
 
 def unpack_bitstream(words, bits: int) -> np.ndarray:
@@ -88,6 +90,12 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, QTensor]]:
   modules = sorted(name[:-len('.qweight')] for name in tensors if name.endswith('.qweight'))
   if not modules:
     raise ValueError(f'{path}: no packed layers (*.qweight) in its safetensors files')
+  group_size = int(qc['group_size'])
+  for m in modules:
+    if f'{m}.g_idx' in tensors:
+      g_idx = np.asarray(tensors[f'{m}.g_idx'])
+      if not np.array_equal(g_idx, np.arange(len(g_idx)) // (len(g_idx) if group_size == -1 else group_size)):
+        raise ValueError(f'{path}: {m}.g_idx is not input channel // group_size (act-order is not read)')
   return qc, {m: qtensor_from_packed(tensors[f'{m}.qweight'], tensors[f'{m}.qzeros'], tensors[f'{m}.scales'],
                                      int(qc['bits']), int(qc['group_size']), qc.get('packing_format', 'auto_round'),
                                      f'{path}: {m}') for m in modules}

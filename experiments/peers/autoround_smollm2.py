@@ -19,7 +19,7 @@ scored with our perplexity protocol. Runs in `make peers`'s venv (torch CPU, tra
 3. ``AutoRound(model, tokenizer, bits=, group_size=, sym=False, iters=, nsamples=128, seqlen=512, batch_size=,
    dataset=, device_map='cpu', seed=42).quantize()``; everything else at its defaults (lr = 1 / iters, min/max tuning
    with the same lr, its ``amp``: bfloat16 tuning on a CPU with bf16 instructions, else float32). Then
-   ``save_quantized(format='auto_round')``: packed codes, float16 scales and zero points.
+   ``save_quantized(format='auto_round:gptqmodel')``: packed codes, float16 scales and zero points.
 4. Read back: ``autoround_format.read_checkpoint`` -> our QTensors -> ``engine.dequantize_params`` into the
    ``Decoder``'s params (embedding and norms stay our float ones, as in every row of our tables). Checked against
    AutoRound's in-memory result: its scales and zero points, and the codes its packer derives from its qdq weights.
@@ -63,6 +63,10 @@ from flexround_jax.evals import perplexity
 from flexround_jax.models import gguf
 
 RESULTS = os.path.join(ROOT, 'experiments', 'results', 'peers')
+# AutoRound's own packed format, with the zero points stored as they are. Plain 'auto_round' sends 4-bit asymmetric
+# weights to its AWQ packer, which fails in 0.16.1 after quantize() (TypeError: WQLinear_GEMM.__init__() got an
+# unexpected keyword argument 'weight_dtype'); 'auto_round:auto_gptq' stores zero point - 1, clamped at 0.
+EXPORT_FORMAT = 'auto_round:gptqmodel'
 VERSIONS = ('auto-round', 'torch', 'transformers', 'accelerate', 'jax', 'numpy')
 
 
@@ -109,6 +113,25 @@ def torch_window_nll(model, windows, batch_size: int = 4) -> np.ndarray:
   return np.concatenate(out)
 
 
+def load_torch_model(hf_dir: str):
+  import torch
+  import transformers
+  model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
+  return model.eval()
+
+
+def float_check(model, windows, jax_nll) -> dict:
+  """The transformers model against our JAX Decoder on the same windows: perplexity of each, largest per-window
+  difference in mean NLL."""
+  t0 = time.time()
+  torch_nll = torch_window_nll(model, windows)
+  check = {'windows': len(windows), 'num_layers': model.config.num_hidden_layers,
+           'ppl_torch': math.exp(float(np.mean(torch_nll))), 'ppl_jax': math.exp(float(np.mean(jax_nll))),
+           'max_abs_window_nll_diff': float(np.max(np.abs(torch_nll - jax_nll))), 'torch_s': round(time.time() - t0, 1)}
+  print('float check:', json.dumps(check), flush=True)
+  return check
+
+
 def in_memory_grid(model, bits: int) -> dict:
   """{module name: (codes (out, in) uint8, scale (out, groups) float32, zero point (out, groups) int32, max |W_qdq -
   scale * (codes - zp)|)} of every layer AutoRound quantized, read from the layer as its packer reads it: codes =
@@ -143,23 +166,15 @@ def readback_check(by_module: dict, grid: dict) -> dict:
 
 
 def run_autoround(args, hf_dir: str, ar_dir: str, calib: np.ndarray, tokenizer, check_windows,
-                  jax_check_nll) -> dict:
-  """Steps 1-3 and the in-memory half of step 4: float check, AutoRound's quantize() and save_quantized()."""
+                  jax_check_nll) -> tuple[dict, dict]:
+  """Steps 1-3 and the in-memory half of step 4: float check, AutoRound's quantize() and save_quantized() -> (run
+  info, ``in_memory_grid``)."""
   import torch
   import transformers
   from auto_round import AutoRound
 
-  info = {}
-  model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True)
-  model.eval()
-  if check_windows is not None and len(check_windows):
-    t0 = time.time()
-    torch_nll = torch_window_nll(model, check_windows)
-    info['float_check'] = {
-        'windows': len(check_windows), 'num_layers': model.config.num_hidden_layers,
-        'ppl_torch': math.exp(float(np.mean(torch_nll))), 'ppl_jax': math.exp(float(np.mean(jax_check_nll))),
-        'max_abs_window_nll_diff': float(np.max(np.abs(torch_nll - jax_check_nll))), 'torch_s': time.time() - t0}
-    print('float check:', json.dumps(info['float_check']), flush=True)
+  model = load_torch_model(hf_dir)
+  info = {'float_check': float_check(model, check_windows, jax_check_nll)} if len(check_windows) else {}
   hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer)
   ids = torch.from_numpy(calib.astype(np.int64))
   dataset = list(torch.split(ids, args.batch_size))
@@ -190,7 +205,7 @@ def run_autoround(args, hf_dir: str, ar_dir: str, calib: np.ndarray, tokenizer, 
   tmp = ar_dir + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   t0 = time.time()
-  ar.save_quantized(tmp, format='auto_round', inplace=True)
+  ar.save_quantized(tmp, format=EXPORT_FORMAT, inplace=True)
   info['save_wall_s'] = round(time.time() - t0, 1)
   os.replace(tmp, ar_dir)                        # only a complete folder counts as a finished stage
   with open(os.path.join(ar_dir, 'run_info.json'), 'w') as f:
@@ -212,6 +227,8 @@ def main():
                       'model is cut to them for AutoRound; scoring puts them into the whole model)')
   parser.add_argument('--max-windows', type=int, default=None, help='score the first N of the 359 windows')
   parser.add_argument('--float-check-windows', type=int, default=8)
+  parser.add_argument('--float-check-only', action='store_true', help='only step 1 on the whole model: '
+                      'experiments/results/peers/autoround_float_check.json')
   parser.add_argument('--workdir', default=os.path.join(ROOT, 'work', 'peers'))
   parser.add_argument('--out-dir', default=None, help='default experiments/results/peers (partial/ with --layers '
                       'or --max-windows)')
@@ -248,6 +265,17 @@ def main():
       check = windows[:args.float_check_windows]
       module = type(source.module)(config)
       jax_check = window_nll.window_nll(lambda p, t: module.apply({'params': p}, t), params, check)
+      if args.float_check_only:
+        check = float_check(load_torch_model(hf_dir), check, jax_check)
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        path = os.path.join(args.out_dir or RESULTS, 'autoround_float_check.json')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+          json.dump({**check, 'reference_ppl_359_windows': 20.074, 'host': _host(), 'versions': _versions(),
+                     'commit': provenance.git_commit(), 'wall_s': round(time.time() - t_start, 1),
+                     'command': 'python experiments/peers/autoround_smollm2.py ' + ' '.join(sys.argv[1:])}, f,
+                    indent=2)
+        return
       del params, source
       gc.collect()
       info, grid = run_autoround(args, hf_dir, ar_dir, calib, tokenizer, check, jax_check)
