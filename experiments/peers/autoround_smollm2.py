@@ -264,7 +264,8 @@ def main():
                      overwrite=True)
       check = windows[:args.float_check_windows]
       module = type(source.module)(config)
-      jax_check = window_nll.window_nll(lambda p, t: module.apply({'params': p}, t), params, check)
+      jax_check = (window_nll.window_nll(lambda p, t: module.apply({'params': p}, t), params, check) if len(check)
+                   else np.zeros(0))
       if args.float_check_only:
         check = float_check(load_torch_model(hf_dir), check, jax_check)
         shutil.rmtree(hf_dir, ignore_errors=True)
@@ -283,7 +284,9 @@ def main():
       source = gguf.load_smollm2()
 
     qc, by_module = autoround_format.read_checkpoint(ar_dir)
-    check = readback_check(by_module, grid) if grid is not None else info.get('readback', {})
+    check = (readback_check(by_module, grid) if grid is not None else
+             {'layers_read': len(by_module), 'note': 'resumed from the saved folder: AutoRound\'s in-memory grid was '
+                                                     'compared by the run that saved it, not by this one'})
     info['readback'] = check
     print('read back:', json.dumps(check), flush=True)
     qtensors = autoround_format.decoder_qtensors(by_module, source.config)
