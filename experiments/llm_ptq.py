@@ -9,6 +9,11 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
 
   python experiments/llm_ptq.py [--only per_channel_w4] [--methods rtn,flexround] [--iters N] [--max-windows N]
   python experiments/llm_ptq.py --curve [--iters 50]   # perplexity vs iterations -> experiments/results/llm_iters/
+  python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --compute-dtype bfloat16
+      # -> llm_per_channel_w4_flexround_bf16.json (QuantConfig.compute_dtype; --fallback-samples N adds _fbN)
+
+Every JSON records the peak RSS of each phase of the run (``rss_phases_mb``: load, quantize, evaluation, export,
+the export check) and the host (CPU model, cores, its bfloat16 flags).
 """
 
 from flexround_jax import cpu
@@ -61,6 +66,10 @@ def main():
   parser.add_argument('--num-devices', type=int, default=None,
                       help='devices the calibration batch is split over (default: all; the committed JSONs used 2 on '
                            '2-core hosts; 1 is 1.14-1.2x faster per step there, see the README benchmarks)')
+  parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='QuantConfig.compute_dtype (bfloat16: the JSON name ends in _bf16)')
+  parser.add_argument('--fallback-samples', type=int, default=None,
+                      help='QuantConfig.fallback_samples (the JSON name ends in _fbN)')
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
   args = parser.parse_args()
   compile_cache.enable(os.path.join(args.workdir, 'jax_cache'))   # identical layers compile once, across runs too
@@ -76,7 +85,10 @@ def main():
     if unknown or not runs:
       parser.error(f'nothing to run: --only {args.only!r} / --methods {args.methods!r} (settings: '
                    f'{[_tag(*setting) for setting in SETTINGS]}, methods: {METHODS})')
+  suffix = ('_bf16' if args.compute_dtype == 'bfloat16' else '') + (
+      f'_fb{args.fallback_samples}' if args.fallback_samples else '')
   for granularity, bits, group, method, iters, name in runs:
+    name += suffix
     tag = _tag(granularity, bits, group)
     out = os.path.join(HERE, 'results', name + '.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -92,32 +104,37 @@ def main():
     if args.max_windows is not None:
       config.task_args.max_windows = args.max_windows
     q.num_devices = args.num_devices
+    q.compute_dtype, q.fallback_samples = args.compute_dtype, args.fallback_samples
     workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
-      results = runner.run(config, workdir)
-    # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
-    params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
-    path = os.path.join(workdir, 'model.safetensors')
-    sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
+      results = runner.run(config, workdir, phase=rss.mark)
+      rss.mark('export_safetensors')
+      # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
+      params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
+      path = os.path.join(workdir, 'model.safetensors')
+      sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
+      if method != 'rtn':
+        rss.mark('export_check')
+        # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
+        # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
+        # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
+        reloaded, _ = export.load_safetensors(path)
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
+        config.task_args.max_windows = EXACT_CHECK_WINDOWS
+        prefix = tasks.make(config.task, config.task_args).evaluate
+        ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
+        results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
+                        'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
+                        'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
     results.update({
         'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
-        'peak_rss_mb': round(rss.peak_mb, 1), 'export_bytes': sizes['file_bytes'],
+        'peak_rss_mb': round(rss.peak_mb, 1), 'rss_phases_mb': rss.phases_mb, 'export_bytes': sizes['file_bytes'],
         'float32_bytes': sizes['float32_bytes'],
         'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
+        'compute_dtype': args.compute_dtype, 'fallback_samples': args.fallback_samples,
+        'host': {**provenance.host_info(), 'bf16_cpu_flags': provenance.bf16_flags(), 'jax': jax.__version__},
     })
-    if method != 'rtn':
-      # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
-      # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
-      # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
-      reloaded, _ = export.load_safetensors(path)
-      same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
-      config.task_args.max_windows = EXACT_CHECK_WINDOWS
-      prefix = tasks.make(config.task, config.task_args).evaluate
-      ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
-      results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
-                      'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
-                      'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
     with open(out, 'w') as f:
       json.dump(results, f, indent=2, default=float)
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)
