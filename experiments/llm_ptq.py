@@ -70,6 +70,10 @@ def main():
                       help='QuantConfig.compute_dtype (bfloat16: the JSON name ends in _bf16)')
   parser.add_argument('--fallback-samples', type=int, default=None,
                       help='QuantConfig.fallback_samples (the JSON name ends in _fbN)')
+  parser.add_argument('--n-calib', type=int, default=None, help='calibration windows (default: the config\'s 128)')
+  parser.add_argument('--blocks', default=None, help='regex of the decoder layers to quantize (default: all)')
+  parser.add_argument('--results-dir', default=os.path.join(HERE, 'results'),
+                      help='where the JSONs go (memory probes with --iters 2 etc.: outside experiments/results)')
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
   args = parser.parse_args()
   compile_cache.enable(os.path.join(args.workdir, 'jax_cache'))   # identical layers compile once, across runs too
@@ -90,7 +94,7 @@ def main():
   for granularity, bits, group, method, iters, name in runs:
     name += suffix
     tag = _tag(granularity, bits, group)
-    out = os.path.join(HERE, 'results', name + '.json')
+    out = os.path.join(args.results_dir, name + '.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if os.path.exists(out):
       print(f'skip {out} (exists)')
@@ -103,6 +107,10 @@ def main():
       q.iters = iters
     if args.max_windows is not None:
       config.task_args.max_windows = args.max_windows
+    if args.n_calib is not None:
+      config.task_args.n_calib = args.n_calib
+    if args.blocks is not None:
+      q.blocks = args.blocks
     q.num_devices = args.num_devices
     q.compute_dtype, q.fallback_samples = args.compute_dtype, args.fallback_samples
     workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
