@@ -72,6 +72,10 @@ def main():
                       help='QuantConfig.fallback_samples (the JSON name ends in _fbN)')
   parser.add_argument('--n-calib', type=int, default=None, help='calibration windows (default: the config\'s 128)')
   parser.add_argument('--blocks', default=None, help='regex of the decoder layers to quantize (default: all)')
+  parser.add_argument('--vocab-chunk', type=int, default=None,
+                      help='evaluate without forming the logits, this many vocabulary rows at a time (task_args)')
+  parser.add_argument('--eval-batch', type=int, default=None, help='windows per evaluation call (default 4)')
+  parser.add_argument('--spill-dir', default=None, help='QuantConfig.spill_dir: the activation cache in files')
   parser.add_argument('--results-dir', default=os.path.join(HERE, 'results'),
                       help='where the JSONs go (memory probes with --iters 2 etc.: outside experiments/results)')
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
@@ -111,6 +115,11 @@ def main():
       config.task_args.n_calib = args.n_calib
     if args.blocks is not None:
       q.blocks = args.blocks
+    if args.vocab_chunk is not None:
+      config.task_args.vocab_chunk = args.vocab_chunk
+    if args.eval_batch is not None:
+      config.task_args.eval_batch = args.eval_batch
+    q.spill_dir = args.spill_dir and os.path.abspath(args.spill_dir)
     q.num_devices = args.num_devices
     q.compute_dtype, q.fallback_samples = args.compute_dtype, args.fallback_samples
     workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
@@ -119,9 +128,13 @@ def main():
       results = runner.run(config, workdir, phase=rss.mark)
       rss.mark('export_safetensors')
       # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
+      if method != 'rtn':   # made first: its float params are gone before the quantized copies are loaded
+        config.task_args.max_windows = EXACT_CHECK_WINDOWS
+        prefix = tasks.make(config.task, config.task_args).evaluate
       params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
       path = os.path.join(workdir, 'model.safetensors')
       sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
+      del qtensors
       if method != 'rtn':
         rss.mark('export_check')
         # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
@@ -129,9 +142,9 @@ def main():
         # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
         reloaded, _ = export.load_safetensors(path)
         same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
-        config.task_args.max_windows = EXACT_CHECK_WINDOWS
-        prefix = tasks.make(config.task, config.task_args).evaluate
-        ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
+        ppl_reloaded = prefix(reloaded)['ppl']
+        del reloaded
+        ppl_fake_quant = prefix(params_q)['ppl']
         results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
                         'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
                         'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
@@ -141,6 +154,8 @@ def main():
         'float32_bytes': sizes['float32_bytes'],
         'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
         'compute_dtype': args.compute_dtype, 'fallback_samples': args.fallback_samples,
+        'memory_options': {'vocab_chunk': args.vocab_chunk, 'eval_batch': config.task_args.eval_batch,
+                           'spill_dir': args.spill_dir is not None},
         'host': {**provenance.host_info(), 'bf16_cpu_flags': provenance.bf16_flags(), 'jax': jax.__version__},
     })
     with open(out, 'w') as f:

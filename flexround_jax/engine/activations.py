@@ -110,6 +110,16 @@ class ActivationStore:
     store.write(0, store.n, arrays)
     return store
 
+  @classmethod
+  def holding(cls, arrays: list, spill_dir: str | None = None) -> ActivationStore:
+    """A store of ``arrays`` themselves when the cache is in RAM (no copy: the next unit's inputs are the arrays a
+    finished unit wrote), or of copies in new files with ``spill_dir`` (``from_arrays``)."""
+    if spill_dir is not None:
+      return cls.from_arrays(arrays, spill_dir)
+    store = cls(int(np.shape(arrays[0])[0]))
+    store.arrays = list(arrays)
+    return store
+
   @property
   def nbytes(self) -> int:
     return sum(a.nbytes for a in self.arrays or [])

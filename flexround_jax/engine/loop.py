@@ -278,8 +278,9 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
       if out_q is None:
         out_q = recon.forward(unit, engine_placed(q_unit), x_q,
                               [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
-      x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
-      x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
+      # In RAM the stores take over the arrays (two copies of the cache less at this point of the run).
+      x_q = ActivationStore.holding([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
+      x_fp = ActivationStore.holding([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
       out_q.close()
     else:
       x_q = x_fp = None
