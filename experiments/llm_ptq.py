@@ -52,6 +52,18 @@ def _tag(granularity, bits, group):
   return f'{granularity}{group or ""}_w{bits}'
 
 
+def fixed_cost(report: list[dict]) -> dict:
+  """Per unit: its whole time (``seconds``: float targets, RTN-start loss, training, final loss pass with the next
+  unit's inputs) and the fixed part of it (``seconds`` - ``seconds_train``), medians over the units that trained."""
+  units = [r for r in report if r.get('seconds_train')]
+  if not units:
+    return {}
+  unit_s = float(np.median([r['seconds'] for r in units]))
+  fixed_s = float(np.median([r['seconds'] - r['seconds_train'] for r in units]))
+  return {'median_unit_s': round(unit_s, 2), 'median_fixed_s': round(fixed_s, 2),
+          'fixed_share': round(fixed_s / unit_s, 4), 'units': len(units)}
+
+
 def load_config():
   return runner.load_config_file(os.path.join(HERE, '..', 'configs', 'smollm2.py'))
 
@@ -154,6 +166,7 @@ def main():
         'float32_bytes': sizes['float32_bytes'],
         'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
         'compute_dtype': args.compute_dtype, 'fallback_samples': args.fallback_samples,
+        'fixed_cost': fixed_cost(results['report']),
         'memory_options': {'vocab_chunk': args.vocab_chunk, 'eval_batch': config.task_args.eval_batch,
                            'spill_dir': args.spill_dir is not None},
         'host': {**provenance.host_info(), 'bf16_cpu_flags': provenance.bf16_flags(), 'jax': jax.__version__},
