@@ -84,6 +84,8 @@ def main():
                       help='QuantConfig.fallback_samples (the JSON name ends in _fbN)')
   parser.add_argument('--n-calib', type=int, default=None, help='calibration windows (default: the config\'s 128)')
   parser.add_argument('--blocks', default=None, help='regex of the decoder layers to quantize (default: all)')
+  parser.add_argument('--cache-dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='QuantConfig.cache_dtype (bfloat16: the JSON name ends in _cachebf16)')
   parser.add_argument('--vocab-chunk', type=int, default=None,
                       help='evaluate without forming the logits, this many vocabulary rows at a time (task_args)')
   parser.add_argument('--eval-batch', type=int, default=None, help='windows per evaluation call (default 4)')
@@ -106,7 +108,8 @@ def main():
       parser.error(f'nothing to run: --only {args.only!r} / --methods {args.methods!r} (settings: '
                    f'{[_tag(*setting) for setting in SETTINGS]}, methods: {METHODS})')
   suffix = ('_bf16' if args.compute_dtype == 'bfloat16' else '') + (
-      f'_fb{args.fallback_samples}' if args.fallback_samples else '')
+      f'_fb{args.fallback_samples}' if args.fallback_samples else '') + (
+      '_cachebf16' if args.cache_dtype == 'bfloat16' else '')
   for granularity, bits, group, method, iters, name in runs:
     name += suffix
     tag = _tag(granularity, bits, group)
@@ -133,7 +136,7 @@ def main():
       config.task_args.eval_batch = args.eval_batch
     q.spill_dir = args.spill_dir and os.path.abspath(args.spill_dir)
     q.num_devices = args.num_devices
-    q.compute_dtype, q.fallback_samples = args.compute_dtype, args.fallback_samples
+    q.compute_dtype, q.fallback_samples, q.cache_dtype = args.compute_dtype, args.fallback_samples, args.cache_dtype
     workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
@@ -167,7 +170,7 @@ def main():
         'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
         'compute_dtype': args.compute_dtype, 'fallback_samples': args.fallback_samples,
         'fixed_cost': fixed_cost(results['report']),
-        'memory_options': {'vocab_chunk': args.vocab_chunk, 'eval_batch': config.task_args.eval_batch,
+        'memory_options': {'cache_dtype': args.cache_dtype, 'vocab_chunk': args.vocab_chunk, 'eval_batch': config.task_args.eval_batch,
                            'spill_dir': args.spill_dir is not None},
         'host': {**provenance.host_info(), 'bf16_cpu_flags': provenance.bf16_flags(), 'jax': jax.__version__},
     })
