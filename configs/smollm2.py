@@ -15,7 +15,8 @@ def get_config():
   config = base_config()
   config.task = 'smollm2'
   config.task_args = ml_collections.ConfigDict({'n_calib': 128, 'calib_len': 512,
-                                                'max_windows': config_dict.placeholder(int), 'eval_batch': 4})
+                                                'max_windows': config_dict.placeholder(int), 'eval_batch': 4,
+                                                'vocab_chunk': config_dict.placeholder(int)})
   config.eval_fp = False          # experiments/results/llm_fp.json holds the float perplexity
   q = config.quant
   q.method = {'name': 'flexround', 'lr': 3e-3}

@@ -11,6 +11,11 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
   python experiments/llm_ptq.py --curve [--iters 50]   # perplexity vs iterations -> experiments/results/llm_iters/
   python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --iters 200 --batch-size 8
       # another step budget -> llm_per_channel_w4_flexround_it200_b8.json (here: AutoRound's, 200 steps of batch 8)
+  python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --compute-dtype bfloat16
+      # -> llm_per_channel_w4_flexround_bf16.json (QuantConfig.compute_dtype; --fallback-samples N adds _fbN)
+
+Every JSON records the peak RSS of each phase of the run (``rss_phases_mb``: load, quantize, evaluation, export,
+the export check) and the host (CPU model, cores, its bfloat16 flags).
 """
 
 from flexround_jax import cpu
@@ -49,6 +54,18 @@ def _tag(granularity, bits, group):
   return f'{granularity}{group or ""}_w{bits}'
 
 
+def fixed_cost(report: list[dict]) -> dict:
+  """Per unit: its whole time (``seconds``: float targets, RTN-start loss, training, final loss pass with the next
+  unit's inputs) and the fixed part of it (``seconds`` - ``seconds_train``), medians over the units that trained."""
+  units = [r for r in report if r.get('seconds_train')]
+  if not units:
+    return {}
+  unit_s = float(np.median([r['seconds'] for r in units]))
+  fixed_s = float(np.median([r['seconds'] - r['seconds_train'] for r in units]))
+  return {'median_unit_s': round(unit_s, 2), 'median_fixed_s': round(fixed_s, 2),
+          'fixed_share': round(fixed_s / unit_s, 4), 'units': len(units)}
+
+
 def load_config():
   return runner.load_config_file(os.path.join(HERE, '..', 'configs', 'smollm2.py'))
 
@@ -65,6 +82,20 @@ def main():
   parser.add_argument('--num-devices', type=int, default=None,
                       help='devices the calibration batch is split over (default: all; the committed JSONs used 2 on '
                            '2-core hosts; 1 is 1.14-1.2x faster per step there, see the README benchmarks)')
+  parser.add_argument('--compute-dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='QuantConfig.compute_dtype (bfloat16: the JSON name ends in _bf16)')
+  parser.add_argument('--fallback-samples', type=int, default=None,
+                      help='QuantConfig.fallback_samples (the JSON name ends in _fbN)')
+  parser.add_argument('--n-calib', type=int, default=None, help='calibration windows (default: the config\'s 128)')
+  parser.add_argument('--blocks', default=None, help='regex of the decoder layers to quantize (default: all)')
+  parser.add_argument('--cache-dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='QuantConfig.cache_dtype (bfloat16: the JSON name ends in _cachebf16)')
+  parser.add_argument('--vocab-chunk', type=int, default=None,
+                      help='evaluate without forming the logits, this many vocabulary rows at a time (task_args)')
+  parser.add_argument('--eval-batch', type=int, default=None, help='windows per evaluation call (default 4)')
+  parser.add_argument('--spill-dir', default=None, help='QuantConfig.spill_dir: the activation cache in files')
+  parser.add_argument('--results-dir', default=os.path.join(HERE, 'results'),
+                      help='where the JSONs go (memory probes with --iters 2 etc.: outside experiments/results)')
   parser.add_argument('--workdir', default=os.path.join('work', 'llm_ptq'))
   args = parser.parse_args()
   compile_cache.enable(os.path.join(args.workdir, 'jax_cache'))   # identical layers compile once, across runs too
@@ -83,9 +114,13 @@ def main():
     if unknown or not runs:
       parser.error(f'nothing to run: --only {args.only!r} / --methods {args.methods!r} (settings: '
                    f'{[_tag(*setting) for setting in SETTINGS]}, methods: {METHODS})')
+  suffix = ('_bf16' if args.compute_dtype == 'bfloat16' else '') + (
+      f'_fb{args.fallback_samples}' if args.fallback_samples else '') + (
+      '_cachebf16' if args.cache_dtype == 'bfloat16' else '')
   for granularity, bits, group, method, iters, name in runs:
+    name += suffix
     tag = _tag(granularity, bits, group)
-    out = os.path.join(HERE, 'results', name + '.json')
+    out = os.path.join(args.results_dir, name + '.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if os.path.exists(out):
       print(f'skip {out} (exists)')
@@ -100,33 +135,54 @@ def main():
       q.batch_size = args.batch_size
     if args.max_windows is not None:
       config.task_args.max_windows = args.max_windows
+    if args.n_calib is not None:
+      config.task_args.n_calib = args.n_calib
+    if args.blocks is not None:
+      q.blocks = args.blocks
+    if args.vocab_chunk is not None:
+      config.task_args.vocab_chunk = args.vocab_chunk
+    if args.eval_batch is not None:
+      config.task_args.eval_batch = args.eval_batch
+    q.spill_dir = args.spill_dir and os.path.abspath(args.spill_dir)
     q.num_devices = args.num_devices
+    q.compute_dtype, q.fallback_samples, q.cache_dtype = args.compute_dtype, args.fallback_samples, args.cache_dtype
     workdir = os.path.abspath(os.path.join(args.workdir, os.path.basename(name)))
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
-      results = runner.run(config, workdir)
-    # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
-    params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
-    path = os.path.join(workdir, 'model.safetensors')
-    sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
+      results = runner.run(config, workdir, phase=rss.mark)
+      rss.mark('export_safetensors')
+      # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
+      if method != 'rtn':   # made first: its float params are gone before the quantized copies are loaded
+        config.task_args.max_windows = EXACT_CHECK_WINDOWS
+        prefix = tasks.make(config.task, config.task_args).evaluate
+      params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
+      path = os.path.join(workdir, 'model.safetensors')
+      sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
+      del qtensors
+      if method != 'rtn':
+        rss.mark('export_check')
+        # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
+        # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
+        # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
+        reloaded, _ = export.load_safetensors(path)
+        same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
+        ppl_reloaded = prefix(reloaded)['ppl']
+        del reloaded
+        ppl_fake_quant = prefix(params_q)['ppl']
+        results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
+                        'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
+                        'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
     results.update({
         'model': 'SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized = the float baseline)',
-        'peak_rss_mb': round(rss.peak_mb, 1), 'export_bytes': sizes['file_bytes'],
+        'peak_rss_mb': round(rss.peak_mb, 1), 'rss_phases_mb': rss.phases_mb, 'export_bytes': sizes['file_bytes'],
         'float32_bytes': sizes['float32_bytes'],
         'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
+        'compute_dtype': args.compute_dtype, 'fallback_samples': args.fallback_samples,
+        'fixed_cost': fixed_cost(results['report']),
+        'memory_options': {'cache_dtype': args.cache_dtype, 'vocab_chunk': args.vocab_chunk, 'eval_batch': config.task_args.eval_batch,
+                           'spill_dir': args.spill_dir is not None},
+        'host': {**provenance.host_info(), 'bf16_cpu_flags': provenance.bf16_flags(), 'jax': jax.__version__},
     })
-    if method != 'rtn':
-      # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
-      # perplexity is the same by construction), and, as a direct check, the same perplexity on the first
-      # EXACT_CHECK_WINDOWS windows (a second full evaluation would double the run's evaluation time).
-      reloaded, _ = export.load_safetensors(path)
-      same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
-      config.task_args.max_windows = EXACT_CHECK_WINDOWS
-      prefix = tasks.make(config.task, config.task_args).evaluate
-      ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
-      results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
-                      'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
-                      'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
     with open(out, 'w') as f:
       json.dump(results, f, indent=2, default=float)
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)

@@ -33,3 +33,20 @@ def test_peak_rss_sees_an_allocation_inside_the_block_only():
   with provenance.PeakRSS(every_s=0.02) as quiet:
     time.sleep(0.1)
   assert quiet.peak_mb < rss.peak_mb - 150
+
+
+def test_peak_rss_phases_attribute_samples_to_the_latest_mark():
+  with provenance.PeakRSS(every_s=0.02) as rss:
+    rss.mark('quiet')
+    time.sleep(0.1)
+    rss.mark('big')
+    region = mmap.mmap(-1, 256 * 2**20)
+    np.frombuffer(region, np.uint8)[:] = 1
+    time.sleep(0.2)
+    region.close()
+    rss.mark('after')
+    time.sleep(0.1)
+  phases = rss.phases_mb
+  assert list(phases) == ['start', 'quiet', 'big', 'after']
+  assert phases['big'] >= phases['quiet'] + 200 and phases['after'] < phases['big'] - 150
+  assert max(phases.values()) == round(rss.peak_mb, 1)

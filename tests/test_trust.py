@@ -44,6 +44,7 @@ CHANGED = {
     'weight_params': (fr.WeightParam(r'block_0/.*', 'w'),),
     'compute_dtype': 'bfloat16',
     'fallback_samples': 16,
+    'cache_dtype': 'bfloat16',
 }
 
 

@@ -79,15 +79,20 @@ def chunks(tree, size: int):
 
 
 class ActivationStore:
-  """Host storage for one block's inputs or targets: a list of (N, ...) arrays, in RAM or memory-mapped files."""
+  """Host storage for one block's inputs or targets: a list of (N, ...) arrays, in RAM or memory-mapped files.
+  ``dtype`` ('bfloat16'; ``QuantConfig.cache_dtype``): floating leaves are stored in it (rounded to nearest);
+  ``Placement`` reads them back as float32."""
 
-  def __init__(self, n: int, spill_dir: str | None = None):
+  def __init__(self, n: int, spill_dir: str | None = None, dtype: str | None = None):
     self.n = n
     self.spill_dir = spill_dir
+    self.dtype = None if dtype in (None, 'float32') else jnp.dtype(dtype)
     self.arrays: list[np.ndarray] | None = None
     self._tmp = None
 
   def _alloc(self, shape, dtype):
+    if self.dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+      dtype = self.dtype
     if self.spill_dir is None:
       return np.empty(shape, dtype)
     if self._tmp is None:
@@ -105,9 +110,19 @@ class ActivationStore:
       dst[start:start + n_valid] = np.asarray(leaf)[:n_valid]
 
   @classmethod
-  def from_arrays(cls, arrays: list, spill_dir: str | None = None) -> ActivationStore:
-    store = cls(int(np.shape(arrays[0])[0]), spill_dir)
+  def from_arrays(cls, arrays: list, spill_dir: str | None = None, dtype: str | None = None) -> ActivationStore:
+    store = cls(int(np.shape(arrays[0])[0]), spill_dir, dtype)
     store.write(0, store.n, arrays)
+    return store
+
+  @classmethod
+  def holding(cls, arrays: list, spill_dir: str | None = None, dtype: str | None = None) -> ActivationStore:
+    """A store of ``arrays`` themselves when the cache is in RAM (no copy: the next unit's inputs are the arrays a
+    finished unit wrote, already in the cache's dtype), or of copies in new files with ``spill_dir``."""
+    if spill_dir is not None:
+      return cls.from_arrays(arrays, spill_dir, dtype)
+    store = cls(int(np.shape(arrays[0])[0]), dtype=dtype)
+    store.arrays = list(arrays)
     return store
 
   @property
@@ -222,9 +237,9 @@ class Placement:
     return max(n, (eval_batch_size // n) * n)
 
   def local(self, tree):
-    """Host arrays split over this process's devices along axis 0."""
+    """Host arrays split over this process's devices along axis 0 (bfloat16 cache arrays as float32)."""
     sharding = NamedSharding(self.local_mesh, P('data'))
-    return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+    return jax.tree.map(lambda x: jax.device_put(widen(x), sharding), tree)
 
   def replicated(self, tree):
     return jax.device_put(tree, NamedSharding(self.mesh, P()))
@@ -232,6 +247,7 @@ class Placement:
   def global_batch(self, arrays: list, axis: int = 0):
     """This process's part of a minibatch -> global arrays split over ``mesh`` along the sample ``axis``."""
     spec = P(*([None] * axis + ['data']))
+    arrays = [widen(a) for a in arrays]
     if jax.process_count() == 1:
       sharding = NamedSharding(self.mesh, spec)
       return [jax.device_put(a, sharding) for a in arrays]
@@ -250,6 +266,11 @@ class Placement:
       out = fn(params, self.local(part))
       store.write(start, n_valid, [np.asarray(o) for o in jax.tree.leaves(out)])
     return store
+
+
+def widen(x):
+  """A bfloat16 host array of the activation cache (``QuantConfig.cache_dtype``) as float32; anything else as it is."""
+  return np.asarray(x, np.float32) if getattr(x, 'dtype', None) == jnp.bfloat16 else x
 
 
 def sum_over_processes(value):

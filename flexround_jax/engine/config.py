@@ -185,7 +185,8 @@ FINGERPRINTED_ELSEWHERE = {'num_devices': 'the data mesh size'}
 ACTIVATION_FIELDS = ('activation', 'act_calib_samples')
 # Fingerprinted only when set (not at this default): runs that do not use them keep the fingerprints of runs before
 # they existed.
-FINGERPRINTED_WHEN_SET = {'weight_params': [], 'compute_dtype': 'float32', 'fallback_samples': None}
+FINGERPRINTED_WHEN_SET = {'weight_params': [], 'compute_dtype': 'float32', 'fallback_samples': None,
+                          'cache_dtype': 'float32'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,6 +251,10 @@ class QuantConfig:
       trained kernels' loss on every sample still comes from the pass that makes the next unit's inputs
       (``loss_final``); the subset losses are reported as ``loss_rtn`` / ``loss_trained_subset``. None: every
       sample (the behaviour before this field).
+    cache_dtype: storage dtype of the floating arrays of the activation cache (block inputs in the quantized and the
+      float model, float targets, the next unit's inputs): 'float32', or 'bfloat16' (half the cache's memory; each
+      cached value rounded to bfloat16 and read back as float32, so every computation stays as it is). Integer
+      inputs (positions, masks) keep their dtype.
   """
 
   method: Any = methods_lib.DEFAULT
@@ -276,6 +281,7 @@ class QuantConfig:
   weight_params: tuple = ()
   compute_dtype: str = 'float32'
   fallback_samples: int | None = None
+  cache_dtype: str = 'float32'
 
   def __post_init__(self):
     try:
@@ -319,6 +325,8 @@ class QuantConfig:
                        f'model_devices={self.model_devices}')
     if self.compute_dtype not in precision.DTYPES:
       raise ValueError(f'QuantConfig.compute_dtype must be one of {precision.DTYPES}, got {self.compute_dtype!r}')
+    if self.cache_dtype not in precision.DTYPES:
+      raise ValueError(f'QuantConfig.cache_dtype must be one of {precision.DTYPES}, got {self.cache_dtype!r}')
     if self.fallback_samples is not None and (isinstance(self.fallback_samples, bool) or
                                               not isinstance(self.fallback_samples, int) or self.fallback_samples < 1):
       raise ValueError(f'QuantConfig.fallback_samples must be a positive integer or None (every sample), got '

@@ -204,7 +204,7 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
       # steer XLA's sharding propagation.
       inputs_fns[key] = jax.jit(fn, out_shardings=jax.sharding.NamedSharding(placement.local_mesh,
                                                                             jax.sharding.PartitionSpec('data')))
-    store = ActivationStore(n, config.spill_dir)
+    store = ActivationStore(n, config.spill_dir, config.cache_dtype)
     return placement.map(inputs_fns[key], (tree, [acts[p][1] for p in paths]), calib, store, recon.chunk)
 
   tree_q, qtensors, report, states = fp_tree, {}, [], {}
@@ -245,8 +245,8 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
         finish(u, treepath.get_subtree(fp_tree, u.prefix), {n: restored_qtensors[n] for n in u.kernel_names()})
       acts.update(_acts_from_report(units[:start_index], report))
       if cached is not None:
-        x_q = ActivationStore.from_arrays(cached['x_q'], config.spill_dir)
-        x_fp = ActivationStore.from_arrays(cached['x_fp'], config.spill_dir)
+        x_q = ActivationStore.from_arrays(cached['x_q'], config.spill_dir, config.cache_dtype)
+        x_fp = ActivationStore.from_arrays(cached['x_fp'], config.spill_dir, config.cache_dtype)
       print(f'quantize: resuming from {config.checkpoint_dir} at unit {start_index}/{len(units)}')
       log(event='resume', unit_index=start_index)
 
@@ -278,8 +278,11 @@ def _run(model_fn, fp_tree, calib, units: list[plan_lib.Unit], config: QuantConf
       if out_q is None:
         out_q = recon.forward(unit, engine_placed(q_unit), x_q,
                               [acts[k.module][1] if k.module in acts else {} for k in unit.kernels])
-      x_q = ActivationStore.from_arrays([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir)
-      x_fp = ActivationStore.from_arrays([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir)
+      # In RAM the stores take over the arrays (two copies of the cache less at this point of the run).
+      x_q = ActivationStore.holding([out_q.arrays[0]] + list(x_q.arrays[1:]), config.spill_dir,
+                                     config.cache_dtype)
+      x_fp = ActivationStore.holding([y_fp.arrays[0]] + list(x_fp.arrays[1:]), config.spill_dir,
+                                      config.cache_dtype)
       out_q.close()
     else:
       x_q = x_fp = None

@@ -452,8 +452,8 @@ def describe(units: list[Unit], n: int, config: QuantConfig) -> list[dict]:
   plan = []
   for u in units:
     dyn = [l for l, b in zip(jax.tree.leaves((u.call.args, u.call.kwargs)), u.batched) if b]
-    per_sample_in = sum(np.asarray(l)[0].nbytes for l in dyn)
-    per_sample_out = sum(np.asarray(l)[0].nbytes for l in jax.tree.leaves(u.call.output))
+    per_sample_in = sum(_cached_bytes(l, config) for l in dyn)
+    per_sample_out = sum(_cached_bytes(l, config) for l in jax.tree.leaves(u.call.output))
     copies = 2 if config.drop_prob > 0 else 1
     plan.append({
         'unit': u.name, 'kind': u.kind,
@@ -466,6 +466,14 @@ def describe(units: list[Unit], n: int, config: QuantConfig) -> list[dict]:
         'inputs_from': 'previous unit' if u.chain_from_previous else 'model forward',
     })
   return plan
+
+
+def _cached_bytes(leaf, config: QuantConfig) -> int:
+  """Bytes of one sample of ``leaf`` in the activation cache (floating leaves in ``QuantConfig.cache_dtype``)."""
+  sample = np.asarray(leaf)[0]
+  if config.cache_dtype != 'float32' and jnp.issubdtype(sample.dtype, jnp.floating):
+    return sample.size * jnp.dtype(config.cache_dtype).itemsize
+  return sample.nbytes
 
 
 def print_plan(plan, n, config: QuantConfig):

@@ -367,7 +367,7 @@ class UnitReconstructor:
 
   def forward(self, unit: Unit, unit_params, x: ActivationStore, act_states=None) -> ActivationStore:
     """The unit applied to every cached input (with ``act_states``: its kernel inputs quantized)."""
-    store = ActivationStore(self.n, self.config.spill_dir)
+    store = ActivationStore(self.n, self.config.spill_dir, self.config.cache_dtype)
     if act_states is not None and unit.act_paths():
       return self.placement.map(self.compiled.forward(unit, acts=True), (unit_params, act_states), list(x.arrays),
                                 store, self.chunk)
@@ -526,7 +526,7 @@ class UnitReconstructor:
     iters = self.config.iters if any(m.trains for m in unit.methods) else 0
     solves = any(m.solve is not None for m in unit.methods)
     changes = iters > 0 or solves   # otherwise the unit keeps its baseline
-    outputs = ActivationStore(self.n, self.config.spill_dir) if keep_outputs else None
+    outputs = ActivationStore(self.n, self.config.spill_dir, self.config.cache_dtype) if keep_outputs else None
     acts = self.calibrate_acts(unit, fp_unit, x_fp) if unit.act_paths() else None
     if not changes:
       baseline = self.baseline(unit, fp_unit, x_q, y_fp, acts, outputs)
@@ -547,7 +547,7 @@ class UnitReconstructor:
     if kept is not trained:   # the outputs of the final loss pass are not the kept kernels'
       outputs = _discard(outputs)
       if subset is not None:   # the kept kernels' loss on every sample (and outputs) from a pass of their own
-        outputs = ActivationStore(self.n, self.config.spill_dir) if keep_outputs else None
+        outputs = ActivationStore(self.n, self.config.spill_dir, self.config.cache_dtype) if keep_outputs else None
         kept.loss_all = self.eval_loss(unit, fp_unit, kept.qts, x_q, y_fp, outputs, kept.acts)
     return self.result(unit, Outcome(baseline, trained, kept, start, iters, curve, new_step, seconds_train, facts,
                                      subset), outputs)
@@ -720,7 +720,8 @@ def reconstruct_unit(unit: Unit, fp_unit, x_q: list, y_fp: list, config: QuantCo
     raise ValueError('reconstruct_unit: static activation quantizers calibrate on the float inputs; pass x_fp')
   if any(m.trains for m in unit.methods) and config.iters > 0 and config.batch_size > n:
     raise ValueError(f'QuantConfig.batch_size={config.batch_size} is larger than the {n} samples given')
-  stores = [ActivationStore.from_arrays(list(a), config.spill_dir) for a in (x_q, x_fp or x_q, y_fp)]
+  stores = [ActivationStore.from_arrays(list(a), config.spill_dir, config.cache_dtype)
+            for a in (x_q, x_fp or x_q, y_fp)]
   recon = UnitReconstructor(config, Placement.of(config), n)
   try:
     return recon.reconstruct(unit, fp_unit, *stores)

@@ -101,8 +101,15 @@ def decoder_token_nll(module, vocab_chunk: int = 16384):
   return jax.jit(fn)
 
 
+def decoder_window_nll(module, vocab_chunk: int = 16384, first: int = 0):
+  """jit((params, tokens (B, T) int) -> (B,) summed NLL of tokens first+1..T-1): ``window_nll`` of a tied-embedding
+  ``Decoder`` through ``decoder_token_nll`` (the (B, T, vocab) logits never formed), for ``perplexity(nll_fn=)``."""
+  token_nll = decoder_token_nll(module, vocab_chunk)
+  return jax.jit(lambda params, tokens: jnp.sum(token_nll(params, tokens)[:, first:], axis=-1))
+
+
 def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int | None = None,
-               progress: bool = True, first: int = 0) -> dict:
+               progress: bool = True, first: int = 0, nll_fn=None) -> dict:
   """exp(mean NLL) over every window's tokens 1..T-1, each window scored alone.
 
   Args:
@@ -114,6 +121,8 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
     progress: show a tqdm bar.
     first: score only tokens first+1..T-1 of each window (llama.cpp's ``llama-perplexity`` scores the second half:
       ``first = T // 2``); the default scores every token after the first.
+    nll_fn: ``(params, tokens (B, T)) -> (B,)`` summed NLL of tokens first+1..T-1 in place of ``window_nll`` of
+      ``apply_fn``'s logits (``decoder_window_nll``: without the (B, T, vocab) logits; ``apply_fn`` is then unused).
 
   Returns:
     dict with ``ppl``, ``nll`` (mean per token), ``n_windows`` and ``n_tokens`` (predicted tokens).
@@ -128,7 +137,7 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
   n, t = windows.shape
   if not 0 <= first < t - 1:
     raise ValueError(f'perplexity: first={first} must be in [0, {t - 2}] for windows of {t} tokens')
-  nll_fn = _jitted_nll(apply_fn, first)
+  nll_fn = nll_fn or _jitted_nll(apply_fn, first)
   total = 0.0
   for start in tqdm(range(0, n, batch_size), desc='perplexity', unit='batch', disable=not progress):
     batch = windows[start:start + batch_size]
