@@ -85,8 +85,8 @@ def main():
   parser.add_argument('--num-devices', type=int, default=None,
                       help='devices the calibration batch is split over (default: all; the committed JSONs used 2 on '
                            '2-core hosts; 1 is 1.14-1.2x faster per step there, see the README benchmarks)')
-  parser.add_argument('--results', default=os.path.join(HERE, 'results'),
-                      help='folder of the result JSONs (a smoke run: somewhere else than the committed results)')
+  parser.add_argument('--results-dir', default=os.path.join(HERE, 'results'),
+                      help='where the JSONs go (smoke runs with --iters 2 etc.: outside experiments/results)')
   parser.add_argument('--workdir', default=None, help='default work/llm_ptq (SmolLM2), work/gemma3_ptq (Gemma 3)')
   args = parser.parse_args()
   model = MODELS[args.model]
@@ -108,7 +108,7 @@ def main():
                    f"{[_tag(*setting) for setting in model['settings']]}, methods: {METHODS})")
   for granularity, bits, group, method, iters, name in runs:
     tag = _tag(granularity, bits, group)
-    out = os.path.join(args.results, name + '.json')
+    out = os.path.join(args.results_dir, name + '.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
     if os.path.exists(out):
       print(f'skip {out} (exists)')

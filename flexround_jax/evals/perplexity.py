@@ -147,6 +147,8 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
   Returns:
     dict with ``ppl``, ``nll`` (mean per token), ``n_windows`` and ``n_tokens`` (predicted tokens).
   """
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
   windows = np.asarray(windows, np.int32)
   if windows.ndim != 2 or windows.shape[1] < 2:
     raise ValueError(f'perplexity: windows must be (N, T) with T >= 2, got shape {windows.shape}')
@@ -155,8 +157,14 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
   n, t = windows.shape
   if not 0 <= first < t - 1:
     raise ValueError(f'perplexity: first={first} must be in [0, {t - 2}] for windows of {t} tokens')
-  sums = window_nll_sums(_jitted_nll(apply_fn, first), params, windows, batch_size, progress)
-  total = sum(float(np.sum(sums[i:i + batch_size])) for i in range(0, n, batch_size))   # batch by batch, as before
+  nll_fn = _jitted_nll(apply_fn, first)
+  total = 0.0
+  for start in tqdm(range(0, n, batch_size), desc='perplexity', unit='batch', disable=not progress):
+    batch = windows[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - real, t), np.int32)])
+    total += float(np.sum(np.asarray(nll_fn(params, batch), np.float64)[:real]))
   n_tokens = n * (t - 1 - first)
   mean_nll = total / n_tokens
   return {'ppl': math.exp(mean_nll), 'nll': mean_nll, 'n_windows': n, 'n_tokens': n_tokens}
@@ -164,7 +172,8 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
 
 def window_nll_sums(nll_fn, params, windows, batch_size: int = 4, progress: bool = True) -> np.ndarray:
   """(N,) float64: ``nll_fn(params, batch (B, T) int32) -> (B,) summed NLL per window`` over ``windows`` (N, T),
-  ``batch_size`` windows per call; the last batch is zero-padded so one shape is compiled."""
+  ``batch_size`` windows per call; the last batch is zero-padded so one shape is compiled. ``perplexity``'s loop
+  with every window's sum kept (for paired comparisons, ``paired_nll_difference``)."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
 
   windows = np.asarray(windows, np.int32)
