@@ -127,14 +127,20 @@ def main():
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
       results = runner.run(config, workdir)
+      peaks = {'run': round(rss.peak_mb, 1)}   # the sampled peak so far, after each phase: where the peak happened
       window_nll = results['quantized'].pop('window_nll', None)   # per chunk: to its own file, not the JSON
       if window_nll is not None:
         np.savetxt(out.removesuffix('.json') + '.chunk_nll.txt', np.asarray(window_nll), fmt='%.12f')
         results['quantized']['chunk_nll_file'] = os.path.basename(out.removesuffix('.json') + '.chunk_nll.txt')
       # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
+      if method != 'rtn':   # made first: its float params are gone before the quantized copies are loaded
+        config.task_args.max_windows = EXACT_CHECK_WINDOWS
+        prefix = tasks.make(config.task, config.task_args).evaluate
       params_q, qtensors = export.load_orbax(os.path.join(workdir, 'quantized'))
       path = os.path.join(workdir, 'model.safetensors')
       sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
+      del qtensors
+      peaks['export'] = round(rss.peak_mb, 1)
       results.update({
           'model': model['model'], 'export_bytes': sizes['file_bytes'], 'float32_bytes': sizes['float32_bytes'],
           'quantized_params': _block_kernel_params(params_q, config.quant.blocks),
@@ -142,9 +148,11 @@ def main():
           'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
       })
       if method != 'rtn':
-        _check_export(results, path, params_q, config)
+        _check_export(results, path, params_q, prefix)
+        peaks['export_check'] = round(rss.peak_mb, 1)
     results.update({
         'peak_rss_mb': round(rss.peak_mb, 1),   # sampled over the run, the export and its check
+        'peak_rss_mb_after': peaks,
         # the process's own high-water mark (ru_maxrss): one setting per process makes it the whole run's
         'peak_rss_process_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         'script_wall_s': round(time.time() - start, 1),   # the run (load, quantize, evaluate) + export and check
@@ -158,15 +166,15 @@ def main():
           flush=True)
 
 
-def _check_export(results: dict, path: str, params_q, config) -> None:
+def _check_export(results: dict, path: str, params_q, prefix) -> None:
   """The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full perplexity
   is the same by construction), and, as a direct check, the same perplexity on the first EXACT_CHECK_WINDOWS windows
-  (a second full evaluation would double the run's evaluation time)."""
+  (``prefix``: the task's evaluate on those; a second full evaluation would double the run's evaluation time)."""
   reloaded, _ = export.load_safetensors(path)
   same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), reloaded, params_q)
-  config.task_args.max_windows = EXACT_CHECK_WINDOWS
-  prefix = tasks.make(config.task, config.task_args).evaluate
-  ppl_reloaded, ppl_fake_quant = prefix(reloaded)['ppl'], prefix(params_q)['ppl']
+  ppl_reloaded = prefix(reloaded)['ppl']
+  del reloaded
+  ppl_fake_quant = prefix(params_q)['ppl']
   results.update({'export_params_bitwise_equal': all(jax.tree.leaves(same)),
                   'export_check_windows': EXACT_CHECK_WINDOWS, 'ppl_prefix_reloaded_export': ppl_reloaded,
                   'ppl_prefix_fake_quant': ppl_fake_quant, 'export_exact': ppl_reloaded == ppl_fake_quant})
