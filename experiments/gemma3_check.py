@@ -56,13 +56,6 @@ flags.DEFINE_string('out', os.path.join(HERE, 'results', 'gemma3_fp.json'), 'res
 FLAGS = flags.FLAGS
 
 
-def llama_cpp_windows(ids, bos: int, seq_len: int = perplexity.SEQ_LEN) -> np.ndarray:
-  """(N, seq_len) int32 chunks of [bos] + ids, each chunk's first token replaced by bos (llama-perplexity)."""
-  windows = perplexity.token_windows(np.concatenate([[bos], np.asarray(ids, np.int32)]), seq_len)
-  windows[:, 0] = bos
-  return windows
-
-
 def llama_tokenize_ids(bin_dir: str, model: str, text_file: str) -> list[int]:
   proc = subprocess.run([os.path.join(bin_dir, 'llama-tokenize'), '-m', model, '-f', text_file, '--ids',
                          '--no-escape', '--log-disable'], capture_output=True, text=True, check=True)
@@ -107,7 +100,7 @@ def main(_):
       f.write(perplexity.ARTICLE_SEPARATOR.join(wiki.evaluation_articles()))
     ids = np.asarray(tok.encode(perplexity.ARTICLE_SEPARATOR.join(wiki.evaluation_articles()),
                                 add_special_tokens=False).ids, np.int32)
-    windows = llama_cpp_windows(ids, bos)
+    windows = perplexity.llama_cpp_windows(ids, bos)
     n = len(windows) if FLAGS.n_windows is None else min(FLAGS.n_windows, len(windows))
     result.update(n_tokens_text=int(len(ids)) + 1, n_windows_available=int(len(windows)), n_windows=n)
 

@@ -317,6 +317,49 @@ def gguf_gemma3_table() -> str:
   return '\n'.join(_gguf_rows(GEMMA3_GGUF_ROWS, {'Q4_0 `llama-quantize`': 'gemma3_' + GGUF_BASE}, jax_columns=False))
 
 
+GEMMA3_SETTINGS = (('per_channel', 4, None), ('per_group', 3, 128), ('per_group', 4, 128))   # llm_ptq's run order
+GEMMA3_METHODS = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq')
+
+
+def _chunk_nll(result):
+  """The per-chunk mean NLL stored next to a result JSON (its ``quantized.chunk_nll_file``), or None."""
+  name = (result.get('quantized') or {}).get('chunk_nll_file')
+  path = os.path.join(RESULTS, name) if name else None
+  return np.loadtxt(path, np.float64) if path and os.path.exists(path) else None
+
+
+def gemma3_table() -> str:
+  """Gemma 3 270M: every setting x method of experiments/llm_ptq.py --model gemma3 (missing ones: not run yet), with
+  the paired mean-NLL difference to FlexRound of the same setting over llama.cpp's chunks."""
+  from flexround_jax.evals.perplexity import paired_nll_difference  # pylint: disable=g-import-not-at-top
+  fp = json.load(open(os.path.join(RESULTS, 'gemma3_fp.json')))
+  rows = {(r['granularity'], r['bits'], r['group_size'], r['method']): r for r in _load('gemma3_per_*.json')}
+  lines = ['| setting | method | perplexity (llama.cpp scoring) | mean NLL − FlexRound ± paired SE | quantize wall (s) '
+           '| run wall (s) | peak RSS (MB) | export (MB) |', '|---|---|---|---|---|---|---|---|',
+           f"| float (Q4_K_M-dequantized) | – | {fp['ppl_second_half']:.2f} | – | – | – | "
+           f"{fp['peak_rss_mb']:.0f} | {4 * 268098176 / 2**20:.0f} (f32) |"]
+  for granularity, bits, group in GEMMA3_SETTINGS:
+    setting = f'W{bits} ' + ('per-channel' if granularity == 'per_channel' else f'g{group}')
+    flex = rows.get((granularity, bits, group, 'flexround'))
+    flex_nll = _chunk_nll(flex) if flex else None
+    for method in GEMMA3_METHODS:
+      r = rows.get((granularity, bits, group, method))
+      if r is None:
+        lines.append(f'| {setting} | {method} | not run yet | | | | | |')
+        continue
+      nll, diff = _chunk_nll(r), '–'
+      if method != 'flexround' and nll is not None and flex_nll is not None and len(nll) == len(flex_nll):
+        d = paired_nll_difference(flex_nll, nll)
+        diff = f"{d['diff']:+.4f} ± {d['se']:.4f}"
+      wall, rss = f"{r['quantize_wall_s']:.0f}", f"{r.get('peak_rss_process_mb', r['peak_rss_mb']):.0f}"
+      if _resumed_seconds(r) is not None:
+        wall, rss = f"{r['quantize_wall_s'] + _resumed_seconds(r):.0f}\\*", f'{rss}\\*'
+      windows = '' if r['quantized']['n_windows'] == fp['n_windows'] else f" ({r['quantized']['n_windows']} chunks)"
+      lines.append(f"| {setting} | {method} | {r['quantized']['ppl']:.2f}{windows} | {diff} | {wall} | "
+                   f"{r.get('script_wall_s', r['total_wall_s']):.0f} | {rss} | {r['export_bytes'] / 2**20:.0f} |")
+  return '\n'.join(lines)
+
+
 BENCH = os.path.join(HERE, '..', 'benchmarks', 'results')
 BENCH_BLOCKS = {'resnet_basic_block_64x32x32_b32': 'ResNet basic block, 64 ch, 32×32',
                 'transformer_512_seq128_b8': 'transformer layer, width 512, seq 128',
@@ -431,7 +474,7 @@ TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
           'gguf_gemma3': gguf_gemma3_table,
           'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,
-          'stream': stream_table, 'stream_hf': stream_hf_table}
+          'stream': stream_table, 'stream_hf': stream_hf_table, 'gemma3': gemma3_table}
 PLOTS = {   # docs/assets/<name>_vs_bits.png: (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
     'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),

@@ -206,6 +206,30 @@ def test_decoder_token_nll_equals_window_nll_of_the_full_logits():
   np.testing.assert_allclose(chunked.sum(-1), full, rtol=1e-5)
 
 
+def test_decoder_token_nll_first_scores_only_the_tail_as_the_full_computation():
+  """``first`` (llama.cpp's second-half scoring) runs the head on the scored positions only, with the same NLLs as
+  the full chunked computation and as the full logits on those positions."""
+  from flexround_jax.evals import perplexity  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config(num_layers=2, vocab_size=320, layer_types=(SLIDING, FULL))
+  params = tiny.tiny_params(config)
+  module = decoder.Decoder(config)
+  tokens = np.random.default_rng(3).integers(0, config.vocab_size, (2, 10)).astype(np.int32)
+  every = np.asarray(perplexity.decoder_token_nll(module, vocab_chunk=64)(params, tokens))
+  tail = np.asarray(perplexity.decoder_token_nll(module, vocab_chunk=64, first=5)(params, tokens))
+  assert tail.shape == (2, 4)
+  np.testing.assert_allclose(tail, every[:, 5:], rtol=1e-6, atol=1e-6)
+  full = np.asarray(perplexity.window_nll(module.apply({'params': params}, tokens), tokens, first=5))
+  np.testing.assert_allclose(tail.sum(-1), full, rtol=1e-5)
+  with pytest.raises(ValueError, match='first=9'):
+    perplexity.decoder_token_nll(module, first=9)(params, tokens)
+
+
+def test_llama_cpp_windows_put_bos_first_in_every_chunk():
+  from flexround_jax.evals import perplexity  # pylint: disable=g-import-not-at-top
+  windows = perplexity.llama_cpp_windows(np.arange(10, 20), bos=2, seq_len=4)   # [2, 10, ..., 19]: 11 ids
+  np.testing.assert_array_equal(windows, [[2, 10, 11, 12], [2, 14, 15, 16]])
+
+
 def test_missing_package_names_make_install(monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, 'find_spec',

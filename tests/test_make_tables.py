@@ -46,6 +46,15 @@ def test_every_llm_result_has_a_row():
   assert sum(line.startswith('| W') for line in table.splitlines()) == n_results   # one row per result
 
 
+def test_gemma3_table_has_every_setting_and_method_once():
+  """Every setting x method of the Gemma 3 table is a row (a result, or 'not run yet'), and each result is shown."""
+  mt = _make_tables()
+  rows = [line for line in mt.gemma3_table().splitlines() if line.startswith('| W')]
+  assert len(rows) == len(mt.GEMMA3_SETTINGS) * len(mt.GEMMA3_METHODS)
+  paths = glob.glob(os.path.join(ROOT, 'experiments', 'results', 'gemma3_per_*.json'))
+  assert sum('not run yet' not in line for line in rows) == len(paths)
+
+
 def test_resumed_llm_runs_show_their_summed_layer_times():
   """A resumed run's own timer misses the layers an earlier process ran; the table sums the per-layer times."""
   mt = _make_tables()

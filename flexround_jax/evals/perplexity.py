@@ -59,6 +59,29 @@ def calibration_tokens(n_seqs: int = 128, seq_len: int = SEQ_LEN, tokenizer=None
   return windows[:n_seqs].copy()
 
 
+def llama_cpp_windows(token_ids, bos: int, seq_len: int = SEQ_LEN) -> np.ndarray:
+  """(N, seq_len) int32 chunks of [bos] + token_ids, each chunk's first token replaced by bos: the windows
+  ``llama-perplexity -c seq_len`` (and ``llama-imatrix``) build for a model whose GGUF sets ``add_bos_token``."""
+  windows = token_windows(np.concatenate([[bos], np.asarray(token_ids, np.int32)]), seq_len)
+  windows[:, 0] = bos
+  return windows
+
+
+def llama_cpp_evaluation_windows(tokenizer, bos: int, seq_len: int = SEQ_LEN) -> np.ndarray:
+  """``llama_cpp_windows`` of the evaluation text (the articles of ``evaluation_windows`` joined the same way);
+  345 windows with Gemma 3's tokenizer."""
+  return llama_cpp_windows(_tokenize_articles(wiki.evaluation_articles(), tokenizer), bos, seq_len)
+
+
+def llama_cpp_calibration_tokens(n_seqs: int, bos: int, seq_len: int = SEQ_LEN, tokenizer=None) -> np.ndarray:
+  """``calibration_tokens`` cut as ``llama_cpp_windows`` (bos first in every window): the first ``n_seqs``."""
+  windows = llama_cpp_windows(_tokenize_articles(wiki.calibration_articles(), tokenizer), bos, seq_len)
+  if n_seqs > len(windows):
+    raise ValueError(f'llama_cpp_calibration_tokens: n_seqs={n_seqs} exceeds the {len(windows)} windows of length '
+                     f'{seq_len}')
+  return windows[:n_seqs].copy()
+
+
 def window_nll(logits, tokens, first: int = 0):
   """Summed NLL of tokens[:, first+1:] given logits[:, first:-1]; logits (B, T, V), tokens (B, T) -> (B,) float32."""
   logits = logits[:, first:-1].astype(jnp.float32)
@@ -72,31 +95,37 @@ def _jitted_nll(apply_fn, first: int = 0):
   return jax.jit(lambda params, tokens: window_nll(apply_fn(params, tokens), tokens, first))
 
 
-def decoder_token_nll(module, vocab_chunk: int = 16384):
-  """jit((params, tokens (B, T) int) -> (B, T - 1) float32 NLL of tokens 1..T-1) for a ``models.decoder.Decoder``
-  with tied embeddings, without forming the (B, T, vocab) logits (Gemma 3: 512 MB per 512-token window).
+def decoder_token_nll(module, vocab_chunk: int = 16384, first: int = 0):
+  """jit((params, tokens (B, T) int) -> (B, T - 1 - first) float32 NLL of tokens first+1..T-1) for a
+  ``models.decoder.Decoder`` with tied embeddings, without forming the (B, T, vocab) logits (Gemma 3: 512 MB per
+  512-token window).
 
-  The decoder runs up to its final norm (captured; the unused LM head is dead code under jit); the logsumexp over the
-  tied embedding (vocab, d) runs in ``vocab_chunk``-row steps (one step if vocab is not a multiple), and the target
-  logit is h . embedding[target]. Equal to ``window_nll`` on the full logits up to float rounding.
+  The decoder runs up to its final norm (captured; the unused LM head is dead code under jit); only the positions
+  that predict a scored token (``first``..T-2) go on: the logsumexp over the tied embedding (vocab, d) runs in
+  ``vocab_chunk``-row steps (one step if vocab is not a multiple), and the target logit is h . embedding[target].
+  ``first = T // 2`` is llama.cpp's scoring (the second half of each chunk) at about half the head's cost. Equal to
+  ``window_nll(logits, tokens, first)`` on the full logits up to float rounding.
   """
 
   def fn(params, tokens):
+    if not 0 <= first < tokens.shape[1] - 1:
+      raise ValueError(f'decoder_token_nll: first={first} must be in [0, {tokens.shape[1] - 2}] for windows of '
+                       f'{tokens.shape[1]} tokens')
     _, state = module.apply({'params': params}, tokens, capture_intermediates=lambda m, _: m.name == 'norm')
-    h = state['intermediates']['norm']['__call__'][0][:, :-1].astype(jnp.float32)        # (B, T-1, d)
+    h = state['intermediates']['norm']['__call__'][0][:, first:-1].astype(jnp.float32)  # (B, T-1-first, d)
     emb = params['embed_tokens']['embedding'].astype(jnp.float32)                         # (V, d)
     vocab, d = emb.shape
     chunk = vocab_chunk if vocab % vocab_chunk == 0 else vocab
 
     def step(carry, e):
       m, s = carry
-      z = h @ e.T                                                                          # (B, T-1, chunk)
+      z = h @ e.T                                                                          # (B, T-1-first, chunk)
       m_new = jnp.maximum(m, z.max(-1))
       return (m_new, s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)), None
 
     init = (jnp.full(h.shape[:2], -jnp.inf, jnp.float32), jnp.zeros(h.shape[:2], jnp.float32))
     (m, s), _ = jax.lax.scan(step, init, emb.reshape(vocab // chunk, chunk, d))
-    return m + jnp.log(s) - jnp.sum(h * emb[tokens[:, 1:]], -1)
+    return m + jnp.log(s) - jnp.sum(h * emb[tokens[:, first + 1:]], -1)
 
   return jax.jit(fn)
 
@@ -148,6 +177,24 @@ def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int 
   n_tokens = n * (t - 1 - first)
   mean_nll = total / n_tokens
   return {'ppl': math.exp(mean_nll), 'nll': mean_nll, 'n_windows': n, 'n_tokens': n_tokens}
+
+
+def window_nll_sums(nll_fn, params, windows, batch_size: int = 4, progress: bool = True) -> np.ndarray:
+  """(N,) float64: ``nll_fn(params, batch (B, T) int32) -> (B,) summed NLL per window`` over ``windows`` (N, T),
+  ``batch_size`` windows per call; the last batch is zero-padded so one shape is compiled. ``perplexity``'s loop
+  with every window's sum kept (for paired comparisons, ``paired_nll_difference``)."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
+  windows = np.asarray(windows, np.int32)
+  n, t = windows.shape
+  sums = []
+  for start in tqdm(range(0, n, batch_size), desc='perplexity', unit='batch', disable=not progress):
+    batch = windows[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - real, t), np.int32)])
+    sums.append(np.asarray(nll_fn(params, batch), np.float64)[:real])
+  return np.concatenate(sums) if sums else np.zeros((0,), np.float64)
 
 
 def paired_nll_difference(nll_a, nll_b) -> dict:

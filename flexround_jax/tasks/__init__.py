@@ -32,6 +32,7 @@ REGISTRY = {
     'toy_mlp': 'flexround_jax.tasks.toy:make',
     'minilm': 'flexround_jax.tasks.minilm:make',
     'smollm2': 'flexround_jax.tasks.smollm2:make',
+    'gemma3': 'flexround_jax.tasks.gemma3:make',
     'image': 'flexround_jax.tasks.image:make',
 }
 
