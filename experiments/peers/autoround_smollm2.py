@@ -271,8 +271,10 @@ def main():
         shutil.rmtree(hf_dir, ignore_errors=True)
         path = os.path.join(args.out_dir or RESULTS, 'autoround_float_check.json')
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savetxt(window_nll.nll_path(path), jax_check, fmt='%.12f')   # our float model's, for paired prefixes
         with open(path, 'w') as f:
-          json.dump({**check, 'reference_ppl_359_windows': 20.074, 'host': _host(), 'versions': _versions(),
+          json.dump({**check, 'reference_ppl_359_windows': 20.074,
+                     'window_nll_file': os.path.relpath(window_nll.nll_path(path), ROOT), 'host': _host(), 'versions': _versions(),
                      'commit': provenance.git_commit(), 'wall_s': round(time.time() - t_start, 1),
                      'command': 'python experiments/peers/autoround_smollm2.py ' + ' '.join(sys.argv[1:])}, f,
                     indent=2)
