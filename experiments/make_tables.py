@@ -299,8 +299,11 @@ def _gguf_rows(names: dict, versus: dict, jax_columns: bool) -> list[str]:
     cells += ['–' if name == versus[title] else _paired(nll, base) for title, base in bases.items()]
     if jax_columns:
       jax = r.get('jax_same_file')
-      cells.append((f"{jax['ppl_second_half']:.2f} | {jax['ppl_protocol']:.2f}" + ('' if jax['n_windows'] ==
-                    ppl['n_chunks'] else f" ({jax['n_windows']} windows)")) if jax else '– | –')
+      if jax:
+        windows = '' if jax['n_windows'] == ppl['n_chunks'] else f" ({jax['n_windows']} windows)"
+        cells += [f"{jax['ppl_second_half']:.2f}{windows}", f"{jax['ppl_protocol']:.2f}{windows}"]
+      else:
+        cells += ['–', '–']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
