@@ -203,11 +203,12 @@ def importance_matrix(bin_dir: str, source: str, workdir: str, threads: int, tok
   else:
     text = perplexity.ARTICLE_SEPARATOR.join(wiki.calibration_articles())
     ours = np.array([tokenizer.token_to_id('<bos>')] + tokenizer.encode(text, add_special_tokens=False).ids,
-                    np.int64)[:N_CALIB * N_CTX]   # the tokens the imatrix reads (escapes such as \\t come later)
+                    np.int64)[:N_CALIB * N_CTX]   # the tokens the imatrix reads
     calibration = (f'the first {N_CALIB} chunks of {N_CTX} tokens of [<bos>] + articles[:80], each chunk led by <bos> '
                    '(llama-imatrix)')
-  tok = subprocess.run([os.path.join(bin_dir, 'llama-tokenize'), '-m', source, '-f', calib_file, '--ids', '--log-disable']
-                       + (['--no-bos'] if model == 'smollm2' else []), capture_output=True, text=True, check=True)
+  tok = subprocess.run([os.path.join(bin_dir, 'llama-tokenize'), '-m', source, '-f', calib_file, '--ids',
+                        '--log-disable'] + (['--no-bos'] if model == 'smollm2' else []),
+                       capture_output=True, text=True, check=True)
   theirs = np.array(json.loads(tok.stdout.strip().splitlines()[-1]), np.int64)
   cmd = [os.path.join(bin_dir, 'llama-imatrix'), '-m', source, '-f', calib_file, '-c', str(N_CTX), '-b', str(N_CTX),
          '--chunks', str(N_CALIB), '--no-ppl', '-t', str(threads), '-o', path]
@@ -383,9 +384,9 @@ def main():
     previous = json.load(open(out)) if os.path.exists(out) else {}
     result = score_row(row, args, sources[model_of(row)], text_file, windows, tokenizers[model_of(row)])
     jax = previous.get('jax_same_file')
-    if (not args.jax and jax and jax['n_windows'] == result['llama_cpp']['n_chunks']
-        and previous.get('file_bytes') == result['file_bytes']):
-      # the same file (llama-quantize is deterministic; the source is the source) scored by JAX in an earlier run
+    if not args.jax and jax and previous.get('file_bytes') == result['file_bytes']:
+      # the same file (llama-quantize is deterministic; the source is the source) scored by JAX in an earlier run,
+      # on the windows it had (the table names their count when it differs)
       result['jax_same_file'] = {**jax, 'from_commit': previous.get('commit')}
     with open(out, 'w') as f:
       json.dump(result, f, indent=2, default=float)

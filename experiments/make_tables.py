@@ -265,12 +265,14 @@ def _gguf_chunk_nll(row: str):
 
 
 def _paired(nll, base) -> str:
-  """'mean NLL(nll) - mean NLL(base) ± paired SE' over the same chunks, or '–'."""
+  """'mean NLL(nll) - mean NLL(base) ± paired SE' over the chunks both rows have (their common prefix, named when
+  one row has more), or '–'."""
   from flexround_jax.evals.perplexity import paired_nll_difference  # pylint: disable=g-import-not-at-top
-  if nll is None or base is None or len(nll) != len(base) or nll is base:
+  if nll is None or base is None:
     return '–'
-  d = paired_nll_difference(base, nll)
-  return f"{d['diff']:+.4f} ± {d['se']:.4f}"
+  n = min(len(nll), len(base))
+  d = paired_nll_difference(base[:n], nll[:n])
+  return f"{d['diff']:+.4f} ± {d['se']:.4f}" + ('' if len(nll) == len(base) else f' (first {n})')
 
 
 def _gguf_rows(names: dict, versus: dict, jax_columns: bool) -> list[str]:
@@ -297,8 +299,11 @@ def _gguf_rows(names: dict, versus: dict, jax_columns: bool) -> list[str]:
     cells += ['–' if name == versus[title] else _paired(nll, base) for title, base in bases.items()]
     if jax_columns:
       jax = r.get('jax_same_file')
-      cells.append((f"{jax['ppl_second_half']:.2f} | {jax['ppl_protocol']:.2f}" + ('' if jax['n_windows'] ==
-                    ppl['n_chunks'] else f" ({jax['n_windows']} windows)")) if jax else '– | –')
+      if jax:
+        windows = '' if jax['n_windows'] == ppl['n_chunks'] else f" ({jax['n_windows']} windows)"
+        cells += [f"{jax['ppl_second_half']:.2f}{windows}", f"{jax['ppl_protocol']:.2f}{windows}"]
+      else:
+        cells += ['–', '–']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 

@@ -28,10 +28,6 @@ class QuantSpec:
       the last group is shorter (e.g. 576 = 4 x 128 + 64).
     symmetric: signed codes in [-2**(b-1), 2**(b-1)-1] with zero point 0; otherwise unsigned codes in [0, 2**b-1]
       with an integer zero point (the official FlexRound setting).
-    narrow_range: symmetric grids only: codes in [-(2**(b-1)-1), 2**(b-1)-1], the code -2**(b-1) unused, so the
-      grid is the same on both sides of zero and the min/max step is max|w| / (2**(b-1)-1). The int8 weight grid of
-      llama.cpp's Q8_0 (d = max|w| / 127; its int8 dot products assume |code| <= 127) and of TensorFlow's
-      ``narrow_range``.
     grid_init: initial grid: ``minmax`` (the range [min(w, 0), max(w, 0)]) or ``mse`` (shrink the range by
       1 - 0.01 i, i = 0..79, keeping the one with the smallest mean |w_q - w|**2.4 per grid, as BRECQ's 'mse').
     scale_dtype: the dtype a deployment format stores the grid step s1 in: 'float32' (default), 'float16' (GGUF
@@ -39,15 +35,19 @@ class QuantSpec:
       smallest positive value) wherever it is used, in ``fake_quant`` (straight-through gradient), ``finalize`` and
       the grid search, so the grid a method learns is the grid that is deployed, bit for bit. The QTensor's
       ``scale`` stays float32, holding values exactly representable in ``scale_dtype``.
+    narrow_range: symmetric grids only: codes in [-(2**(b-1)-1), 2**(b-1)-1], the code -2**(b-1) unused, so the
+      grid is the same on both sides of zero and the min/max step is max|w| / (2**(b-1)-1). The int8 weight grid of
+      llama.cpp's Q8_0 (d = max|w| / 127; its int8 dot products assume |code| <= 127) and of TensorFlow's
+      ``narrow_range``.
   """
 
   bits: int = 4
   granularity: Granularity = 'per_channel'
   group_size: int | None = None
   symmetric: bool = False
-  narrow_range: bool = False
   grid_init: GridInit = 'minmax'
   scale_dtype: ScaleDtype = 'float32'
+  narrow_range: bool = False
 
   def __post_init__(self):
     if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:

@@ -5,8 +5,9 @@ llama.cpp's Q4_0 and Q8_0 blocks are symmetric grids of 32 consecutive input wei
 Q4_0 stores ``q = code + 8`` in [0, 15] (x = d * (q - 8)), Q8_0 the int8 code in [-127, 127] (x = d * code; llama.cpp
 writes d = max|x| / 127, and its int8 dot products take |code| with sign tricks that overflow at -128). A QTensor with
 ``QuantSpec(bits=4, granularity='per_group', group_size=32, symmetric=True, scale_dtype='float16')``, or the same
-with ``bits=8, narrow_range=True``, is exactly such a grid: its codes and steps are written as they are, so llama.cpp computes with the weights FlexRound learned,
-bit for bit (``gguf.quants.dequantize`` of every written tensor equals ``QTensor.dequantize``; checked on write).
+with ``bits=8, narrow_range=True``, is exactly such a grid: its codes and steps are written as they are, so llama.cpp
+computes with the weights FlexRound learned, bit for bit (``gguf.quants.dequantize`` of every written tensor equals
+``QTensor.dequantize``; checked on write).
 
 The blocks are packed here from our codes: ``gguf.quants.quantize`` chooses its own step (max |x| / -8) and cannot
 take a learned one. Everything else comes from the template (the GGUF the model was loaded from): every metadata
