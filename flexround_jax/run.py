@@ -96,6 +96,7 @@ def run(config, workdir: str, phase=None) -> dict:
   result = quantize(task.params, task.apply_fn, task.calib, qcfg)
   quant_s = time.time() - t1
   task.params = None   # the float kernels' copy is not needed after quantizing (SmolLM2: 425 MB less from here on)
+  phase('eval_quantized')
   # With quantized activations the model is evaluated as reconstructed: its input quantizers in the forward.
   metrics = task.evaluate(result.params, result.apply_quantized(task.apply_fn)) if result.activations else \
       task.evaluate(result.params)
