@@ -10,7 +10,8 @@ checks that it equals the fake-quant model exactly (every parameter bit for bit,
   python experiments/llm_ptq.py [--only per_channel_w4] [--methods rtn,flexround] [--iters N] [--max-windows N]
   python experiments/llm_ptq.py --curve [--iters 50]   # perplexity vs iterations -> experiments/results/llm_iters/
   python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --compute-dtype bfloat16
-      # -> llm_per_channel_w4_flexround_bf16.json (QuantConfig.compute_dtype; --fallback-samples N adds _fbN)
+      # -> llm_precision/llm_per_channel_w4_flexround_bf16.json (QuantConfig.compute_dtype; --fallback-samples N
+      # adds _fbN, --cache-dtype bfloat16 _cachebf16)
 
 Every JSON records the peak RSS of each phase of the run (``rss_phases_mb``: load, quantize, evaluation, export,
 the export check) and the host (CPU model, cores, its bfloat16 flags).
@@ -111,7 +112,8 @@ def main():
       f'_fb{args.fallback_samples}' if args.fallback_samples else '') + (
       '_cachebf16' if args.cache_dtype == 'bfloat16' else '')
   for granularity, bits, group, method, iters, name in runs:
-    name += suffix
+    if suffix:   # beside the float32 table's JSONs, not among them (make_tables reads llm_per_*.json)
+      name = os.path.join('llm_precision', os.path.basename(name) + suffix)
     tag = _tag(granularity, bits, group)
     out = os.path.join(args.results_dir, name + '.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
