@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from flexround_jax import compile_cache, export, provenance, run as runner, tasks
+from flexround_jax.engine.loop import release_free_host_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
@@ -143,6 +144,7 @@ def main():
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
       results = runner.run(config, workdir, phase=rss.mark)
+      release_free_host_memory()   # what the run freed, handed back before the export loads the model again
       rss.mark('export_safetensors')
       # Export as packed safetensors; for every method but RTN also reload it and check the perplexity is the same.
       if method != 'rtn':   # made first: its float params are gone before the quantized copies are loaded
@@ -152,6 +154,7 @@ def main():
       path = os.path.join(workdir, 'model.safetensors')
       sizes = export.save_safetensors(path, params_q, qtensors, overwrite=True)   # a rerun re-exports, as run.py
       del qtensors
+      release_free_host_memory()
       if method != 'rtn':
         rss.mark('export_check')
         # The reloaded export must be the fake-quant model exactly: every parameter bit for bit (so the full
