@@ -108,7 +108,7 @@ def llm_precision_table() -> str:
   rows = _load(os.path.join('llm_precision', 'llm_per_*.json'))
   if not rows:
     return '(not run yet: experiments/results/llm_precision/llm_per_*.json missing)'
-  lines = ['| setting | method | compute | perplexity | × float | quantize wall (s) | peak RSS (MB) |',
+  lines = ['| setting | method | compute | perplexity | × float | quantize wall (s) | fixed cost per layer (s) |',
            '|---|---|---|---|---|---|---|']
   for r in sorted(rows, key=lambda r: (r['granularity'], -r['bits'], r['_file'])):
     setting = f"W{r['bits']} " + ('per-channel' if r['granularity'] == 'per_channel' else f"g{r['group_size']}")
@@ -117,8 +117,10 @@ def llm_precision_table() -> str:
     for row, compute in ((base[0] if base else None, 'float32'), (r, r.get('compute_dtype', 'float32'))):
       if row is not None:
         ppl = row['quantized']['ppl']
+        fixed = row.get('fixed_cost') or {}   # median over layers: unit time minus its optimizer steps
+        fixed = f"{fixed['median_fixed_s']:.1f} of {fixed['median_unit_s']:.1f}" if fixed else '–'
         lines.append(f"| {setting} | {row['method']} | {compute} | {ppl:.2f} | {ppl / fp['ppl']:.3f} | "
-                     f"{row['quantize_wall_s']:.0f} | {row.get('peak_rss_mb', float('nan')):.0f} |")
+                     f"{row['quantize_wall_s']:.0f} | {fixed} |")
   return '\n'.join(lines)
 
 
