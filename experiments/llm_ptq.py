@@ -14,7 +14,8 @@ that any two rows compare paired.
   python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --iters 200 --batch-size 8
       # another step budget -> llm_per_channel_w4_flexround_it200_b8.json (here: AutoRound's, 200 steps of batch 8)
   python experiments/llm_ptq.py --only per_channel_w4 --methods flexround --compute-dtype bfloat16
-      # -> llm_per_channel_w4_flexround_bf16.json (QuantConfig.compute_dtype; --fallback-samples N adds _fbN)
+      # -> llm_precision/llm_per_channel_w4_flexround_bf16.json (QuantConfig.compute_dtype; --fallback-samples N
+      # adds _fbN, --cache-dtype bfloat16 _cachebf16)
   python experiments/llm_ptq.py --model gemma3 [--only per_group128_w3] [--methods rtn]
 
 Every JSON records the peak RSS of each phase of the run (``rss_phases_mb``: load, quantize, evaluation, export,
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 
 from flexround_jax import compile_cache, export, provenance, run as runner, tasks
+from flexround_jax.engine.loop import release_free_host_memory
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = [('per_channel', 4, None), ('per_channel', 3, None), ('per_group', 4, 128), ('per_group', 3, 128)]
@@ -149,7 +151,8 @@ def main():
       f'_fb{args.fallback_samples}' if args.fallback_samples else '') + (
       '_cachebf16' if args.cache_dtype == 'bfloat16' else '')
   for granularity, bits, group, method, iters, name in runs:
-    name += suffix
+    if suffix:   # beside the float32 table's JSONs, not among them (make_tables reads llm_per_*.json)
+      name = os.path.join(f"{model['prefix']}_precision", os.path.basename(name) + suffix)
     tag = _tag(granularity, bits, group)
     out = os.path.join(args.results_dir, name + '.json')
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -182,6 +185,7 @@ def main():
     print(f'== {tag} {method} -> {workdir}', flush=True)
     with provenance.PeakRSS() as rss:
       results = runner.run(config, workdir, phase=rss.mark)
+      release_free_host_memory()   # what the run freed, handed back before the export loads the model again
       rss.mark('export_safetensors')
       window_nll = results['quantized'].pop('window_nll', None)   # per chunk: to its own file, not the JSON
       if window_nll is not None:
@@ -201,6 +205,7 @@ def main():
           'total_params': sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params_q)),
           'num_devices': args.num_devices,   # None: all devices, reduced to a divisor of the batch
       })
+      release_free_host_memory()
       if method != 'rtn':
         rss.mark('export_check')
         _check_export(results, path, params_q, prefix)

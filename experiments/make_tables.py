@@ -102,6 +102,28 @@ def _resumed_seconds(result) -> float | None:
   return units_s - result['quantize_wall_s'] if units_s > result['quantize_wall_s'] else None
 
 
+def llm_precision_table() -> str:
+  """SmolLM2 FlexRound with bfloat16 compute (results/llm_precision/) next to the float32 row of the same setting."""
+  fp = json.load(open(os.path.join(RESULTS, 'llm_fp.json')))
+  rows = _load(os.path.join('llm_precision', 'llm_per_*.json'))
+  if not rows:
+    return '(not run yet: experiments/results/llm_precision/llm_per_*.json missing)'
+  lines = ['| setting | method | compute | perplexity | × float | quantize wall (s) | fixed cost per layer (s) |',
+           '|---|---|---|---|---|---|---|']
+  for r in sorted(rows, key=lambda r: (r['granularity'], -r['bits'], r['_file'])):
+    setting = f"W{r['bits']} " + ('per-channel' if r['granularity'] == 'per_channel' else f"g{r['group_size']}")
+    tag = f"{r['granularity']}{r['group_size'] or ''}_w{r['bits']}"
+    base = _load(f"llm_{tag}_{r['method']}.json")
+    for row, compute in ((base[0] if base else None, 'float32'), (r, r.get('compute_dtype', 'float32'))):
+      if row is not None:
+        ppl = row['quantized']['ppl']
+        fixed = row.get('fixed_cost') or {}   # median over layers: unit time minus its optimizer steps
+        fixed = f"{fixed['median_fixed_s']:.1f} of {fixed['median_unit_s']:.1f}" if fixed else '–'
+        lines.append(f"| {setting} | {row['method']} | {compute} | {ppl:.2f} | {ppl / fp['ppl']:.3f} | "
+                     f"{row['quantize_wall_s']:.0f} | {fixed} |")
+  return '\n'.join(lines)
+
+
 def llm_iters_table() -> str:
   """W4 per-channel FlexRound perplexity vs iterations per layer (results/llm_iters/ plus the main table's run)."""
   rows = _load(os.path.join('llm_iters', 'llm_per_channel_w4_flexround_it*.json'))
@@ -475,7 +497,8 @@ def stream_hf_table() -> str:
   return '\n'.join(lines)
 
 
-TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'image': image_table,
+TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table, 'llm_precision': llm_precision_table,
+          'image': image_table,
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
           'gguf_gemma3': gguf_gemma3_table,
           'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,

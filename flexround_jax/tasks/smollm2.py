@@ -13,9 +13,7 @@ rounding; None, the default: the logits).
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
+from flexround_jax import weights
 from flexround_jax.evals import perplexity
 from flexround_jax.models import gguf
 from flexround_jax.tasks import Task
@@ -26,7 +24,7 @@ def make(args) -> Task:
   max_windows = args.get('max_windows', None)
   vocab_chunk = args.get('vocab_chunk', None)
   model = gguf.load_smollm2()
-  params, apply_fn = jax.tree.map(jnp.asarray, model.params), model.apply_fn
+  params, apply_fn = weights.to_device(model.params), model.apply_fn   # the host copy goes leaf by leaf
   calib = perplexity.calibration_tokens(n_calib, calib_len, model.tokenizer)
   windows = perplexity.evaluation_windows(model.tokenizer)
   chunked = perplexity.decoder_window_nll(model.module, vocab_chunk) if vocab_chunk else None
