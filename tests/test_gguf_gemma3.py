@@ -236,3 +236,13 @@ def test_missing_package_names_make_install(monkeypatch):
                       lambda name, *a: None if name == _gguf_gemma3.GEMMA3_270M_PACKAGE else real(name, *a))
   with pytest.raises(ModuleNotFoundError, match='run `make install`'):
     _gguf_gemma3.gemma3_270m_path()
+
+
+def test_gemma3_config_is_the_smollm2_protocol_on_the_gemma3_task():
+  import os  # pylint: disable=g-import-not-at-top
+  from flexround_jax import run, tasks  # pylint: disable=g-import-not-at-top
+  root = os.path.join(os.path.dirname(__file__), '..')
+  gemma, smol = (run.load_config_file(os.path.join(root, 'configs', f'{name}.py')) for name in ('gemma3', 'smollm2'))
+  assert gemma.task == 'gemma3' and callable(tasks.resolve('gemma3'))
+  assert gemma.quant.to_dict() == smol.quant.to_dict()   # same budget, grid, blocks, learning rate
+  assert gemma.task_args.n_calib == 128 and gemma.task_args.calib_len == 512
