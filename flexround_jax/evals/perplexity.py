@@ -133,8 +133,8 @@ def decoder_token_nll(module, vocab_chunk: int = 16384, first: int = 0):
 def decoder_window_nll(module, vocab_chunk: int = 16384, first: int = 0):
   """jit((params, tokens (B, T) int) -> (B,) summed NLL of tokens first+1..T-1): ``window_nll`` of a tied-embedding
   ``Decoder`` through ``decoder_token_nll`` (the (B, T, vocab) logits never formed), for ``perplexity(nll_fn=)``."""
-  token_nll = decoder_token_nll(module, vocab_chunk)
-  return jax.jit(lambda params, tokens: jnp.sum(token_nll(params, tokens)[:, first:], axis=-1))
+  token_nll = decoder_token_nll(module, vocab_chunk, first)   # only the scored positions reach the head
+  return jax.jit(lambda params, tokens: jnp.sum(token_nll(params, tokens), axis=-1))
 
 
 def perplexity(apply_fn, params, windows, batch_size: int = 4, max_windows: int | None = None,
