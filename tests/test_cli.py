@@ -118,8 +118,8 @@ def test_scheme_then_explicit_overrides_win():
                                    r"\(No module named 'nope_pkg'\)"),
     (['task=test_cli:make_tsk'], "config.task: task 'test_cli:make_tsk': module 'test_cli' has no function "
                                  "'make_tsk'"),
-    (['task=toy'], r"config.task: unknown task 'toy'; known tasks: \['image', 'minilm', 'smollm2', 'toy_mlp'\], or "
-                   "an import path 'module:function'"),
+    (['task=toy'], r"config.task: unknown task 'toy'; known tasks: \['gemma3', 'image', 'minilm', 'smollm2', "
+                   r"'toy_mlp'\], or an import path 'module:function'"),
     (['task=None'], 'config.task: no task: set config.task to one of'),
 ])
 def test_config_mistakes_are_one_error_naming_the_path(overrides, message):
