@@ -166,18 +166,11 @@ def main():
     q.method = {'name': method, **METHOD_KNOBS.get(method, lambda b: {})(bits)}
     if iters is not None:
       q.iters = iters
-    if args.batch_size is not None:
-      q.batch_size = args.batch_size
-    if args.max_windows is not None:
-      config.task_args.max_windows = args.max_windows
-    if args.n_calib is not None:
-      config.task_args.n_calib = args.n_calib
-    if args.blocks is not None:
-      q.blocks = args.blocks
-    if args.vocab_chunk is not None:
-      config.task_args.vocab_chunk = args.vocab_chunk
-    if args.eval_batch is not None:
-      config.task_args.eval_batch = args.eval_batch
+    for section, keys in ((q, ('batch_size', 'blocks')),
+                          (config.task_args, ('max_windows', 'n_calib', 'vocab_chunk', 'eval_batch'))):
+      for key in keys:   # a flag left unset keeps the config's value
+        if getattr(args, key) is not None:
+          setattr(section, key, getattr(args, key))
     q.spill_dir = args.spill_dir and os.path.abspath(args.spill_dir)
     q.num_devices = args.num_devices
     q.compute_dtype, q.fallback_samples, q.cache_dtype = args.compute_dtype, args.fallback_samples, args.cache_dtype
