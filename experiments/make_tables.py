@@ -23,9 +23,13 @@ METHODS = ('rtn', 'gptq', 'adaround', 'flexround', 'lrq', 'gptq+flexround', 'gpt
 IMAGE_METHODS = ('rtn', 'adaround', 'flexround')   # the image table's columns (GPTQ / LRQ quantize Dense only)
 
 
-def _load(pattern, activations: bool = False):
-  """Result JSONs matching ``pattern``: weight-only runs, or (``activations``) the runs with quantized inputs."""
-  paths = sorted(glob.glob(os.path.join(RESULTS, pattern)))
+BUDGET = re.compile(r'_it(\d+)_b(\d+)\.json$')   # a run at another step budget than its config's: the peers table's
+
+
+def _load(pattern, activations: bool = False, budgets: bool = False):
+  """Result JSONs matching ``pattern``: weight-only runs, or (``activations``) the runs with quantized inputs. Runs
+  at another step budget (``..._it<iters>_b<batch>.json``) only with ``budgets``."""
+  paths = sorted(p for p in glob.glob(os.path.join(RESULTS, pattern)) if budgets or not BUDGET.search(p))
   rows = [json.load(open(p)) | {'_file': os.path.basename(p)} for p in paths]
   return [r for r in rows if bool(r.get('activation')) == activations]
 
@@ -250,6 +254,47 @@ def image_ablate_table() -> str:
     lines.append(f"| {setting} | {variant} | {r['quantized']['top1']:.2f} | {_block_loss(r):.4f} | "
                  f"{_block_loss_ratio(r):.3f} | "
                  f"{r['quantize_wall_s']:.0f} |")
+  return '\n'.join(lines)
+
+
+PEER_SETTINGS = (('per_channel_w4', 200, 8), ('per_channel_w4', 250, 2), ('per_group128_w4', 200, 8),
+                 ('per_group128_w3', 200, 8), ('per_group128_w3', 250, 2))   # (setting, steps, batch) per layer
+OUR_BUDGET = (250, 2)   # configs/smollm2.py: the budget of the main SmolLM2 table's rows
+
+
+def _window_nll_of(path: str):
+  """The per-window mean NLL stored next to a result JSON (``<name>.window_nll.txt``), or None."""
+  nll = path[:-len('.json')] + '.window_nll.txt'
+  return np.loadtxt(nll, np.float64) if os.path.exists(nll) else None
+
+
+def peers_table() -> str:
+  """SmolLM2: AutoRound (experiments/results/peers/) against FlexRound at the same setting and step budget, with the
+  paired difference of their per-window mean NLL where both rows stored it."""
+  lines = ['| setting | steps × batch per layer | AutoRound | FlexRound | FlexRound − AutoRound (mean NLL ± paired SE) | '
+           'quantize wall (s), AutoRound / FlexRound | peak RSS (MB), AutoRound / FlexRound |',
+           '|---|---|---|---|---|---|---|']
+  main_row = False
+  for tag, iters, batch in PEER_SETTINGS:
+    ar_path = os.path.join(RESULTS, 'peers', f'autoround_{tag}_it{iters}_b{batch}.json')
+    fr_path = os.path.join(RESULTS, f'llm_{tag}_flexround_it{iters}_b{batch}.json')
+    fr_mark = ''
+    if not os.path.exists(fr_path) and (iters, batch) == OUR_BUDGET:   # the main table's run: no per-window NLL
+      fr_path, fr_mark = os.path.join(RESULTS, f'llm_{tag}_flexround.json'), '†'
+    ar = json.load(open(ar_path)) if os.path.exists(ar_path) else None
+    fr = json.load(open(fr_path)) if os.path.exists(fr_path) else None
+    main_row |= bool(fr and fr_mark)
+    bits, group = re.fullmatch(r'per_(channel|group(\d+))_w(\d)', tag).group(3, 2)
+    setting = f'W{bits} ' + (f'g{group}' if group else 'per-channel')
+    cell = lambda r, ppl: 'not run yet' if r is None else f'{ppl(r):.2f}'
+    pair = _paired(_window_nll_of(fr_path) if fr else None, _window_nll_of(ar_path) if ar else None)
+    wall = ' / '.join('–' if r is None else f"{r['quantize_wall_s']:.0f}" for r in (ar, fr))
+    rss = ' / '.join('–' if r is None else f"{r.get('peak_rss_mb', float('nan')):.0f}" for r in (ar, fr))
+    lines.append(f"| {setting} | {iters} × {batch} | {cell(ar, lambda r: r['ppl'])} | "
+                 f"{cell(fr, lambda r: r['quantized']['ppl'])}{fr_mark if fr else ''} | {pair} | {wall} | {rss} |")
+  if main_row:
+    lines += ['', '† The main SmolLM2 table\'s row (same budget): its quantized model was not kept, so it has no '
+              'per-window NLL to pair.']
   return '\n'.join(lines)
 
 
@@ -502,7 +547,7 @@ TABLES = {'minilm': minilm_table, 'llm': llm_table, 'llm_iters': llm_iters_table
           'image_iters': image_iters_table, 'image_ablate': image_ablate_table, 'gguf': gguf_table,
           'gguf_gemma3': gguf_gemma3_table,
           'bench': bench_table, 'image_wa': image_wa_table, 'minilm_wa': minilm_wa_table, 'llm_wa': llm_wa_table,
-          'stream': stream_table, 'stream_hf': stream_hf_table, 'gemma3': gemma3_table}
+          'stream': stream_table, 'stream_hf': stream_hf_table, 'gemma3': gemma3_table, 'peers': peers_table}
 PLOTS = {   # docs/assets/<name>_vs_bits.png: (results pattern, metric, lines by, lower is better (and a log axis))
     'minilm': ('minilm_per_*.json', 'quantized.mean_cosine', 'granularity+method', False),
     'llm': ('llm_per_*.json', 'quantized.ppl', 'granularity+method', True),

@@ -40,10 +40,26 @@ def test_docs_figures_exist():
 
 def test_every_llm_result_has_a_row():
   table = _make_tables().llm_table()
-  paths = glob.glob(os.path.join(ROOT, 'experiments', 'results', 'llm_per_*.json'))
+  paths = [p for p in glob.glob(os.path.join(ROOT, 'experiments', 'results', 'llm_per_*.json'))
+           if not _make_tables().BUDGET.search(p)]   # runs at another step budget: the peers table
   n_results = sum(not json.load(open(p)).get('activation') for p in paths)   # weight-only rows (W/A: llm_wa)
   assert n_results > 0
   assert sum(line.startswith('| W') for line in table.splitlines()) == n_results   # one row per result
+
+
+def test_peers_table_has_every_setting_once_and_every_peer_result():
+  """Each (setting, budget) of the peers table is one row, and every AutoRound and FlexRound run at a peers setting's
+  step budget (``..._it<iters>_b<batch>.json``) is shown in it."""
+  mt = _make_tables()
+  rows = [line for line in mt.peers_table().splitlines() if line.startswith('| W')]
+  assert len(rows) == len(mt.PEER_SETTINGS)
+  results = os.path.join(ROOT, 'experiments', 'results')
+  runs = sum(os.path.exists(path) for tag, iters, batch in mt.PEER_SETTINGS for path in (
+      os.path.join(results, 'peers', f'autoround_{tag}_it{iters}_b{batch}.json'),
+      os.path.join(results, f'llm_{tag}_flexround_it{iters}_b{batch}.json')))
+  cells = [cell.strip() for line in rows for cell in line.split('|')[3:5]]
+  main_rows = sum(cell.endswith('†') for cell in cells)   # FlexRound's main-table run stands in at our budget
+  assert sum(cell != 'not run yet' for cell in cells) == runs + main_rows
 
 
 def test_gemma3_table_has_every_setting_and_method_once():
