@@ -33,6 +33,7 @@ def _load_peer_module(name):
 
 fmt = _load_peer_module('autoround_format')
 window_nll = _load_peer_module('window_nll')
+layer_seconds = _load_peer_module('layer_seconds')
 
 
 def _pack_248(intweight, bits):
@@ -159,6 +160,22 @@ def test_checkpoint_folder_into_decoder_params(tmp_path):
     fmt.read_checkpoint(str(tmp_path))
   with pytest.raises(ValueError, match='not a projection kernel'):
     fmt.decoder_qtensors({'model.embed_tokens': next(iter(by_module.values()))}, config)
+
+
+def test_layer_seconds_are_the_progress_bar_differences():
+  """Per-layer seconds from AutoRound's progress bar: carriage-return updates, several prints per layer, other bars
+  (its caching, our loading) ignored, and an hour rolled into h:mm:ss."""
+  log = ('Loading weights: 100%|##| 272/272 [00:00<00:00]\n'
+         'Quantizing model.layers.0:   0%|          | 0/3 [00:00<?, ?it/s]\r'
+         'Quantizing model.layers.0:   0%|          | 0/3 [00:01<?, ?it/s]\r'
+         'Quantizing model.layers.1:  33%|###3      | 1/3 [00:58<01:56, 58.0s/it]\r'
+         'Quantizing model.layers.1:  33%|###3      | 1/3 [00:58<01:56, 58.0s/it]\n'
+         'caching: 100%|##| 128/128 [00:07<00:00]\r'
+         'Quantizing model.layers.2:  67%|######6   | 2/3 [59:59<00:32, 32.0s/it]\r'
+         'Quantizing model.layers.2: 100%|##########| 3/3 [1:00:31<00:00, 32.0s/it]\n')
+  assert layer_seconds.layer_seconds(log) == [58, 3541, 32]
+  with pytest.raises(SystemExit, match='missing'):
+    layer_seconds.layer_seconds(log.replace('2/3 [59:59', '9/9 [59:59'))
 
 
 def test_window_nll_is_the_protocol_perplexity_window_by_window():
