@@ -223,7 +223,7 @@ def test_reader_matches_auto_round_own_packer(bits):
 
 @pytest.mark.skipif(importlib.util.find_spec('auto_round') is None,
                     reason='auto-round is not installed (it lives in `make peers`\'s .venv-peers, never in .venv)')
-@pytest.mark.parametrize('bits,group_size', [(4, -1), (3, 32)])
+@pytest.mark.parametrize('bits,group_size', [(4, -1), (3, 32), (3, 48)])   # 48: partial last groups
 def test_autoround_run_reads_back_as_it_held_the_grid(tmp_path, bits, group_size):
   """A tiny random Llama through AutoRound's public API (2 steps) and the save format autoround_smollm2.py uses: the
   folder reads back to the scales and zero points AutoRound held and the codes its packer derives (~10 s)."""
@@ -244,7 +244,7 @@ def test_autoround_run_reads_back_as_it_held_the_grid(tmp_path, bits, group_size
   ar = AutoRound(model, tokenizer, bits=bits, group_size=group_size, sym=False, iters=2, nsamples=16, seqlen=64,
                  batch_size=8, dataset=list(torch.split(ids, 8)), device_map='cpu', seed=42)
   ar.quantize()
-  grid = runner.in_memory_grid(model, bits)
+  grid = runner.in_memory_grid(model, bits, group_size)
   ar.save_quantized(str(tmp_path), format=runner.EXPORT_FORMAT, inplace=True)
   qc, by_module = fmt.read_checkpoint(str(tmp_path))
   assert qc['packing_format'] == runner.EXPORT_FORMAT and qc['bits'] == bits

@@ -132,10 +132,11 @@ def float_check(model, windows, jax_nll) -> dict:
   return check
 
 
-def in_memory_grid(model, bits: int) -> dict:
+def in_memory_grid(model, bits: int, group_size: int) -> dict:
   """{module name: (codes (out, in) uint8, scale (out, groups) float32, zero point (out, groups) int32, max |W_qdq -
   scale * (codes - zp)|)} of every layer AutoRound quantized, read from the layer as its packer reads it: codes =
-  clamp(round(W / scale + zp), 0, 2**b - 1) (``qlinear_torch.QuantLinear.pack_248_bits``)."""
+  clamp(round(W / scale + zp), 0, 2**b - 1) (``qlinear_torch.QuantLinear.pack_248_bits``), input channel i in group
+  i // group_size (the last group is partial where group_size does not divide the input size: 576 at 128)."""
   import torch
   out = {}
   for name, module in model.named_modules():
@@ -146,7 +147,9 @@ def in_memory_grid(model, bits: int) -> dict:
     n_in = w.shape[1]
     s = scale.float().reshape(w.shape[0], -1)
     zp = torch.as_tensor(module.zp).float().reshape(w.shape[0], -1)
-    g = -(-n_in // s.shape[1])
+    g = n_in if group_size == -1 else group_size
+    if s.shape[1] != -(-n_in // g):
+      raise ValueError(f'{name}: {s.shape[1]} scale groups for {n_in} inputs at group size {group_size}')
     s_full, zp_full = s.repeat_interleave(g, 1)[:, :n_in], zp.repeat_interleave(g, 1)[:, :n_in]
     codes = torch.clamp(torch.round(w / s_full + zp_full), 0, 2 ** bits - 1)
     err = float((w - s_full * (codes - zp_full)).abs().max())
@@ -201,7 +204,7 @@ def run_autoround(args, hf_dir: str, ar_dir: str, calib: np.ndarray, tokenizer, 
   info['autoround'] = {k: (v if isinstance(v, (bool, int, float, str, type(None))) else str(v))
                        for k, v in resolved.items()}
   print('autoround:', json.dumps(info['autoround']), flush=True)
-  grid = in_memory_grid(model, args.bits)
+  grid = in_memory_grid(model, args.bits, args.group_size)
   tmp = ar_dir + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   t0 = time.time()
